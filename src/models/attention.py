@@ -1,0 +1,140 @@
+"""Multi-head self-attention, written out by hand.
+
+This is the layer from the project's design notes (``MultiHeadSelfAttention``),
+with its bugs fixed and its structure kept: three ``Dense`` projections, a
+``split_heads`` reshape, a scaled dot-product ``attention`` method and a
+``combine_heads`` projection.
+
+Fixes relative to the notes: ``__init__`` (not ``__init``), ``super()`` of the
+right class, the scaling line no longer carries a stray ``, axis=-1`` (the
+softmax runs over the keys axis, the last one), and ``call`` is a valid method.
+
+Additions: a clear error when ``embed_dim`` is not divisible by ``num_heads``,
+an optional key padding mask, attention dropout, and the option to return the
+attention weights (for attention maps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import layers, ops
+
+PACKAGE = "audio_transformer"
+
+# Added to the scores of masked keys before the softmax. Large enough to give
+# exactly zero weight in float32 after exp(), small enough not to overflow fp16.
+_MASK_PENALTY = -1e9
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiHeadSelfAttention(layers.Layer):
+    """Self-attention over a sequence of tokens.
+
+    Args:
+        embed_dim: model width D. Must be divisible by ``num_heads``.
+        num_heads: number of heads H; each head attends in D / H dimensions.
+        dropout_rate: dropout on the attention weights (training only).
+        use_bias: whether the q/k/v/output projections have a bias.
+
+    Call args:
+        inputs: ``(batch, seq_len, embed_dim)``.
+        mask: optional key padding mask ``(batch, seq_len)``, true/1 for keys
+            that may be attended to, false/0 for padding.
+        return_attention_scores: also return the weights
+            ``(batch, num_heads, seq_len, seq_len)``.
+    """
+
+    def __init__(self, embed_dim, num_heads=8, dropout_rate=0.0, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True  # output tokens = input tokens
+        embed_dim, num_heads = int(embed_dim), int(num_heads)
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"embed_dim and num_heads must be positive, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}."
+            )
+        if embed_dim % num_heads != 0:
+            divisors = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0 and h <= 64]
+            raise ValueError(
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}: each head "
+                f"needs embed_dim / num_heads dimensions. Choose model.num_heads from "
+                f"{divisors} or change model.embed_dim."
+            )
+        if not 0.0 <= float(dropout_rate) < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.projection_dim = embed_dim // num_heads  # per-head size
+        self.dropout_rate = float(dropout_rate)
+        self.use_bias = bool(use_bias)
+
+        self.query_dense = layers.Dense(embed_dim, use_bias=use_bias, name="query_dense")
+        self.key_dense = layers.Dense(embed_dim, use_bias=use_bias, name="key_dense")
+        self.value_dense = layers.Dense(embed_dim, use_bias=use_bias, name="value_dense")
+        self.combine_heads = layers.Dense(embed_dim, use_bias=use_bias, name="combine_heads")
+        self.attention_dropout = layers.Dropout(self.dropout_rate)
+
+    def build(self, input_shape):
+        # input_shape: (batch, seq_len, embed_dim)
+        if input_shape[-1] is not None and input_shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"{self.name}: inputs have {input_shape[-1]} features but embed_dim="
+                f"{self.embed_dim}."
+            )
+        for dense in (self.query_dense, self.key_dense, self.value_dense, self.combine_heads):
+            dense.build(tuple(input_shape[:-1]) + (self.embed_dim,))
+        self.built = True
+
+    def attention(self, query, key, value, mask=None, training=None):
+        """Scaled dot-product attention for already split heads.
+
+        query/key/value: ``(batch, heads, seq_len, projection_dim)``.
+        mask: ``(batch, seq_len)`` key padding mask or None.
+        Returns ``(output (batch, heads, seq_len, projection_dim),
+        weights (batch, heads, seq_len, seq_len))``.
+        """
+        scores = ops.matmul(query, ops.swapaxes(key, -1, -2))  # (B, H, Sq, Sk)
+        # Dot products grow with the head size; scale them so the softmax
+        # does not saturate into a near one-hot distribution.
+        scores = scores / ops.cast(math.sqrt(self.projection_dim), scores.dtype)
+        if mask is not None:
+            keep = ops.cast(mask, "bool")[:, None, None, :]  # (B, 1, 1, Sk)
+            scores = ops.where(keep, scores, ops.cast(_MASK_PENALTY, scores.dtype))
+        weights = ops.softmax(scores, axis=-1)  # over the keys
+        weights = self.attention_dropout(weights, training=training)
+        output = ops.matmul(weights, value)  # (B, H, Sq, projection_dim)
+        return output, weights
+
+    def split_heads(self, x, batch_size):
+        # (B, S, D) -> (B, S, H, D/H) -> (B, H, S, D/H)
+        x = ops.reshape(x, (batch_size, -1, self.num_heads, self.projection_dim))
+        return ops.transpose(x, (0, 2, 1, 3))
+
+    def call(self, inputs, mask=None, training=None, return_attention_scores=False):
+        batch_size = ops.shape(inputs)[0]
+        query = self.split_heads(self.query_dense(inputs), batch_size)  # (B, H, S, D/H)
+        key = self.split_heads(self.key_dense(inputs), batch_size)
+        value = self.split_heads(self.value_dense(inputs), batch_size)
+
+        attention, weights = self.attention(query, key, value, mask=mask, training=training)
+        attention = ops.transpose(attention, (0, 2, 1, 3))  # (B, S, H, D/H)
+        concat = ops.reshape(attention, (batch_size, -1, self.embed_dim))  # (B, S, D)
+        output = self.combine_heads(concat)  # mixes the heads back into D
+        if return_attention_scores:
+            return output, weights
+        return output
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            use_bias=self.use_bias,
+        )
+        return config

@@ -1,0 +1,274 @@
+"""The classifier: frontend -> normalise -> SpecAugment -> patches -> blocks -> head.
+
+Two Keras models share their layers:
+
+* ``SpectrogramTransformer`` (the backbone) maps log-mel features
+  ``(batch, frames, n_mels)`` to logits. Training fits it on cached features so
+  the STFT is computed once per clip, not once per epoch.
+* ``AudioTransformer`` wraps a frontend and a backbone and maps a raw waveform
+  ``(batch, samples)`` to logits. This is the model that is saved, exported
+  and used for prediction: one frontend, two entry points.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+from src.models.attention import PACKAGE
+from src.models.patch import PatchEmbedding
+from src.models.spec import Normalize, SpecAugment
+from src.models.transformer import TransformerBlock
+
+POOLINGS = ("cls", "mean", "cls_dist")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SpectrogramTransformer(keras.Model):
+    """Transformer backbone over a log-mel spectrogram.
+
+    Input ``(batch, num_frames, num_mels)``; output logits ``(batch, num_classes)``.
+    ``pooling``: "cls" ([CLS] token), "mean" (mean of the patch tokens) or
+    "cls_dist" ((x[:, 0] + x[:, 1]) / 2 with a distillation token, as AST).
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        num_frames,
+        num_mels,
+        embed_dim=64,
+        num_layers=2,
+        num_heads=4,
+        ff_dim=128,
+        patch_size=16,
+        f_stride=16,
+        t_stride=16,
+        dropout_rate=0.1,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+        norm_first=False,
+        activation="relu",
+        epsilon=1e-6,
+        pooling="cls",
+        head_norm=True,
+        head_dropout=0.0,
+        norm_mean=0.0,
+        norm_std=1.0,
+        norm_scale=2.0,
+        freq_mask_param=0,
+        time_mask_param=0,
+        freq_masks=1,
+        time_masks=1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if int(num_layers) < 1:
+            raise ValueError(f"model.num_layers must be >= 1, got {num_layers}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}.")
+        self.hparams = dict(
+            num_classes=int(num_classes),
+            num_frames=int(num_frames),
+            num_mels=int(num_mels),
+            embed_dim=int(embed_dim),
+            num_layers=int(num_layers),
+            num_heads=int(num_heads),
+            ff_dim=int(ff_dim),
+            patch_size=int(patch_size),
+            f_stride=int(f_stride),
+            t_stride=int(t_stride),
+            dropout_rate=float(dropout_rate),
+            attention_dropout=float(attention_dropout),
+            embedding_dropout=float(embedding_dropout),
+            norm_first=bool(norm_first),
+            activation=str(activation),
+            epsilon=float(epsilon),
+            pooling=str(pooling),
+            head_norm=bool(head_norm),
+            head_dropout=float(head_dropout),
+            norm_mean=float(norm_mean),
+            norm_std=float(norm_std),
+            norm_scale=float(norm_scale),
+            freq_mask_param=int(freq_mask_param),
+            time_mask_param=int(time_mask_param),
+            freq_masks=int(freq_masks),
+            time_masks=int(time_masks),
+        )
+        h = self.hparams
+        self.pooling = h["pooling"]
+        self.normalize = Normalize(h["norm_mean"], h["norm_std"], h["norm_scale"], name="normalize")
+        self.specaugment = SpecAugment(
+            h["freq_mask_param"], h["time_mask_param"], h["freq_masks"], h["time_masks"],
+            name="specaugment",
+        )
+        self.patch_embed = PatchEmbedding(
+            h["embed_dim"],
+            patch_size=h["patch_size"],
+            f_stride=h["f_stride"],
+            t_stride=h["t_stride"],
+            num_mels=h["num_mels"],
+            num_frames=h["num_frames"],
+            distillation_token=self.pooling == "cls_dist",
+            dropout_rate=h["embedding_dropout"],
+            name="patch_embed",
+        )
+        # Validates embed_dim % num_heads before anything is built.
+        self.blocks = [
+            TransformerBlock(
+                h["embed_dim"],
+                h["num_heads"],
+                h["ff_dim"],
+                dropout_rate=h["dropout_rate"],
+                attention_dropout=h["attention_dropout"],
+                norm_first=h["norm_first"],
+                activation=h["activation"],
+                epsilon=h["epsilon"],
+                name=f"block_{i}",
+            )
+            for i in range(h["num_layers"])
+        ]
+        # Pre-norm stacks end un-normalised: ViT/AST put a LayerNorm after the
+        # last block. Post-norm blocks already end with one.
+        self.final_norm = (
+            layers.LayerNormalization(epsilon=h["epsilon"], name="final_norm")
+            if h["norm_first"]
+            else None
+        )
+        self.head_norm = (
+            layers.LayerNormalization(epsilon=h["epsilon"], name="head_norm")
+            if h["head_norm"]
+            else None
+        )
+        self.head_dropout = layers.Dropout(h["head_dropout"])
+        self.classifier = layers.Dense(h["num_classes"], name="classifier")
+
+    @property
+    def num_patches(self):
+        return self.patch_embed.num_patches
+
+    @property
+    def grid(self):
+        return self.patch_embed.f_dim, self.patch_embed.t_dim
+
+    def build(self, input_shape):
+        # input_shape: (batch, num_frames, num_mels)
+        h = self.hparams
+        tokens = (None, self.patch_embed.num_tokens, h["embed_dim"])
+        self.patch_embed.build(input_shape)
+        for block in self.blocks:
+            block.build(tokens)
+        if self.final_norm is not None:
+            self.final_norm.build(tokens)
+        if self.head_norm is not None:
+            self.head_norm.build((None, h["embed_dim"]))
+        self.classifier.build((None, h["embed_dim"]))
+        self.built = True
+
+    def encode(self, features, training=None, return_attention_scores=False):
+        """Features -> token sequence after the blocks (and per-block attention)."""
+        x = self.normalize(features)
+        x = self.specaugment(x, training=training)
+        x = self.patch_embed(x, training=training)  # (B, N + prefix, D)
+        weights = []
+        for block in self.blocks:
+            if return_attention_scores:
+                x, w = block(x, training=training, return_attention_scores=True)
+                weights.append(w)  # (B, H, N + prefix, N + prefix)
+            else:
+                x = block(x, training=training)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, weights
+
+    def pool(self, tokens):
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        if self.pooling == "cls_dist":
+            return (tokens[:, 0] + tokens[:, 1]) / 2.0
+        prefix = self.patch_embed.num_prefix_tokens
+        return ops.mean(tokens[:, prefix:], axis=1)
+
+    def call(self, features, training=None, return_attention_scores=False):
+        tokens, weights = self.encode(
+            features, training=training, return_attention_scores=return_attention_scores
+        )
+        x = self.pool(tokens)  # (B, D)
+        if self.head_norm is not None:
+            x = self.head_norm(x)
+        x = self.head_dropout(x, training=training)
+        logits = self.classifier(x)  # (B, num_classes)
+        if return_attention_scores:
+            return logits, weights
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.hparams["num_classes"])
+
+    def get_build_config(self):
+        return {"input_shape": (None, self.hparams["num_frames"], self.hparams["num_mels"])}
+
+    def build_from_config(self, config):
+        self.build(tuple(config["input_shape"]))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self.hparams)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AudioTransformer(keras.Model):
+    """Raw waveform ``(batch, samples)`` -> logits ``(batch, num_classes)``.
+
+    ``frontend`` and ``backbone`` are layer instances (or their serialized
+    configs, when loading a ``.keras`` file).
+    """
+
+    def __init__(self, frontend, backbone, clip_samples, class_names=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(frontend, dict):
+            frontend = keras.saving.deserialize_keras_object(frontend)
+        if isinstance(backbone, dict):
+            backbone = keras.saving.deserialize_keras_object(backbone)
+        self.frontend = frontend
+        self.backbone = backbone
+        self.clip_samples = int(clip_samples)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+
+    def build(self, input_shape):
+        # input_shape: (batch, samples)
+        feature_shape = self.frontend.compute_output_shape(input_shape)
+        if not self.frontend.built:
+            self.frontend.build(input_shape)
+        if not self.backbone.built:  # already built when loaded from a .keras file
+            self.backbone.build(feature_shape)
+        self.built = True
+
+    def call(self, waveform, training=None):
+        features = self.frontend(waveform)  # (B, frames, n_mels)
+        return self.backbone(features, training=training)
+
+    def features(self, waveform):
+        return self.frontend(waveform)
+
+    def compute_output_shape(self, input_shape):
+        return self.backbone.compute_output_shape(self.frontend.compute_output_shape(input_shape))
+
+    def get_build_config(self):
+        return {"input_shape": (None, self.clip_samples)}
+
+    def build_from_config(self, config):
+        self.build(tuple(config["input_shape"]))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            frontend=keras.saving.serialize_keras_object(self.frontend),
+            backbone=keras.saving.serialize_keras_object(self.backbone),
+            clip_samples=self.clip_samples,
+            class_names=self.class_names,
+        )
+        return config

@@ -1,0 +1,83 @@
+"""Build models from (Hydra) config dictionaries."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
+from src.models.frontend import LogMel
+
+FRONTENDS = {"logmel": LogMel}
+BACKBONES = {"transformer": SpectrogramTransformer}
+
+# Keys of the config groups that describe the run, not the layer.
+_META_KEYS = {"name", "type"}
+
+
+def _kwargs(cls, cfg: Mapping, group: str) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    allowed = {k for k in params if k not in ("self", "kwargs")}
+    out = {}
+    for key, value in cfg.items():
+        if key in _META_KEYS:
+            continue
+        if key not in allowed:
+            raise ValueError(
+                f"unknown config key {group}.{key} for {cls.__name__}; valid keys: "
+                f"{sorted(allowed)}."
+            )
+        out[key] = value
+    return out
+
+
+def build_frontend(frontend_cfg: Mapping):
+    kind = frontend_cfg.get("name", "logmel")
+    if kind not in FRONTENDS:
+        raise ValueError(f"unknown frontend.name={kind!r}; choose one of {sorted(FRONTENDS)}.")
+    cls = FRONTENDS[kind]
+    return cls(**_kwargs(cls, frontend_cfg, "frontend"), name="frontend")
+
+
+def build_model(
+    model_cfg: Mapping,
+    frontend_cfg: Mapping,
+    *,
+    num_classes: int,
+    clip_samples: int,
+    augment_cfg: Mapping | None = None,
+    norm_mean: float = 0.0,
+    norm_std: float = 1.0,
+    class_names=None,
+) -> AudioTransformer:
+    """Waveform model for clips of ``clip_samples`` samples, built and ready."""
+    frontend = build_frontend(frontend_cfg)
+    num_frames = frontend.num_frames(clip_samples)
+    if num_frames <= 0:
+        raise ValueError(
+            f"clips of {clip_samples} samples are shorter than one frontend window; "
+            f"raise data.clip_seconds."
+        )
+    kind = model_cfg.get("type", "transformer")
+    if kind not in BACKBONES:
+        raise ValueError(f"unknown model.type={kind!r}; choose one of {sorted(BACKBONES)}.")
+    cls = BACKBONES[kind]
+    kwargs = _kwargs(cls, model_cfg, "model")
+    aug = dict(augment_cfg or {})
+    for key in ("freq_mask_param", "time_mask_param", "freq_masks", "time_masks"):
+        if key in aug:
+            kwargs[key] = aug[key]
+    backbone = cls(
+        num_classes=num_classes,
+        num_frames=num_frames,
+        num_mels=frontend.n_mels,
+        norm_mean=norm_mean,
+        norm_std=norm_std,
+        name="backbone",
+        **kwargs,
+    )
+    model = AudioTransformer(
+        frontend, backbone, clip_samples=clip_samples, class_names=class_names, name="audio_model"
+    )
+    model.build((None, clip_samples))
+    return model

@@ -1,0 +1,143 @@
+"""The transformer block from the project's design notes.
+
+Attention + feed-forward network, each wrapped in dropout, a residual
+connection and LayerNorm. The default is the notes' post-norm block::
+
+    x = LN1(x + Dropout1(Attn(x)))
+    x = LN2(x + Dropout2(FFN(x)))
+
+Fix relative to the notes: the FFN output goes through ``dropout2`` (the notes
+reused ``dropout1``). ``norm_first=True`` gives the pre-norm block used by
+ViT/DeiT/AST::
+
+    x = x + Dropout1(Attn(LN1(x)))
+    x = x + Dropout2(FFN(LN2(x)))
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from src.models.attention import PACKAGE, MultiHeadSelfAttention
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+
+
+def _activation(name):
+    if name == "relu":
+        return "relu"
+    if name == "gelu":  # exact (erf) GELU, as in AST/DeiT
+        return lambda x: keras.activations.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return lambda x: keras.activations.gelu(x, approximate=True)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r} (model.activation).")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TransformerBlock(layers.Layer):
+    """One transformer encoder block.
+
+    Args:
+        embed_dim: token width D.
+        num_heads: attention heads (D must be divisible by it).
+        ff_dim: hidden width of the feed-forward network.
+        dropout_rate: dropout on the attention and FFN outputs.
+        attention_dropout: dropout on the attention weights.
+        norm_first: pre-norm (ViT/AST) instead of the notes' post-norm.
+        activation: "relu" (as in the notes), "gelu" (exact) or "gelu_tanh".
+        epsilon: LayerNorm epsilon (1e-6 as in the notes and timm).
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        ff_dim,
+        dropout_rate=0.1,
+        attention_dropout=0.0,
+        norm_first=False,
+        activation="relu",
+        epsilon=1e-6,
+        use_bias=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.supports_masking = True  # output tokens = input tokens
+        if int(ff_dim) <= 0:
+            raise ValueError(f"ff_dim must be positive, got {ff_dim} (model.ff_dim).")
+        if not 0.0 <= float(dropout_rate) < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+        self.embed_dim = int(embed_dim)
+        self.num_heads = int(num_heads)
+        self.ff_dim = int(ff_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.attention_dropout = float(attention_dropout)
+        self.norm_first = bool(norm_first)
+        self.activation = str(activation)
+        self.epsilon = float(epsilon)
+        self.use_bias = bool(use_bias)
+
+        self.att = MultiHeadSelfAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout_rate=self.attention_dropout,
+            use_bias=use_bias,
+            name="att",
+        )
+        self.ffn = keras.Sequential(
+            [
+                layers.Dense(self.ff_dim, activation=_activation(self.activation), name="fc1"),
+                layers.Dense(self.embed_dim, name="fc2"),
+            ],
+            name="ffn",
+        )
+        self.dropout1 = layers.Dropout(self.dropout_rate)
+        self.dropout2 = layers.Dropout(self.dropout_rate)
+        self.layernorm1 = layers.LayerNormalization(epsilon=self.epsilon, name="layernorm1")
+        self.layernorm2 = layers.LayerNormalization(epsilon=self.epsilon, name="layernorm2")
+
+    def build(self, input_shape):
+        # input_shape: (batch, seq_len, embed_dim)
+        self.att.build(input_shape)
+        self.ffn.build(input_shape)
+        self.layernorm1.build(input_shape)
+        self.layernorm2.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, mask=None, training=None, return_attention_scores=False):
+        if self.norm_first:
+            att_out, weights = self.att(
+                self.layernorm1(inputs), mask=mask, training=training, return_attention_scores=True
+            )
+            x = inputs + self.dropout1(att_out, training=training)
+            ffn_out = self.ffn(self.layernorm2(x), training=training)
+            out = x + self.dropout2(ffn_out, training=training)
+        else:
+            att_out, weights = self.att(
+                inputs, mask=mask, training=training, return_attention_scores=True
+            )
+            x = self.layernorm1(inputs + self.dropout1(att_out, training=training))
+            ffn_out = self.ffn(x, training=training)
+            out = self.layernorm2(x + self.dropout2(ffn_out, training=training))
+        if return_attention_scores:
+            return out, weights
+        return out
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            ff_dim=self.ff_dim,
+            dropout_rate=self.dropout_rate,
+            attention_dropout=self.attention_dropout,
+            norm_first=self.norm_first,
+            activation=self.activation,
+            epsilon=self.epsilon,
+            use_bias=self.use_bias,
+        )
+        return config
