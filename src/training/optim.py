@@ -1,0 +1,136 @@
+"""Optimizers and learning-rate schedules from config.
+
+Schedules are defined per epoch (AST's recipe: constant for k epochs, then
+x0.85 each epoch) and evaluated per step, with an optional linear warmup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import keras
+from keras import ops
+
+from src.models.attention import PACKAGE
+
+SCHEDULES = ("constant", "step_decay", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Per-epoch learning-rate schedule with linear warmup.
+
+    * ``constant``: ``lr``.
+    * ``step_decay``: ``lr`` until epoch ``decay_start`` (0-based), then
+      ``lr * decay_factor ** (epoch - decay_start + 1)`` (AST: decay_start=5,
+      decay_factor=0.85; the factor is applied at the start of each epoch).
+    * ``cosine``: cosine from ``lr`` to ``min_lr`` over ``total_epochs``.
+
+    Warmup: the first ``warmup_epochs`` ramp linearly from ``lr / warmup_steps``.
+    """
+
+    def __init__(
+        self,
+        lr,
+        steps_per_epoch,
+        kind="constant",
+        warmup_epochs=0.0,
+        decay_start=5,
+        decay_factor=0.85,
+        total_epochs=1,
+        min_lr=0.0,
+    ):
+        if kind not in SCHEDULES:
+            raise ValueError(
+                f"trainer.schedule.name must be one of {SCHEDULES}, got {kind!r}."
+            )
+        if int(steps_per_epoch) < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
+        self.lr = float(lr)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.kind = kind
+        self.warmup_epochs = float(warmup_epochs)
+        self.decay_start = int(decay_start)
+        self.decay_factor = float(decay_factor)
+        self.total_epochs = max(1, int(total_epochs))
+        self.min_lr = float(min_lr)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        epoch = ops.floor(step / self.steps_per_epoch)
+        lr = ops.convert_to_tensor(self.lr, "float32")
+        if self.kind == "step_decay":
+            n = ops.maximum(epoch - self.decay_start + 1.0, 0.0)
+            lr = lr * ops.power(self.decay_factor, n)
+        elif self.kind == "cosine":
+            progress = ops.minimum(step / (self.total_epochs * self.steps_per_epoch), 1.0)
+            lr = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + ops.cos(math.pi * progress))
+        warmup_steps = self.warmup_epochs * self.steps_per_epoch
+        if warmup_steps > 0:
+            ramp = ops.minimum((step + 1.0) / warmup_steps, 1.0)
+            lr = lr * ramp
+        return lr
+
+    def get_config(self):
+        return dict(
+            lr=self.lr,
+            steps_per_epoch=self.steps_per_epoch,
+            kind=self.kind,
+            warmup_epochs=self.warmup_epochs,
+            decay_start=self.decay_start,
+            decay_factor=self.decay_factor,
+            total_epochs=self.total_epochs,
+            min_lr=self.min_lr,
+        )
+
+
+def build_schedule(schedule_cfg: Mapping, lr: float, steps_per_epoch: int, epochs: int):
+    cfg = dict(schedule_cfg or {})
+    return EpochSchedule(
+        lr=lr,
+        steps_per_epoch=steps_per_epoch,
+        kind=cfg.get("name", "constant"),
+        warmup_epochs=cfg.get("warmup_epochs", 0.0),
+        decay_start=cfg.get("decay_start", 5),
+        decay_factor=cfg.get("decay_factor", 0.85),
+        total_epochs=epochs,
+        min_lr=cfg.get("min_lr", 0.0),
+    )
+
+
+def build_optimizer(optimizer_cfg: Mapping, schedule):
+    cfg = dict(optimizer_cfg)
+    name = cfg.pop("name", "adam")
+    cfg.pop("lr", None)
+    common = {}
+    if cfg.get("clipnorm") is not None:
+        common["clipnorm"] = float(cfg["clipnorm"])
+    weight_decay = cfg.get("weight_decay") or None
+    if name == "adam":
+        return keras.optimizers.Adam(
+            learning_rate=schedule,
+            beta_1=float(cfg.get("beta_1", 0.9)),
+            beta_2=float(cfg.get("beta_2", 0.999)),
+            epsilon=float(cfg.get("epsilon", 1e-7)),
+            weight_decay=weight_decay,
+            **common,
+        )
+    if name == "adamw":
+        return keras.optimizers.AdamW(
+            learning_rate=schedule,
+            beta_1=float(cfg.get("beta_1", 0.9)),
+            beta_2=float(cfg.get("beta_2", 0.999)),
+            weight_decay=float(weight_decay or 0.01),
+            **common,
+        )
+    if name == "sgd":
+        return keras.optimizers.SGD(
+            learning_rate=schedule,
+            momentum=float(cfg.get("momentum", 0.9)),
+            nesterov=bool(cfg.get("nesterov", False)),
+            weight_decay=weight_decay,
+            **common,
+        )
+    raise ValueError(f"trainer.optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
