@@ -1,0 +1,23 @@
+"""Dataset registry: ``data.format`` -> an index of (path, label, fold) records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from src.data.esc50 import DatasetIndex, read_esc50
+
+
+def load_index(data_cfg: DictConfig) -> DatasetIndex:
+    fmt = data_cfg.format
+    root = Path(str(data_cfg.root)).expanduser()
+    if fmt == "synthetic":
+        from src.data.synthetic import ensure_dataset
+
+        gen = dict(data_cfg.get("generate") or {})
+        ensure_dataset(root, **gen)
+        return read_esc50(root)
+    if fmt == "esc50":
+        return read_esc50(root, esc10_only=bool(data_cfg.get("esc10", False)))
+    raise ValueError(f"unknown data.format={fmt!r}")
