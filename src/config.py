@@ -1,0 +1,59 @@
+"""Config validation: fail before any work, naming the key and the fix."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+DATA_FORMATS = ("synthetic", "esc50")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def _positive(cfg: DictConfig, dotted: str, integer=True):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    if node is None:
+        raise ConfigError(f"missing config key {dotted}.")
+    try:
+        value = int(node) if integer else float(node)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{dotted} must be a number, got {node!r}.") from None
+    if value <= 0:
+        raise ConfigError(f"{dotted} must be positive, got {node!r}.")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks of a composed config, including building the model once."""
+    if cfg.data.get("format") not in DATA_FORMATS:
+        raise ConfigError(
+            f"data.format={cfg.data.get('format')!r} is unknown; use one of {DATA_FORMATS}."
+        )
+    if not cfg.data.get("folds"):
+        raise ConfigError("data.folds is empty; list the held-out folds to run, e.g. [1].")
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
+                "data.sample_rate"):
+        _positive(cfg, key)
+    _positive(cfg, "data.clip_seconds", integer=False)
+    _positive(cfg, "trainer.optimizer.lr", integer=False)
+    if int(cfg.frontend.sample_rate) != int(cfg.data.sample_rate):
+        raise ConfigError(
+            f"frontend.sample_rate={cfg.frontend.sample_rate} differs from data.sample_rate="
+            f"{cfg.data.sample_rate}; leave frontend.sample_rate at its default "
+            "(${data.sample_rate})."
+        )
+    # Building the model validates its shape (heads vs width, patches vs
+    # spectrogram, unknown keys) in well under a second, before any data work.
+    from src.models.build import build_model
+
+    clip_samples = int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
+    try:
+        build_model(
+            cfg.model, cfg.frontend, num_classes=2, clip_samples=clip_samples,
+            augment_cfg=cfg.augment,
+        )
+    except ValueError as err:
+        raise ConfigError(f"invalid model/frontend config: {err}") from None

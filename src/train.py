@@ -1,0 +1,347 @@
+"""Train and evaluate: ``python -m src.train [experiment=...] [key=value ...]``.
+
+compose config -> validate -> dataset index -> features (once, cached)
+-> for each held-out fold: fresh model -> fit -> evaluate -> fold results.json
+-> aggregate over folds -> run results.json (+ W&B).
+
+Returns the cross-validated accuracy (mean over folds) for Hydra sweepers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from src.config import ConfigError, validate_config  # noqa: E402
+from src.data.esc50 import DatasetError  # noqa: E402
+
+log = logging.getLogger("src.train")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic JSON write: a crash never leaves a half-written results file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _wandb_group(cfg: DictConfig) -> str:
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().job.override_dirname
+    except ValueError:
+        overrides = ""
+    return f"{cfg.name}-{overrides}" if overrides else str(cfg.name)
+
+
+def _make_logger(cfg: DictConfig, fold: int | None, job_type: str, resolved: dict):
+    if cfg.logger.name != "wandb":
+        return None
+    from src.training.wandb_logger import WandbLogger
+
+    dir_ = Path(cfg.logger.dir or ".")
+    dir_.mkdir(parents=True, exist_ok=True)
+    name = f"{cfg.name}-fold{fold}" if fold is not None else f"{cfg.name}-cv"
+    logger = WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.get("entity"),
+        name=name,
+        group=_wandb_group(cfg),
+        job_type=job_type,
+        tags=list(cfg.logger.get("tags") or []),
+        mode=cfg.logger.get("mode"),
+        dir=str(dir_),
+        config=resolved,
+        notes=cfg.logger.get("notes"),
+    )
+    logger.start()
+    return logger
+
+
+def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Path, resolved):
+    """Train a fresh model with ``fold`` held out; returns the fold's results."""
+    import keras
+
+    from src.data.pipeline import eval_dataset, feature_stats, training_dataset
+    from src.evaluation.metrics import classification_report
+    from src.models.build import build_model
+    from src.training.optim import build_optimizer, build_schedule
+
+    fold_dir = run_dir / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    done = fold_dir / "results.json"
+    if done.exists():
+        log.info("fold %d already complete (%s), skipping", fold, done)
+        return json.loads(done.read_text())
+
+    folds = np.array([r.fold for r in index.records])
+    train_idx = np.flatnonzero(folds != fold)
+    test_idx = np.flatnonzero(folds == fold)
+    x_train, y_train = features[train_idx], labels[train_idx]
+    x_test, y_test = features[test_idx], labels[test_idx]
+
+    if cfg.data.norm_mean is None or cfg.data.norm_std is None:
+        mean, std = feature_stats(x_train)  # training folds only: no test leakage
+    else:
+        mean, std = float(cfg.data.norm_mean), float(cfg.data.norm_std)
+
+    keras.utils.set_random_seed(int(cfg.seed))
+    model = build_model(
+        cfg.model,
+        cfg.frontend,
+        num_classes=len(index.class_names),
+        clip_samples=_clip_samples(cfg),
+        augment_cfg=cfg.augment,
+        norm_mean=mean,
+        norm_std=std,
+        class_names=index.class_names,
+    )
+    backbone = model.backbone
+    t = cfg.trainer
+    steps_per_epoch = math.ceil(len(train_idx) / int(t.batch_size))
+    schedule = build_schedule(t.schedule, float(t.optimizer.lr), steps_per_epoch, int(t.epochs))
+    backbone.compile(
+        optimizer=build_optimizer(t.optimizer, schedule),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=float(t.label_smoothing)
+        ),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    num_classes = len(index.class_names)
+
+    def one_hot(ds):
+        return ds.map(lambda x, y: (x, keras.ops.one_hot(y, num_classes)))
+
+    train_ds = one_hot(training_dataset(x_train, y_train, int(t.batch_size), int(cfg.seed)))
+    test_ds = one_hot(eval_dataset(x_test, y_test, int(t.eval_batch_size)))
+
+    ckpt_dir = fold_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    callbacks = [
+        # Resume: restores weights, optimizer state and epoch after a crash.
+        keras.callbacks.BackupAndRestore(str(fold_dir / "backup")),
+        keras.callbacks.ModelCheckpoint(
+            str(ckpt_dir / "best.weights.h5"),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
+        keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
+    ]
+    logger = _make_logger(cfg, fold, f"fold{fold}", resolved)
+    if logger is not None:
+        callbacks.append(logger.keras_callback())
+
+    log.info(
+        "fold %d: %d train / %d test clips, %d parameters",
+        fold, len(train_idx), len(test_idx), model.count_params(),
+    )
+    start = time.time()
+    exit_code = 1
+    try:
+        history = backbone.fit(
+            train_ds,
+            validation_data=test_ds,
+            epochs=int(t.epochs),
+            callbacks=callbacks,
+            verbose=int(t.verbose),
+        )
+        train_time = time.time() - start
+        eval_start = time.time()
+        logits = backbone.predict(x_test, batch_size=int(t.eval_batch_size), verbose=0)
+        eval_time = time.time() - eval_start
+        report = classification_report(y_test, logits, index.class_names)
+        hist = _full_history(fold_dir / "metrics.csv", history.history)
+        result = {
+            "fold": fold,
+            **report,
+            "loss": float(
+                keras.losses.CategoricalCrossentropy(from_logits=True)(
+                    keras.ops.one_hot(y_test, num_classes), logits
+                )
+            ),
+            "best_epoch": int(np.argmax(hist["val_accuracy"]) + 1) if hist.get("val_accuracy") else None,
+            "best_val_accuracy": float(max(hist["val_accuracy"])) if hist.get("val_accuracy") else None,
+            "epochs": len(hist.get("loss", [])),
+            "history": hist,
+            "num_train": int(len(train_idx)),
+            "num_test": int(len(test_idx)),
+            "norm_mean": mean,
+            "norm_std": std,
+            "parameters": int(model.count_params()),
+            "train_time_s": train_time,
+            "eval_clips_per_s": len(test_idx) / max(eval_time, 1e-9),
+        }
+        if t.save_model:
+            model.save(fold_dir / "model.keras")
+        _write_json(done, result)
+        if logger is not None:
+            logger.log_summary(
+                {"test/accuracy": result["accuracy"], "test/loss": result["loss"],
+                 "parameters": result["parameters"], "train_time_s": train_time}
+            )
+            logger.log_confusion_matrix(report["confusion_matrix"], list(index.class_names))
+        exit_code = 0
+        log.info("fold %d: accuracy %.4f", fold, result["accuracy"])
+        return result
+    finally:
+        if logger is not None:
+            logger.finish(exit_code=exit_code)
+
+
+def _full_history(csv_path: Path, fallback: dict) -> dict:
+    """Per-epoch metrics over the whole fold, including epochs before a resume."""
+    import csv
+
+    if csv_path.exists():
+        with open(csv_path) as fh:
+            rows = list(csv.DictReader(fh))
+        by_epoch = {}
+        for row in rows:  # a resumed run appends; keep the last row of each epoch
+            by_epoch[int(row["epoch"])] = row
+        if by_epoch:
+            keys = [k for k in rows[-1] if k != "epoch"]
+            return {
+                k: [float(by_epoch[e][k]) for e in sorted(by_epoch) if by_epoch[e].get(k)]
+                for k in keys
+            }
+    return {k: [float(v) for v in vals] for k, vals in fallback.items()}
+
+
+def _clip_samples(cfg: DictConfig) -> int:
+    return int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    from src.data.datasets import load_index
+    from src.data.pipeline import compute_features
+    from src.evaluation.metrics import aggregate_folds
+    from src.models.build import build_frontend
+    from src.training.provenance import provenance
+
+    start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    index = load_index(cfg.data)
+    folds = [int(f) for f in cfg.data.folds]
+    available = index.folds()
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise ConfigError(
+            f"data.folds={folds} includes {missing}, which the dataset at {index.root} does not "
+            f"have (folds: {available}). Set data.folds to a subset of {available}."
+        )
+    log.info(
+        "%s: %d clips, %d classes, folds %s; held out in turn: %s",
+        cfg.data.name, len(index.records), len(index.class_names), available, folds,
+    )
+
+    frontend = build_frontend(cfg.frontend)
+    paths = [r.path for r in index.records]
+    labels = np.array([r.label for r in index.records], dtype=np.int32)
+    cache_dir = Path(cfg.paths.cache_dir) / "features" if cfg.data.feature_cache else None
+    t0 = time.time()
+    features = compute_features(
+        frontend,
+        paths,
+        sample_rate=int(cfg.data.sample_rate),
+        clip_samples=_clip_samples(cfg),
+        remove_mean=bool(cfg.data.remove_mean),
+        cache_dir=cache_dir,
+        desc=f"{cfg.data.name} features",
+    )
+    feature_time = time.time() - t0
+    if not np.isfinite(features).all():
+        bad = sorted({paths[i] for i in np.flatnonzero(~np.isfinite(features).all(axis=(1, 2)))})
+        raise DatasetError(f"non-finite features for {len(bad)} clip(s): {bad[:10]}")
+    log.info("features %s in %.1fs", features.shape, feature_time)
+
+    fold_results = []
+    for fold in folds:
+        fold_results.append(train_fold(cfg, index, features, labels, fold, run_dir, resolved))
+
+    summary = aggregate_folds(fold_results)
+    results = {
+        "experiment": cfg.name,
+        "dataset": cfg.data.name,
+        "accuracy": summary["last_epoch"]["mean"],
+        "accuracy_std": summary["last_epoch"]["std"],
+        "cv": summary,
+        "per_fold": [{k: v for k, v in r.items() if k != "history"} for r in fold_results],
+        "history": {r["fold"]: r["history"] for r in fold_results},
+        "class_names": list(index.class_names),
+        "parameters": fold_results[0]["parameters"],
+        "epochs": int(cfg.trainer.epochs),
+        "feature_time_s": feature_time,
+        "train_time_s": sum(r["train_time_s"] for r in fold_results),
+        "wall_time_s": time.time() - start,
+        "config": resolved,
+        **provenance(),
+    }
+    _write_json(run_dir / "results.json", results)
+
+    if len(folds) > 1 and cfg.logger.name == "wandb":
+        logger = _make_logger(cfg, None, "cv_summary", resolved)
+        if logger is not None:
+            cv = {"cv/accuracy_mean": results["accuracy"], "cv/accuracy_std": results["accuracy_std"]}
+            if "best_mean_epoch" in summary:
+                b = summary["best_mean_epoch"]
+                cv.update({"cv/best_epoch": b["epoch"], "cv/best_epoch_accuracy_mean": b["mean"],
+                           "cv/best_epoch_accuracy_std": b["std"]})
+            logger.log_summary(cv)
+            logger.finish()
+
+    msg = (
+        f"{cfg.name}: accuracy {results['accuracy']:.4f} +- {results['accuracy_std']:.4f} "
+        f"(last epoch, {len(folds)} fold(s)); wall time {results['wall_time_s']:.0f}s; "
+        f"results in {run_dir / 'results.json'}"
+    )
+    log.info(msg)
+    print(msg, flush=True)
+    return float(results["accuracy"])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate_config(cfg)
+        return run(cfg, run_dir)
+    except (ConfigError, DatasetError) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""End to end: `python -m src.train` as a user runs it, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny, fast version of the quickstart: 12 classes x 5 clips of 1 s, 2 epochs.
+TINY = [
+    "data.generate.clips_per_class=5",
+    "data.generate.duration=1.0",
+    "data.clip_seconds=1.0",
+    "frontend.n_mels=32",
+    "model.embed_dim=16",
+    "model.num_heads=2",
+    "model.ff_dim=32",
+    "model.num_layers=1",
+    "trainer.epochs=2",
+    "trainer.verbose=0",
+]
+
+
+def run_train(tmp_path, *overrides, check=True, timeout=300):
+    env = dict(os.environ)
+    env.update(
+        AUDIO_RUNS_DIR=str(tmp_path / "runs"),
+        AUDIO_CACHE_DIR=str(tmp_path / "cache"),
+        AUDIO_DATA_DIR=str(tmp_path / "data"),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        HOME=str(tmp_path / "home"),  # no W&B credentials: auto mode is offline
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart")
+    run_train(tmp, "experiment=quickstart", *TINY)
+    (results,) = run_results(tmp)
+    return tmp, results.parent, json.loads(results.read_text())
+
+
+def run_results(tmp):
+    """The run-level results.json files under tmp/runs (not the per-fold ones)."""
+    return sorted(
+        p for p in (tmp / "runs").rglob("results.json") if not p.parent.name.startswith("fold_")
+    )
+
+
+def test_quickstart_writes_results(quickstart_run):
+    _, run_dir, r = quickstart_run
+    assert r["experiment"] == "quickstart"
+    assert 0.0 <= r["accuracy"] <= 1.0
+    assert r["cv"]["folds"] == [5]
+    fold = r["per_fold"][0]
+    assert fold["num_test"] == 12 and fold["num_train"] == 48
+    m = np.array(fold["confusion_matrix"])
+    assert m.shape == (12, 12) and m.sum() == 12
+    assert np.isclose(np.trace(m) / m.sum(), fold["accuracy"])
+    assert set(fold["per_class_accuracy"]) == set(r["class_names"])
+    assert len(r["history"]["5"]["val_accuracy"]) == 2 == r["epochs"]
+    assert r["parameters"] > 0 and r["wall_time_s"] > 0
+    assert r["config"]["model"]["embed_dim"] == 16
+    assert r["versions"]["tensorflow"].startswith("2.17")
+    assert "commit" in r["git"] and "dirty" in r["git"]
+    assert (run_dir / "config.yaml").exists()
+    for name in ("best.weights.h5", "last.weights.h5"):
+        assert (run_dir / "fold_5" / "checkpoints" / name).stat().st_size > 0
+    assert (run_dir / "fold_5" / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_saved_model_takes_a_raw_waveform(quickstart_run, tmp_path):
+    import keras
+
+    from src.models import load_model
+
+    _, run_dir, r = quickstart_run
+    model = load_model(run_dir / "fold_5" / "model.keras")
+    assert model.class_names == r["class_names"]
+    wave = np.random.default_rng(0).standard_normal((2, 16000)).astype("float32") * 0.1
+    logits = keras.ops.convert_to_numpy(model(wave))
+    assert logits.shape == (2, 12) and np.isfinite(logits).all()
+
+
+def test_feature_cache_is_reused(quickstart_run):
+    tmp, _, _ = quickstart_run
+    cached = list((tmp / "cache" / "features").glob("*.npy"))
+    assert len(cached) == 1
+    feats = np.load(cached[0])
+    assert feats.shape[0] == 60 and feats.shape[2] == 32 and np.isfinite(feats).all()
+
+
+def test_multirun_sweeps_heads(tmp_path):
+    out = run_train(
+        tmp_path, "-m", "experiment=quickstart", *TINY, "trainer.epochs=1", "model.num_heads=1,4"
+    )
+    runs = run_results(tmp_path)
+    assert len(runs) == 2, out.stdout[-2000:]
+    heads = sorted(json.loads(p.read_text())["config"]["model"]["num_heads"] for p in runs)
+    assert heads == [1, 4]
+
+
+def test_esc50_without_data_fails_fast_with_instructions(tmp_path):
+    out = run_train(tmp_path, "experiment=esc50", "logger=none", check=False, timeout=120)
+    assert out.returncode == 2
+    err = out.stderr
+    assert str(tmp_path / "data" / "ESC-50-master") in err
+    assert "python -m scripts.download esc50" in err
+    assert not list((tmp_path / "runs").rglob("fold_*"))
+
+
+def test_bad_model_config_names_the_key(tmp_path):
+    out = run_train(tmp_path, "experiment=quickstart", "model.num_heads=3", check=False, timeout=120)
+    assert out.returncode == 2
+    assert "num_heads" in out.stderr and "not divisible" in out.stderr
+    assert not (tmp_path / "cache" / "quickstart").exists()  # failed before any data work
+
+
+def test_unknown_fold_is_rejected(tmp_path):
+    out = run_train(tmp_path, "experiment=quickstart", *TINY, "data.folds=[7]", check=False)
+    assert out.returncode == 2
+    assert "data.folds" in out.stderr and "[1, 2, 3, 4, 5]" in out.stderr
+
+
+def test_resampled_44k_dataset_trains(tmp_path):
+    # A user's own tree in ESC-50 layout at 44.1 kHz: resampled in the graph.
+    from src.data.synthetic import generate_dataset
+
+    root = generate_dataset(
+        tmp_path / "mine", clips_per_class=5, sample_rate=44100, duration=1.0, seed=3
+    )
+    info = sf.info(next((root / "audio").glob("*.wav")))
+    assert info.samplerate == 44100
+    run_train(
+        tmp_path, "data=esc50", f"data.root={root}", "data.folds=[2]", *TINY[2:],
+        "data.name=mine",
+    )
+    (res,) = run_results(tmp_path)
+    r = json.loads(res.read_text())
+    assert r["per_fold"][0]["num_test"] == 12
+
+
+def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch):
+    from src.training.wandb_logger import read_offline_history, read_offline_summary
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # never the internet
+    out = run_train(
+        tmp_path, "experiment=quickstart", *TINY, "logger=wandb", "logger.project=tests"
+    )
+    (res,) = run_results(tmp_path)
+    r = json.loads(res.read_text())
+    (run_dir,) = list((tmp_path / "runs").rglob("offline-run-*"))
+    assert f"wandb sync {run_dir}" in out.stdout
+    summary = read_offline_summary(run_dir)
+    assert summary["test/accuracy"] == pytest.approx(r["per_fold"][0]["accuracy"])
+    assert summary["confusion_matrix/matrix"] == r["per_fold"][0]["confusion_matrix"]
+    rows = [row for row in read_offline_history(run_dir) if "val_accuracy" in row]
+    assert len(rows) == 2
+    assert [row["val_accuracy"] for row in rows] == pytest.approx(r["history"]["5"]["val_accuracy"])
+    assert all("learning_rate" in row for row in rows)
