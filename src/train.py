@@ -9,10 +9,13 @@ Returns the cross-validated accuracy (mean over folds) for Hydra sweepers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,25 @@ from src.config import ConfigError, validate_config  # noqa: E402
 from src.data.esc50 import DatasetError  # noqa: E402
 
 log = logging.getLogger("src.train")
+
+# Keys that may differ between the attempts of one run (they do not change what
+# a fold computes): a resumed run checks that everything else is unchanged.
+_RESUME_IGNORED = ("data.folds", "trainer.verbose", "trainer.resume", "logger", "paths", "tags")
+
+
+def run_dirname(overrides) -> str:
+    """A directory name for a set of overrides: readable, filesystem-safe, bounded."""
+    if not isinstance(overrides, str):  # hydra:overrides.task is a list
+        overrides = ",".join(str(o) for o in overrides)
+    text = str(overrides or "") or "default"
+    safe = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]+", "_", text)
+    if len(safe) > 100:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        safe = f"{safe[:80]}-{digest}"
+    return safe
+
+
+OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -55,7 +77,9 @@ def _wandb_group(cfg: DictConfig) -> str:
         overrides = HydraConfig.get().job.override_dirname
     except ValueError:
         overrides = ""
-    return f"{cfg.name}-{overrides}" if overrides else str(cfg.name)
+    # Seeds of one setting share a group, so W&B can average over them.
+    parts = [p for p in overrides.split(",") if p and not p.startswith("seed=")]
+    return f"{cfg.name}-{','.join(parts)}" if parts else str(cfg.name)
 
 
 def _make_logger(cfg: DictConfig, fold: int | None, job_type: str, resolved: dict):
@@ -89,6 +113,8 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
     from src.data.pipeline import eval_dataset, feature_stats, training_dataset
     from src.evaluation.metrics import classification_report
     from src.models.build import build_model
+    from src.training.callbacks import LearningRateLogger
+    from src.training.mixup import apply_mixup
     from src.training.optim import build_optimizer, build_schedule
 
     fold_dir = run_dir / f"fold_{fold}"
@@ -99,7 +125,11 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         return json.loads(done.read_text())
 
     folds = np.array([r.fold for r in index.records])
-    train_idx = np.flatnonzero(folds != fold)
+    train_folds = cfg.data.get("train_folds")
+    if train_folds:  # fixed splits (e.g. Speech Commands: train=1, validation=2, test=3)
+        train_idx = np.flatnonzero(np.isin(folds, [int(f) for f in train_folds]))
+    else:  # cross-validation: every other fold trains
+        train_idx = np.flatnonzero(folds != fold)
     test_idx = np.flatnonzero(folds == fold)
     x_train, y_train = features[train_idx], labels[train_idx]
     x_test, y_test = features[test_idx], labels[test_idx]
@@ -137,11 +167,22 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         return ds.map(lambda x, y: (x, keras.ops.one_hot(y, num_classes)))
 
     train_ds = one_hot(training_dataset(x_train, y_train, int(t.batch_size), int(cfg.seed)))
+    train_ds = apply_mixup(
+        train_ds,
+        prob=float(cfg.augment.get("mixup", 0.0)),
+        alpha=float(cfg.augment.get("mixup_alpha", 10.0)),
+        domain=str(cfg.augment.get("mixup_domain", "power")),
+        seed=int(cfg.seed),
+    )
     test_ds = one_hot(eval_dataset(x_test, y_test, int(t.eval_batch_size)))
 
     ckpt_dir = fold_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
+    earlier = _full_history(fold_dir / "metrics.csv", {})  # epochs before an interruption
+    if earlier.get("loss"):
+        log.info("fold %d: resuming after %d completed epoch(s)", fold, len(earlier["loss"]))
     callbacks = [
+        LearningRateLogger(),
         # Resume: restores weights, optimizer state and epoch after a crash.
         keras.callbacks.BackupAndRestore(str(fold_dir / "backup")),
         keras.callbacks.ModelCheckpoint(
@@ -150,6 +191,7 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
             mode="max",
             save_best_only=True,
             save_weights_only=True,
+            initial_value_threshold=max(earlier["val_accuracy"]) if earlier.get("val_accuracy") else None,
         ),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
         keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
@@ -171,6 +213,7 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
             epochs=int(t.epochs),
             callbacks=callbacks,
             verbose=int(t.verbose),
+            shuffle=False,  # the tf.data pipeline shuffles
         )
         train_time = time.time() - start
         eval_start = time.time()
@@ -234,6 +277,51 @@ def _full_history(csv_path: Path, fallback: dict) -> dict:
     return {k: [float(v) for v in vals] for k, vals in fallback.items()}
 
 
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> None:
+    """Check an existing run dir before reusing it (resume) or move it aside."""
+    earlier = sorted(run_dir.glob("fold_*")) + [p for p in [run_dir / "results.json"] if p.exists()]
+    if not earlier:
+        return
+    if not resume:
+        dest = run_dir / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        dest.mkdir(parents=True)
+        for p in earlier + [p for p in [run_dir / "config.yaml"] if p.exists()]:
+            shutil.move(str(p), dest / p.name)
+        log.warning("trainer.resume=false: moved the earlier results of %s to %s", run_dir, dest)
+        return
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    new = _flatten(resolved)
+
+    def relevant(key):
+        return not any(key == k or key.startswith(k + ".") for k in _RESUME_IGNORED)
+
+    diff = sorted(
+        k for k in set(old) | set(new) if relevant(k) and old.get(k) != new.get(k)
+    )
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({shown}). Run with "
+            f"trainer.resume=false to start over there (the earlier results are moved to "
+            f"{run_dir}/previous/), or change name=... to use another directory."
+        )
+    log.info("resuming the run in %s", run_dir)
+
+
 def _clip_samples(cfg: DictConfig) -> int:
     return int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
 
@@ -248,6 +336,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    prepare_run_dir(run_dir, resolved, resume=bool(cfg.trainer.resume))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     index = load_index(cfg.data)
@@ -329,10 +418,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     return float(results["accuracy"])
 
 
+def _quiet_tensorflow() -> None:
+    """TensorFlow's Python-side warnings (retracing, tfio graph conversion) are noise here."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel(logging.ERROR)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
+    _quiet_tensorflow()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate_config(cfg)

@@ -172,3 +172,83 @@ def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch
     assert len(rows) == 2
     assert [row["val_accuracy"] for row in rows] == pytest.approx(r["history"]["5"]["val_accuracy"])
     assert all("learning_rate" in row for row in rows)
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env.update(
+        AUDIO_RUNS_DIR=str(tmp_path / "runs"),
+        AUDIO_CACHE_DIR=str(tmp_path / "cache"),
+        AUDIO_DATA_DIR=str(tmp_path / "data"),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _epochs_done(csv_path):
+    if not csv_path.exists():
+        return 0
+    return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
+
+
+def test_killed_run_resumes_with_the_same_command(tmp_path):
+    """SIGKILL inside fold 2, rerun the same command: fold 1 is skipped, fold 2 continues."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "src.train", "experiment=quickstart", *TINY,
+            "trainer.epochs=12", "data.folds=[1,2]"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    csv_path = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = list((tmp_path / "runs").rglob("fold_2/metrics.csv"))
+            if found and _epochs_done(found[0]) >= 3:
+                csv_path = found[0]
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert csv_path is not None, "the run finished or stalled before it could be killed"
+    run_dir = csv_path.parents[1]
+    done_before = _epochs_done(csv_path)
+    assert done_before < 12
+    assert (run_dir / "fold_1" / "results.json").exists()
+    assert not (run_dir / "fold_2" / "results.json").exists()
+    fold1_mtime = (run_dir / "fold_1" / "results.json").stat().st_mtime_ns
+
+    out = subprocess.run(args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "fold 1 already complete" in out.stderr
+    assert f"resuming after {done_before} completed epoch(s)" in out.stderr
+    assert (run_dir / "fold_1" / "results.json").stat().st_mtime_ns == fold1_mtime
+    r = json.loads((run_dir / "results.json").read_text())
+    assert [f["fold"] for f in r["per_fold"]] == [1, 2]
+    hist = r["history"]["2"]
+    assert len(hist["val_accuracy"]) == 12
+    # The LR schedule continued from the saved optimizer step (cosine over 12 epochs):
+    # a restart from scratch would repeat the warmup values.
+    lrs = hist["learning_rate"]
+    assert lrs[done_before] < lrs[1]
+    assert not (run_dir / "fold_2" / "backup").exists()
+
+
+def test_changed_config_in_the_same_run_dir_is_refused(tmp_path):
+    run_train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=1")
+    # Same overrides (same directory) but a YAML default changed underneath: here via
+    # an env-provided value that is not part of the overrides.
+    (run_dir,) = [p.parent for p in run_results(tmp_path)]
+    cfg = (run_dir / "config.yaml").read_text().replace("embed_dim: 16", "embed_dim: 24")
+    (run_dir / "config.yaml").write_text(cfg)
+    out = run_train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=1", check=False)
+    assert out.returncode == 2
+    assert "model.embed_dim" in out.stderr and "trainer.resume=false" in out.stderr
+    run_train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=1", "trainer.resume=false")
+    assert len(list((run_dir / "previous").glob("*/fold_5/results.json"))) == 1

@@ -6,6 +6,7 @@ import os
 
 from src.models.attention import MultiHeadSelfAttention
 from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
+from src.models.baseline import PooledStatsClassifier
 from src.models.frontend import LogMel
 from src.models.patch import PatchEmbedding
 from src.models.spec import Normalize, SpecAugment
@@ -16,6 +17,7 @@ __all__ = [
     "LogMel",
     "MultiHeadSelfAttention",
     "Normalize",
+    "PooledStatsClassifier",
     "PatchEmbedding",
     "SpecAugment",
     "SpectrogramTransformer",

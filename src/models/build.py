@@ -6,10 +6,11 @@ import inspect
 from collections.abc import Mapping
 
 from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
+from src.models.baseline import PooledStatsClassifier
 from src.models.frontend import LogMel
 
 FRONTENDS = {"logmel": LogMel}
-BACKBONES = {"transformer": SpectrogramTransformer}
+BACKBONES = {"transformer": SpectrogramTransformer, "linear": PooledStatsClassifier}
 
 # Keys of the config groups that describe the run, not the layer.
 _META_KEYS = {"name", "type"}

@@ -1,0 +1,70 @@
+"""Every config group composes, and overrides land where they should."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from src.config import ConfigError, validate_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def make(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = make(f"experiment={experiment}")
+    OmegaConf.resolve(cfg)
+    assert cfg.name == experiment
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("data", options("data"))
+def test_every_model_data_pair_validates(model, data):
+    validate_config(make(f"model={model}", f"data={data}"))
+
+
+def test_seed_model_matches_the_notes_example():
+    m = make("model=seed").model
+    assert (m.embed_dim, m.num_heads, m.ff_dim) == (128, 8, 512)
+    assert m.norm_first is False and m.activation == "relu"
+
+
+def test_frontend_rate_follows_data_rate():
+    cfg = make("data.sample_rate=22050")
+    assert cfg.frontend.sample_rate == 22050
+
+
+def test_esc50_experiment_holds_the_ast_optimiser_recipe():
+    t = make("experiment=esc50").trainer
+    assert (t.optimizer.beta_1, t.optimizer.beta_2, t.optimizer.weight_decay) == (0.95, 0.999, 5e-7)
+    assert (t.schedule.name, t.schedule.decay_start, t.schedule.decay_factor) == (
+        "step_decay", 5, 0.85,
+    )
+    assert make("experiment=esc50").data.folds == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.num_heads=3", "num_heads"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("data.folds=[]", "data.folds"),
+        ("data.format=mp3", "data.format"),
+        ("frontend.sample_rate=8000", "frontend.sample_rate"),
+        ("+model.heads=4", "model.heads"),
+    ],
+)
+def test_bad_configs_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(make(override))
