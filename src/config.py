@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-DATA_FORMATS = ("synthetic", "esc50")
+DATA_FORMATS = ("synthetic", "esc50", "speech_commands", "urbansound8k")
 
 
 class ConfigError(ValueError):

@@ -20,4 +20,14 @@ def load_index(data_cfg: DictConfig) -> DatasetIndex:
         return read_esc50(root)
     if fmt == "esc50":
         return read_esc50(root, esc10_only=bool(data_cfg.get("esc10", False)))
+    if fmt == "speech_commands":
+        from src.data.speech_commands import read_speech_commands
+
+        return read_speech_commands(
+            root, include_background=bool(data_cfg.get("include_background", False))
+        )
+    if fmt == "urbansound8k":
+        from src.data.urbansound8k import read_urbansound8k
+
+        return read_urbansound8k(root)
     raise ValueError(f"unknown data.format={fmt!r}")
