@@ -226,8 +226,9 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     out = subprocess.run(args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "fold 1 already complete" in out.stderr
-    assert f"resuming after {done_before} completed epoch(s)" in out.stderr
+    logs = out.stdout + out.stderr  # Hydra's log handler writes to stdout
+    assert "fold 1 already complete" in logs
+    assert f"resuming after {done_before} completed epoch(s)" in logs
     assert (run_dir / "fold_1" / "results.json").stat().st_mtime_ns == fold1_mtime
     r = json.loads((run_dir / "results.json").read_text())
     assert [f["fold"] for f in r["per_fold"]] == [1, 2]
@@ -252,3 +253,22 @@ def test_changed_config_in_the_same_run_dir_is_refused(tmp_path):
     assert "model.embed_dim" in out.stderr and "trainer.resume=false" in out.stderr
     run_train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=1", "trainer.resume=false")
     assert len(list((run_dir / "previous").glob("*/fold_5/results.json"))) == 1
+
+
+def test_compute_stats_script_matches_numpy(tmp_path):
+    from src.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "set", clips_per_class=5, duration=0.5, seed=1)
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.compute_stats", "data=esc50", f"data.root={root}",
+         "data.clip_seconds=0.5", "frontend.n_mels=32", f"paths.cache_dir={tmp_path / 'c'}",
+         "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    (cached,) = list((tmp_path / "c" / "features").glob("*.npy"))
+    feats = np.load(cached).astype(np.float64)
+    assert stats["clips"] == 60 and stats["finite"]
+    assert stats["norm_mean"] == pytest.approx(feats.mean())
+    assert stats["norm_std"] == pytest.approx(feats.std())
