@@ -277,6 +277,42 @@ def _full_history(csv_path: Path, fallback: dict) -> dict:
     return {k: [float(v) for v in vals] for k, vals in fallback.items()}
 
 
+def check_data(cfg: DictConfig, index):
+    """Check every clip once (cached) before any training; stop or skip bad ones."""
+    from src.data.check import check_records, filter_records
+
+    report = check_records(
+        index.records,
+        sample_rate=int(cfg.data.sample_rate),
+        clip_samples=_clip_samples(cfg),
+        cache_dir=Path(cfg.paths.cache_dir),
+    )
+    notes = report.notes()
+    if notes:
+        kinds = {}
+        for p in notes:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        log.info("audio notes (handled): %s", ", ".join(f"{n} {k}" for k, n in kinds.items()))
+    fatal = report.fatal()
+    if not fatal:
+        return index, []
+    if not cfg.data.get("skip_bad_files", False):
+        fatal_report = type(report)(problems=fatal, num_files=report.num_files)
+        raise DatasetError(
+            f"{len(fatal)} of {report.num_files} audio file(s) under {index.root} cannot be "
+            f"decoded:\n{fatal_report.summary()}\nFix or remove them, or run with "
+            "data.skip_bad_files=true to leave them out (they are listed in results.json). "
+            f"Full report: python -m scripts.check_data data={cfg.data.name} "
+            f"data.root={index.root}"
+        )
+    index, dropped = filter_records(index, report)
+    log.warning(
+        "data.skip_bad_files=true: leaving out %d file(s): %s",
+        len(dropped), ", ".join(p.path for p in dropped[:20]),
+    )
+    return index, [{"path": p.path, "kind": p.kind, "message": p.message} for p in dropped]
+
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -353,6 +389,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         cfg.data.name, len(index.records), len(index.class_names), available, folds,
     )
 
+    index, skipped = check_data(cfg, index)
+
     frontend = build_frontend(cfg.frontend)
     paths = [r.path for r in index.records]
     labels = np.array([r.label for r in index.records], dtype=np.int32)
@@ -387,6 +425,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "per_fold": [{k: v for k, v in r.items() if k != "history"} for r in fold_results],
         "history": {r["fold"]: r["history"] for r in fold_results},
         "class_names": list(index.class_names),
+        "skipped_files": skipped,
         "parameters": fold_results[0]["parameters"],
         "epochs": int(cfg.trainer.epochs),
         "feature_time_s": feature_time,

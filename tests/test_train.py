@@ -272,3 +272,23 @@ def test_compute_stats_script_matches_numpy(tmp_path):
     assert stats["clips"] == 60 and stats["finite"]
     assert stats["norm_mean"] == pytest.approx(feats.mean())
     assert stats["norm_std"] == pytest.approx(feats.std())
+
+
+def test_bad_clip_stops_training_unless_skipped(tmp_path):
+    from src.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "set", clips_per_class=5, duration=1.0, seed=4)
+    bad = sorted((root / "audio").glob("*.wav"))[7]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated: header promises more frames
+    args = ["data=esc50", f"data.root={root}", "data.folds=[1]", *TINY[2:]]
+    out = run_train(tmp_path, *args, check=False)
+    assert out.returncode == 2
+    assert bad.name in out.stderr and "data.skip_bad_files=true" in out.stderr
+    assert not run_results(tmp_path)
+
+    run_train(tmp_path, *args, "data.skip_bad_files=true")
+    (res,) = run_results(tmp_path)
+    r = json.loads(res.read_text())
+    assert [s["path"] for s in r["skipped_files"]] == [str(bad)]
+    assert r["per_fold"][0]["num_train"] + r["per_fold"][0]["num_test"] == 59

@@ -8,10 +8,19 @@ from omegaconf import DictConfig
 
 from src.data.esc50 import DatasetIndex, read_esc50
 
+# data.format -> the name of its archive in src.data.download.DATASETS
+DOWNLOADABLE = {"esc50": "esc50", "speech_commands": "speech_commands",
+                "urbansound8k": "urbansound8k"}
+
 
 def load_index(data_cfg: DictConfig) -> DatasetIndex:
     fmt = data_cfg.format
     root = Path(str(data_cfg.root)).expanduser()
+    if fmt in DOWNLOADABLE and data_cfg.get("download", False):
+        from src.data.download import ensure_dataset_downloaded, is_complete
+
+        if not is_complete(root) and not root.exists():
+            ensure_dataset_downloaded(DOWNLOADABLE[fmt], root, url=data_cfg.get("download_url"))
     if fmt == "synthetic":
         from src.data.synthetic import ensure_dataset
 

@@ -1,0 +1,424 @@
+"""Up-front check of every audio file of a dataset, before the input pipeline reads it.
+
+Inside ``tf.data`` a single file that the decoder rejects aborts the whole iteration with
+an error that does not say which file it was. :func:`check_records` finds such files first
+and names them, together with non-fatal notes about what the pipeline will do to a file
+(resample, mix to mono, pad, crop).
+
+A problem is *fatal* exactly when the pipeline's own decoder
+(:func:`src.data.audio.decode_audio`, built on ``tf.audio.decode_wav``) fails on the file:
+every file is decoded once with it. As found with TensorFlow 2.17, ``tf.audio.decode_wav``
+accepts only uncompressed 16-bit PCM WAV with a plain (16 or 18 byte) format chunk, at any
+sample rate and channel count, including WAVs with extra chunks (LIST) and with zero
+frames. It rejects 8-, 24- and 32-bit integer PCM ("Can only read 16-bit WAV files"),
+float, A-law and mu-law WAV ("Expected 1 (PCM)"), WAVE_FORMAT_EXTENSIBLE even at 16 bit
+("Bad format chunk size"), FLAC, OGG and W64 ("Header mismatch: Expected RIFF") and any
+file whose data chunk is shorter than its header declares ("Data too short").
+
+Results can be cached in ``cache_dir`` (one json file), keyed by path, size, mtime,
+sample rate and clip length, so a repeated check only decodes files that changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import stat
+import struct
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from src.data.audio import decode_audio
+from src.data.esc50 import DatasetIndex, Record
+
+__all__ = [
+    "CACHE_NAME",
+    "FATAL_KINDS",
+    "NOTE_KINDS",
+    "SILENCE_DBFS",
+    "CheckReport",
+    "FileProblem",
+    "check_file",
+    "check_records",
+    "filter_records",
+]
+
+log = logging.getLogger(__name__)
+
+# Kinds in the order the summary lists them.
+FATAL_KINDS = ("missing", "empty", "unreadable", "unsupported", "truncated")
+NOTE_KINDS = ("resampled", "stereo", "short", "long", "silent")
+# A clip whose peak lies below this level counts as silent. One LSB of 16-bit PCM is
+# -90.3 dBFS, so a 16-bit file that never leaves +-1 LSB is silent.
+SILENCE_DBFS = -90.0
+CACHE_NAME = "data_check.json"
+# Bump whenever check_file's verdicts change, so cached results are not reused.
+CHECK_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FileProblem:
+    path: str
+    kind: str  # one of FATAL_KINDS or NOTE_KINDS
+    message: str  # names the file and, for fatal problems, the fix
+    fatal: bool  # True: the pipeline cannot decode the file
+
+
+@dataclasses.dataclass
+class CheckReport:
+    problems: list[FileProblem]
+    num_files: int
+    num_checked: int = 0  # files decoded by this call; the others came from the cache
+
+    def fatal(self) -> list[FileProblem]:
+        return [p for p in self.problems if p.fatal]
+
+    def notes(self) -> list[FileProblem]:
+        return [p for p in self.problems if not p.fatal]
+
+    def fatal_paths(self) -> set[str]:
+        return {p.path for p in self.problems if p.fatal}
+
+    def summary(self, max_files: int = 10) -> str:
+        """Problems grouped by kind, fatal ones first, at most ``max_files`` files per kind."""
+        fatal, notes = self.fatal(), self.notes()
+        cached = self.num_files - self.num_checked
+        head = f"Checked {self.num_files} audio file(s)"
+        if cached:
+            head += f" ({cached} unchanged since the last check, taken from the cache)"
+        if not self.problems:
+            return head + ": no problems."
+        lines = [
+            f"{head}: {len({p.path for p in fatal})} file(s) with fatal problems, "
+            f"{len(notes)} note(s)."
+        ]
+        if fatal:
+            lines.append(
+                "FATAL: the training pipeline cannot decode these files; fix, replace or "
+                "remove them (or drop their rows from the metadata):"
+            )
+            lines += _grouped(fatal, FATAL_KINDS, max_files)
+        if notes:
+            lines.append("Notes (these files are used as described):")
+            lines += _grouped(notes, NOTE_KINDS, max_files)
+        return "\n".join(lines)
+
+
+def _grouped(problems: list[FileProblem], order: tuple[str, ...], max_files: int) -> list[str]:
+    by_kind: dict[str, list[FileProblem]] = defaultdict(list)
+    for p in problems:
+        by_kind[p.kind].append(p)
+    kinds = [k for k in order if k in by_kind] + sorted(set(by_kind) - set(order))
+    lines = []
+    for kind in kinds:
+        group = by_kind[kind]
+        lines.append(f"  {kind} ({len(group)} file(s)):")
+        lines += [f"    {p.message}" for p in group[:max_files]]
+        if len(group) > max_files:
+            lines.append(f"    ... and {len(group) - max_files} more")
+    return lines
+
+
+# ---------------------------------------------------------------------------- one file
+
+
+def _tf_message(err: tf.errors.OpError) -> str:
+    """The op's own message, without TensorFlow's function/node/op decorations."""
+    msg = re.sub(r"\{\{[^}]*\}\}\s*", "", str(err.message))
+    msg = re.sub(r"\s*\[\[.*", "", msg, flags=re.S)
+    msg = re.sub(r"\s*\[Op:.*", "", msg, flags=re.S)
+    return msg.strip()
+
+
+def _sf_message(err: Exception) -> str:
+    return str(getattr(err, "error_string", None) or err)
+
+
+def _wav_data_chunk(path: str, file_size: int) -> tuple[int, int, int] | None:
+    """``(declared_bytes, available_bytes, block_align)`` of a RIFF/WAVE data chunk.
+
+    None when the file is not RIFF/WAVE or has no complete data chunk header.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            pos, block_align = 12, 0
+            while pos + 8 <= file_size:
+                fh.seek(pos)
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                pos += 8
+                if cid == b"fmt ":
+                    fmt = fh.read(16)
+                    if len(fmt) == 16:
+                        block_align = struct.unpack("<H", fmt[12:14])[0]
+                elif cid == b"data":
+                    return size, file_size - pos, block_align
+                pos += size + (size & 1)
+    except OSError:
+        return None
+    return None
+
+
+def _decode(path: str, sample_rate: int, clip_samples: int):
+    """The pipeline's decoder on one file: ``(samples, None)`` or ``(None, error message)``."""
+    try:
+        return decode_audio(tf.constant(path), sample_rate, clip_samples).numpy(), None
+    except tf.errors.OpError as err:
+        return None, _tf_message(err)
+
+
+def check_file(
+    path: str | os.PathLike, *, sample_rate: int, clip_samples: int
+) -> list[FileProblem]:
+    """Problems of one audio file as the pipeline would read it; ``[]`` when there are none.
+
+    The file is stat-ed, its header read with soundfile and its audio decoded once with
+    :func:`decode_audio` (the pipeline's decoder); a failure of that decode is what makes a
+    problem fatal. Non-fatal notes describe what the pipeline does to the file.
+    """
+    path = os.fspath(path)
+    sample_rate, clip_samples = int(sample_rate), int(clip_samples)
+
+    def problem(kind: str, text: str, fatal: bool) -> FileProblem:
+        return FileProblem(path=path, kind=kind, message=f"{path}: {text}", fatal=fatal)
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return [problem("missing", "file not found", True)]
+    except OSError as err:
+        return [problem("unreadable", f"cannot stat the file ({err.strerror})", True)]
+    if not stat.S_ISREG(st.st_mode):
+        return [problem("unreadable", "not a regular file", True)]
+    if st.st_size == 0:
+        return [problem("empty", "file is empty (0 bytes)", True)]
+
+    try:
+        info = sf.info(path)
+        info_err = None
+    except Exception as err:  # soundfile raises several types on garbage input
+        info, info_err = None, _sf_message(err)
+    samples, decode_err = _decode(path, sample_rate, clip_samples)
+
+    # soundfile does not flag a cut-off WAV: it reports (and reads) the frames that are
+    # present. The declared size of the data chunk is compared with the bytes on disk.
+    truncated = None
+    chunk = _wav_data_chunk(path, st.st_size)
+    if chunk is not None and chunk[0] > chunk[1]:
+        declared, available, align = chunk
+        if align:
+            truncated = (
+                f"truncated: the header declares {declared // align} frames but the file "
+                f"holds only {available // align} ({available} of {declared} data bytes)"
+            )
+        else:
+            truncated = f"truncated: {available} of {declared} declared data bytes present"
+
+    if decode_err is not None:
+        # With TensorFlow 2.17 a truncated WAV always lands here: decode_wav needs the whole
+        # data chunk ("Data too short when trying to read string").
+        if truncated:
+            return [problem("truncated", f"{truncated}; re-copy or re-download it", True)]
+        read_err = None
+        if info is not None:
+            try:  # readable audio in a format the decoder does not take, or corrupt data?
+                sf.read(path, dtype="float32", always_2d=True)
+            except Exception as err:
+                read_err = _sf_message(err)
+        if info is None or read_err is not None:
+            return [
+                problem(
+                    "unreadable",
+                    "not a readable audio file (soundfile: "
+                    f"{info_err or read_err}; tf.audio.decode_wav: {decode_err}); "
+                    "replace it with an intact 16-bit PCM WAV",
+                    True,
+                )
+            ]
+        return [
+            problem(
+                "unsupported",
+                f"{info.format} {info.subtype} ({info.subtype_info}) is readable, but the "
+                "pipeline decodes only 16-bit PCM WAV (tf.audio.decode_wav: "
+                f"{decode_err}); convert it to 16-bit PCM WAV",
+                True,
+            )
+        ]
+
+    problems = []
+    if truncated:  # decodable despite the short data chunk; not seen with TensorFlow 2.17
+        problems.append(problem("truncated", f"{truncated}; the missing part is zero-padded",
+                                False))
+    if info is not None:
+        rate, channels, frames = int(info.samplerate), int(info.channels), int(info.frames)
+        if rate != sample_rate:
+            problems.append(problem("resampled", f"{rate} Hz, resampled to {sample_rate} Hz",
+                                    False))
+        if channels > 1:
+            problems.append(problem("stereo", f"{channels} channels, averaged to mono", False))
+        length = frames * sample_rate / rate  # samples after resampling
+        clip_s = clip_samples / sample_rate
+        if length < clip_samples - 1:
+            problems.append(
+                problem("short", f"{frames / rate:.3f} s, zero-padded to {clip_s:.3f} s", False)
+            )
+        elif length > clip_samples + 1:
+            problems.append(
+                problem("long", f"{frames / rate:.3f} s, cropped to its first {clip_s:.3f} s",
+                        False)
+            )
+    # Silence is judged on the decoded clip, i.e. what the model receives.
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak == 0.0:
+        problems.append(problem("silent", "silent (all zeros); kept", False))
+    elif 20.0 * math.log10(peak) < SILENCE_DBFS:
+        problems.append(
+            problem("silent", f"silent (peak {20.0 * math.log10(peak):.1f} dBFS); kept", False)
+        )
+    return problems
+
+
+# ------------------------------------------------------------------------- many files
+
+
+def _stat_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+class _Cache:
+    """Results per (path, sample rate, clip length), valid while size and mtime match."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.file = Path(cache_dir) / CACHE_NAME
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        try:
+            data = json.loads(self.file.read_text())
+            if data.get("version") == CHECK_VERSION and isinstance(data.get("entries"), dict):
+                self.entries = data["entries"]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("ignoring unreadable check cache %s: %s", self.file, err)
+
+    @staticmethod
+    def key(path: str, sample_rate: int, clip_samples: int) -> str:
+        return f"{path}|{sample_rate}|{clip_samples}"
+
+    def get(self, key: str, stat_key: tuple[int, int]) -> list[FileProblem] | None:
+        entry = self.entries.get(key)
+        if not isinstance(entry, dict) or entry.get("stat") != list(stat_key):
+            return None
+        try:
+            return [FileProblem(**p) for p in entry["problems"]]
+        except (KeyError, TypeError):
+            return None
+
+    def put(self, key: str, stat_key: tuple[int, int], problems: list[FileProblem]) -> None:
+        self.entries[key] = {
+            "stat": list(stat_key),
+            "problems": [dataclasses.asdict(p) for p in problems],
+        }
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": CHECK_VERSION, "entries": self.entries}))
+        os.replace(tmp, self.file)  # atomic: a half-written cache is never read
+
+
+def check_records(
+    records: Iterable[Record | str | os.PathLike],
+    *,
+    sample_rate: int,
+    clip_samples: int,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    workers: int = 2,
+) -> CheckReport:
+    """Run :func:`check_file` over the records' files (each distinct path once).
+
+    Files are checked by ``workers`` threads. With ``cache_dir``, results are kept in
+    ``cache_dir/data_check.json`` and reused for files whose size and mtime are unchanged
+    (a missing file is checked every time); ``num_checked`` of the report counts the files
+    actually checked. Problems are listed in the order of ``records``.
+    """
+    sample_rate, clip_samples = int(sample_rate), int(clip_samples)
+    if sample_rate <= 0 or clip_samples <= 0:
+        raise ValueError(
+            f"sample_rate and clip_samples must be positive, got {sample_rate}, {clip_samples}"
+        )
+    paths = list(dict.fromkeys(os.fspath(getattr(r, "path", r)) for r in records))
+    cache = _Cache(cache_dir) if cache_dir is not None else None
+
+    results: dict[str, list[FileProblem]] = {}
+    todo: list[tuple[str, tuple[int, int] | None]] = []
+    for path in paths:
+        stat_key = _stat_key(path)  # taken before the check: a file changed meanwhile
+        cached = None  # is re-checked next time
+        if cache is not None and stat_key is not None:
+            cached = cache.get(cache.key(path, sample_rate, clip_samples), stat_key)
+        if cached is None:
+            todo.append((path, stat_key))
+        else:
+            results[path] = cached
+
+    def run(path: str) -> list[FileProblem]:
+        return check_file(path, sample_rate=sample_rate, clip_samples=clip_samples)
+
+    with tqdm(
+        total=len(paths),
+        initial=len(paths) - len(todo),
+        desc="checking audio",
+        unit="file",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar, ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for (path, stat_key), problems in zip(todo, pool.map(run, [p for p, _ in todo])):
+            results[path] = problems
+            if cache is not None and stat_key is not None:
+                cache.put(cache.key(path, sample_rate, clip_samples), stat_key, problems)
+            bar.update(1)
+    if cache is not None:
+        try:
+            cache.save()
+        except OSError as err:
+            log.warning("could not write the check cache %s: %s", cache.file, err)
+
+    problems = [p for path in paths for p in results[path]]
+    return CheckReport(problems=problems, num_files=len(paths), num_checked=len(todo))
+
+
+def filter_records(
+    index: DatasetIndex, report: CheckReport
+) -> tuple[DatasetIndex, list[FileProblem]]:
+    """``index`` without the records whose file has a fatal problem, and those problems."""
+    bad = report.fatal_paths()
+    kept = tuple(r for r in index.records if r.path not in bad)
+    present = {r.path for r in index.records}
+    dropped = [p for p in report.fatal() if p.path in present]
+    return dataclasses.replace(index, records=kept), dropped

@@ -1,0 +1,306 @@
+"""Bad-input matrix for the dataset: broken, odd and valid audio files written to disk,
+checked by src.data.check and by the ``scripts.check_data`` CLI; malformed metadata csv
+files through the reader."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import tensorflow as tf
+
+from src.data.audio import decode_audio
+from src.data.check import (
+    CACHE_NAME,
+    CheckReport,
+    FileProblem,
+    check_file,
+    check_records,
+    filter_records,
+)
+from src.data.esc50 import DatasetError, read_esc50
+from src.data.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SR = 16000
+DUR = 0.2
+CLIP = int(SR * DUR)  # 3200
+
+
+def _tone(seconds=DUR, sr=SR, channels=1, amp=0.5):
+    x = amp * np.sin(2 * np.pi * 440.0 * np.arange(int(round(seconds * sr))) / sr)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def _write(path, data, sr=SR, subtype="PCM_16", **kw):
+    sf.write(path, data, sr, subtype=subtype, **kw)
+    return path
+
+
+def _bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+def _truncate(path):
+    """Cut a valid file's bytes in half: the header still declares all frames."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+# name -> (writer(dir) -> path, expected kinds, fatal)
+CASES = {
+    "valid": (lambda d: _write(d / "valid.wav", _tone()), set(), False),
+    "truncated": (
+        lambda d: _truncate(_write(d / "truncated.wav", _tone())), {"truncated"}, True
+    ),
+    "text": (
+        lambda d: _bytes(d / "text.wav", b"filename,fold\nnot audio at all\n"),
+        {"unreadable"},
+        True,
+    ),
+    "empty": (lambda d: _bytes(d / "empty.wav", b""), {"empty"}, True),
+    "missing": (lambda d: d / "does-not-exist.wav", {"missing"}, True),
+    "stereo": (lambda d: _write(d / "stereo.wav", _tone(channels=2)), {"stereo"}, False),
+    "44k": (lambda d: _write(d / "44k.wav", _tone(sr=44100), sr=44100), {"resampled"}, False),
+    "short": (lambda d: _write(d / "short.wav", _tone(DUR / 2)), {"short"}, False),
+    "long": (lambda d: _write(d / "long.wav", _tone(DUR * 3)), {"long"}, False),
+    "silent": (lambda d: _write(d / "silent.wav", np.zeros(CLIP)), {"silent"}, False),
+    # 1 LSB of 16-bit PCM is -90.3 dBFS: below the -90 dBFS threshold
+    "one_lsb": (
+        lambda d: _write(d / "one_lsb.wav", np.full(CLIP, 1 / 32768)), {"silent"}, False
+    ),
+    "quiet": (  # -60 dBFS is quiet, not silent
+        lambda d: _write(d / "quiet.wav", _tone(amp=1e-3)), set(), False
+    ),
+    "zero_frames": (
+        lambda d: _write(d / "zero_frames.wav", np.zeros(0)), {"short", "silent"}, False
+    ),
+    "stereo_44k_short": (
+        lambda d: _write(d / "s44.wav", _tone(DUR / 2, 44100, 2), sr=44100),
+        {"stereo", "resampled", "short"},
+        False,
+    ),
+    "pcm24": (
+        lambda d: _write(d / "pcm24.wav", _tone(), subtype="PCM_24"), {"unsupported"}, True
+    ),
+    "float": (
+        lambda d: _write(d / "float.wav", _tone(), subtype="FLOAT"), {"unsupported"}, True
+    ),
+    "pcm_u8": (
+        lambda d: _write(d / "pcm_u8.wav", _tone(), subtype="PCM_U8"), {"unsupported"}, True
+    ),
+    "wavex16": (
+        lambda d: _write(d / "wavex16.wav", _tone(), format="WAVEX"), {"unsupported"}, True
+    ),
+    "flac": (lambda d: _write(d / "a.flac", _tone()), {"unsupported"}, True),
+    "flac_named_wav": (
+        lambda d: _write(d / "flac.wav", _tone(), format="FLAC"), {"unsupported"}, True
+    ),
+    "cut_in_header": (  # not even the header is complete: soundfile cannot open it
+        lambda d: _bytes(d / "hdr.wav", _write(d / "full.wav", _tone()).read_bytes()[:30]),
+        {"unreadable"},
+        True,
+    ),
+    "directory": (lambda d: _mkdir(d / "dir.wav"), {"unreadable"}, True),
+}
+
+
+def _decodes(path) -> bool:
+    """Whether the pipeline's decoder reads the file."""
+    try:
+        decode_audio(tf.constant(str(path)), SR, CLIP).numpy()
+    except tf.errors.OpError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_check_file(tmp_path, name):
+    write, kinds, fatal = CASES[name]
+    path = write(tmp_path)
+    problems = check_file(path, sample_rate=SR, clip_samples=CLIP)
+    assert {p.kind for p in problems} == kinds, problems
+    assert len(problems) == len(kinds)
+    for p in problems:
+        assert isinstance(p, FileProblem)
+        assert p.path == str(path)
+        assert str(path) in p.message
+        assert p.fatal == (p.kind in {"missing", "empty", "unreadable", "unsupported",
+                                      "truncated"})
+    assert any(p.fatal for p in problems) == fatal
+    # "fatal" means exactly: the pipeline's own decoder fails on the file
+    assert _decodes(path) == (not fatal)
+
+
+def test_messages_say_what_is_wrong(tmp_path):
+    def msg(name):
+        (problem,) = check_file(CASES[name][0](tmp_path), sample_rate=SR, clip_samples=CLIP)
+        return problem.message
+
+    assert "header declares 3200 frames but the file holds only" in msg("truncated")
+    assert "Can only read 16-bit WAV files, but received 24" in msg("pcm24")
+    assert "convert it to 16-bit PCM WAV" in msg("float")
+    assert "file not found" in msg("missing")
+    assert "44100 Hz, resampled to 16000 Hz" in msg("44k")
+    assert "zero-padded" in msg("short") and "cropped" in msg("long")
+    assert "all zeros" in msg("silent")
+
+
+def test_silent_clip_decodes_to_finite_zeros(tmp_path):
+    path = CASES["silent"][0](tmp_path)
+    y = decode_audio(tf.constant(str(path)), SR, CLIP).numpy()
+    assert y.shape == (CLIP,) and np.all(np.isfinite(y)) and not np.any(y)
+
+
+def test_report_summary_groups_by_kind(tmp_path):
+    paths = [CASES[n][0](tmp_path) for n in ("valid", "missing", "text", "44k")]
+    extra = [_write(tmp_path / f"x{i}.wav", _tone(sr=44100), sr=44100) for i in range(3)]
+    report = check_records(paths + extra, sample_rate=SR, clip_samples=CLIP, progress=False)
+    assert isinstance(report, CheckReport)
+    assert report.num_files == 7 and report.num_checked == 7
+    assert [p.kind for p in report.fatal()] == ["missing", "unreadable"]
+    assert {p.kind for p in report.notes()} == {"resampled"} and len(report.notes()) == 4
+    text = report.summary(max_files=2)
+    assert "2 file(s) with fatal problems, 4 note(s)" in text
+    assert text.index("FATAL") < text.index("missing (1 file(s))") < text.index("Notes")
+    assert str(paths[1]) in text and str(paths[2]) in text
+    assert "resampled (4 file(s))" in text and "... and 2 more" in text
+    clean = check_records([paths[0]], sample_rate=SR, clip_samples=CLIP, progress=False)
+    assert clean.problems == [] and "no problems" in clean.summary()
+
+
+def test_check_records_cache(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    paths = [_write(audio / f"{i}.wav", _tone()) for i in range(5)]
+    paths.append(CASES["stereo"][0](audio))
+    missing = audio / "gone.wav"
+    cache = tmp_path / "cache"
+    kw = dict(sample_rate=SR, clip_samples=CLIP, cache_dir=cache, progress=False)
+
+    first = check_records(paths + [missing], **kw)
+    assert (cache / CACHE_NAME).is_file()
+    assert first.num_checked == 7
+    assert [p.kind for p in first.problems] == ["stereo", "missing"]
+
+    second = check_records(paths + [missing], **kw)
+    assert second.num_checked == 1  # only the missing file, which is never cached
+    assert second.problems == first.problems
+    assert "unchanged since the last check" in second.summary()
+
+    # one file changes content (and mtime): only that one is decoded again
+    paths[2].write_text("overwritten by something that is not audio")
+    os.utime(paths[2], ns=(1, 1))
+    third = check_records(paths, **kw)
+    assert third.num_checked == 1
+    assert [(p.path, p.kind) for p in third.fatal()] == [(str(paths[2]), "unreadable")]
+
+    # another clip length is another check
+    assert check_records(paths, **{**kw, "clip_samples": CLIP * 2}).num_checked == len(paths)
+    assert check_records(paths, **kw).num_checked == 0
+
+    # a corrupt cache file is ignored and rewritten
+    (cache / CACHE_NAME).write_text("{not json")
+    assert check_records(paths, **kw).num_checked == len(paths)
+    assert check_records(paths, **kw).num_checked == 0
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return generate_dataset(tmp_path / "ds", clips_per_class=2, num_folds=2, duration=DUR)
+
+
+def test_filter_records_drops_exactly_the_fatal_ones(tree):
+    index = read_esc50(tree)
+    recs = index.records
+    _truncate(Path(recs[0].path))
+    Path(recs[1].path).unlink()
+    Path(recs[2].path).write_bytes(b"")
+    _write(Path(recs[3].path), _tone(channels=2))  # a note only: kept
+    report = check_records(recs, sample_rate=SR, clip_samples=CLIP, progress=False, workers=4)
+    assert [p.kind for p in report.fatal()] == ["truncated", "missing", "empty"]
+    assert [p.kind for p in report.notes()] == ["stereo"]
+
+    kept, dropped = filter_records(index, report)
+    assert dropped == report.fatal()
+    assert [r.path for r in kept.records] == [r.path for r in recs[3:]]
+    assert kept.class_names == index.class_names and kept.root == index.root
+    again = check_records(kept.records, sample_rate=SR, clip_samples=CLIP, progress=False)
+    assert again.fatal() == []
+
+
+# ----------------------------------------------------------------- metadata (the reader)
+
+HEADER = "filename,fold,target,category,esc10,src_file,take\n"
+
+
+def _csv_tree(root, text):
+    (root / "meta").mkdir(parents=True)
+    (root / "audio").mkdir()
+    (root / "meta" / "esc50.csv").write_text(text)
+    return root
+
+
+def test_csv_missing_column(tmp_path):
+    root = _csv_tree(tmp_path / "ds", "filename,target,category\n1-1-A-0.wav,0,dog\n")
+    with pytest.raises(DatasetError, match=r"missing the required column 'fold'"):
+        read_esc50(root)
+
+
+def test_csv_non_integer_fold(tmp_path):
+    body = "1-1-A-0.wav,1,0,dog,True,1,A\n2-2-A-1.wav,two,1,cat,True,2,A\n"
+    root = _csv_tree(tmp_path / "ds", HEADER + body)
+    with pytest.raises(DatasetError, match=r"row 3 \(filename='2-2-A-1.wav'\).*'fold' value 'two'"):
+        read_esc50(root)
+
+
+def test_unknown_fold_is_refused_at_split(tree):
+    with pytest.raises(DatasetError, match=r"\[9\].*available folds: \[1, 2\]"):
+        read_esc50(tree).split([9])
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args, cache):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "AUDIO_CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.check_data", "--no-progress", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli(tree, tmp_path):
+    args = ("data=esc50", f"data.root={tree}", f"data.clip_seconds={DUR}")
+    cache = tmp_path / "cache"
+    clean = _cli(*args, cache=cache)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "no problems" in clean.stdout
+    assert (cache / CACHE_NAME).is_file()
+
+    bad = sorted((tree / "audio").glob("*.wav"))[3]
+    bad.write_text("this is not a wav file")
+    broken = _cli(*args, cache=cache)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert str(bad) in broken.stdout and "unreadable" in broken.stdout
+    assert "(23 unchanged since the last check" in broken.stdout
+
+
+def test_cli_missing_dataset(tmp_path):
+    result = _cli("data=esc50", f"data.root={tmp_path / 'nowhere'}", cache=tmp_path / "c")
+    assert result.returncode == 2
+    assert "ESC-50 data not found" in result.stderr
