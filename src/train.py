@@ -48,7 +48,13 @@ def run_dirname(overrides) -> str:
     return safe
 
 
+def sweep_dirname() -> str:
+    """Directory name of a multirun: the command line's overrides (same command, same dir)."""
+    return run_dirname([a for a in sys.argv[1:] if not a.startswith("-")])
+
+
 OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)
+OmegaConf.register_new_resolver("sweep_dirname", sweep_dirname, replace=True)
 
 
 def _write_json(path: Path, obj) -> None:

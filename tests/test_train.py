@@ -198,7 +198,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     import time
 
     args = [sys.executable, "-m", "src.train", "experiment=quickstart", *TINY,
-            "trainer.epochs=12", "data.folds=[1,2]"]
+            "trainer.epochs=40", "data.folds=[1,2]"]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -218,7 +218,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     assert csv_path is not None, "the run finished or stalled before it could be killed"
     run_dir = csv_path.parents[1]
     done_before = _epochs_done(csv_path)
-    assert done_before < 12
+    assert done_before < 40
     assert (run_dir / "fold_1" / "results.json").exists()
     assert not (run_dir / "fold_2" / "results.json").exists()
     fold1_mtime = (run_dir / "fold_1" / "results.json").stat().st_mtime_ns
@@ -233,8 +233,8 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     r = json.loads((run_dir / "results.json").read_text())
     assert [f["fold"] for f in r["per_fold"]] == [1, 2]
     hist = r["history"]["2"]
-    assert len(hist["val_accuracy"]) == 12
-    # The LR schedule continued from the saved optimizer step (cosine over 12 epochs):
+    assert len(hist["val_accuracy"]) == 40
+    # The LR schedule continued from the saved optimizer step (cosine over 40 epochs):
     # a restart from scratch would repeat the warmup values.
     lrs = hist["learning_rate"]
     assert lrs[done_before] < lrs[1]

@@ -688,7 +688,23 @@ def _remove_path(target: dict, path: list[str]) -> None:
         node.pop(path[-1], None)
 
 
-def read_offline_summary(run_dir: str | os.PathLike) -> dict:
+def _wait_until_finished(run_dir, timeout: float) -> None:
+    """Wait (up to ``timeout`` s) for the run's ``exit`` record: wandb's service may still
+    be flushing the datastore for a moment after ``finish()`` returns."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for file in _datastore_files(run_dir):
+            if any(r.WhichOneof("record_type") == "exit" for r in _scan_records(file)):
+                return
+        if time.monotonic() >= deadline:
+            log.warning("%s has no exit record yet; reading what is there", run_dir)
+            return
+        time.sleep(0.2)
+
+
+def read_offline_summary(run_dir: str | os.PathLike, wait: float = 10.0) -> dict:
     """The final summary of a run directory (``.../wandb/offline-run-*``).
 
     Uses ``files/wandb-summary.json`` when present (online runs); otherwise replays
@@ -701,6 +717,7 @@ def read_offline_summary(run_dir: str | os.PathLike) -> dict:
             return json.loads(summary_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             log.warning("unreadable %s (%s); reading the datastore instead", summary_file, exc)
+    _wait_until_finished(run_dir, wait)
     summary: dict = {}
     for file in _datastore_files(run_dir):
         for record in _scan_records(file):
@@ -713,12 +730,13 @@ def read_offline_summary(run_dir: str | os.PathLike) -> dict:
     return summary
 
 
-def read_offline_history(run_dir: str | os.PathLike) -> list[dict]:
+def read_offline_history(run_dir: str | os.PathLike, wait: float = 10.0) -> list[dict]:
     """The logged history rows of a run directory, in order.
 
     Each row holds the logged keys plus wandb's ``_step``, ``_runtime`` and
     ``_timestamp``; logged media appear as their reference dicts.
     """
+    _wait_until_finished(run_dir, wait)
     rows: list[dict] = []
     for file in _datastore_files(run_dir):
         for record in _scan_records(file):
