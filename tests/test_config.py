@@ -68,3 +68,10 @@ def test_esc50_experiment_holds_the_ast_optimiser_recipe():
 def test_bad_configs_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(make(override))
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_works_with_every_experiment(experiment, model):
+    # Experiments must not set model keys that only some models have.
+    validate_config(make(f"experiment={experiment}", f"model={model}"))
