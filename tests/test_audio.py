@@ -115,3 +115,31 @@ def test_eager_call(noise):
     x, path = noise
     y = decode_audio(tf.constant(str(path)), SR, 100)
     np.testing.assert_allclose(y.numpy(), x[:100], atol=1 / 32768)
+
+
+@pytest.mark.parametrize(
+    "name,fmt,subtype,rate",
+    [
+        ("pcm24.wav", "WAV", "PCM_24", 16000),
+        ("float.wav", "WAV", "FLOAT", 16000),
+        ("ext.wav", "WAVEX", "PCM_16", 16000),
+        ("clip.flac", "FLAC", "PCM_16", 44100),
+        ("clip.ogg", "OGG", "VORBIS", 22050),
+    ],
+)
+def test_other_formats_decode_in_a_tf_data_pipeline(tmp_path, name, fmt, subtype, rate):
+    # Decoded through soundfile inside the graph (tf.numpy_function), then resampled.
+    t = np.arange(rate) / rate
+    x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    path = tmp_path / name
+    sf.write(path, x, rate, format=fmt, subtype=subtype)
+    ds = tf.data.Dataset.from_tensor_slices([str(path)]).map(
+        lambda p: decode_audio(p, 16000, 16000)
+    )
+    (y,) = [a.numpy() for a in ds]
+    assert y.shape == (16000,) and np.isfinite(y).all()
+    if rate == 16000 and subtype != "VORBIS":
+        ref, _ = sf.read(path, dtype="float32")
+        np.testing.assert_allclose(y, ref, atol=1e-4)
+    spectrum = np.abs(np.fft.rfft(y))
+    assert abs(np.argmax(spectrum) * 16000 / len(y) - 440) <= 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import soundfile as sf
 import tensorflow as tf
 
@@ -20,15 +21,58 @@ def _resample(audio: tf.Tensor, rate_in: tf.Tensor, rate_out: int) -> tf.Tensor:
     return out[:, 0]
 
 
+def _is_plain_pcm16_wav(contents: tf.Tensor) -> tf.Tensor:
+    """True for a canonical 16-bit PCM WAV header (what tf.audio.decode_wav reads)."""
+    size_ok = tf.strings.length(contents) >= 44
+
+    def check():
+        head = tf.strings.substr(contents, 0, 36)
+        tags = tf.strings.substr(head, 0, 4) + tf.strings.substr(head, 8, 8)
+        fmt = tf.io.decode_raw(tf.strings.substr(head, 20, 2), tf.uint16)[0]
+        bits = tf.io.decode_raw(tf.strings.substr(head, 34, 2), tf.uint16)[0]
+        return tf.logical_and(
+            tf.equal(tags, b"RIFFWAVEfmt "),
+            tf.logical_and(tf.equal(fmt, 1), tf.equal(bits, 16)),
+        )
+
+    return tf.cond(size_ok, check, lambda: tf.constant(False))
+
+
+def _decode_pcm16_wav(contents: tf.Tensor):
+    audio, rate = tf.audio.decode_wav(contents, desired_channels=-1)
+    return tf.reduce_mean(audio, axis=-1), tf.cast(rate, tf.int64)  # mono
+
+
+def _soundfile_read(path) -> tuple[np.ndarray, np.int64]:
+    if isinstance(path, np.ndarray):
+        path = path.item()
+    if isinstance(path, bytes):
+        path = path.decode()
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    return data.mean(axis=1).astype(np.float32), np.int64(rate)
+
+
+def _decode_with_soundfile(path: tf.Tensor):
+    # Everything libsndfile reads (24/32-bit and float WAV, WAV with extra chunks before
+    # "fmt ", FLAC, OGG/Vorbis, AIFF, ...). Runs as a Python op in the tf.data graph;
+    # features are cached, so this costs once per clip.
+    audio, rate = tf.numpy_function(_soundfile_read, [path], [tf.float32, tf.int64])
+    audio.set_shape([None])
+    rate.set_shape([])
+    return audio, rate
+
+
 def decode_audio(
     path: tf.Tensor,
     sample_rate: int,
     clip_samples: int | None,
     remove_mean: bool = False,
 ) -> tf.Tensor:
-    """Read a 16-bit PCM WAV file and return mono float32 samples at ``sample_rate``.
+    """Read an audio file and return mono float32 samples at ``sample_rate``.
 
-    Channels are averaged to mono; a file at another rate is resampled with
+    Canonical 16-bit PCM WAV (ESC-50, Speech Commands) is decoded by
+    ``tf.audio.decode_wav`` in the graph; anything else libsndfile reads (24/32-bit or
+    float WAV, FLAC, OGG, ...) through soundfile in a ``tf.numpy_function``. Channels are averaged to mono; a file at another rate is resampled with
     ``tensorflow_io.audio.resample``. With ``remove_mean`` the DC offset of the (resampled)
     signal is removed. The result is cropped to its first ``clip_samples`` samples or
     zero-padded at the end to that length; with ``clip_samples=None`` the length is kept.
@@ -41,8 +85,11 @@ def decode_audio(
         raise ValueError(f"clip_samples must be positive or None, got {clip_samples}")
 
     contents = tf.io.read_file(path)
-    audio, file_rate = tf.audio.decode_wav(contents, desired_channels=-1)
-    audio = tf.reduce_mean(audio, axis=-1)  # [samples, channels] -> [samples]
+    audio, file_rate = tf.cond(
+        _is_plain_pcm16_wav(contents),
+        lambda: _decode_pcm16_wav(contents),
+        lambda: _decode_with_soundfile(path),
+    )
     file_rate = tf.cast(file_rate, tf.int64)
     audio = tf.cond(
         tf.equal(file_rate, sample_rate),

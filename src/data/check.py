@@ -181,6 +181,8 @@ def _decode(path: str, sample_rate: int, clip_samples: int):
         return decode_audio(tf.constant(path), sample_rate, clip_samples).numpy(), None
     except tf.errors.OpError as err:
         return None, _tf_message(err)
+    except Exception as err:  # the soundfile path raises soundfile's own errors
+        return None, _sf_message(err)
 
 
 def check_file(
@@ -247,7 +249,7 @@ def check_file(
                     "unreadable",
                     "not a readable audio file (soundfile: "
                     f"{info_err or read_err}; tf.audio.decode_wav: {decode_err}); "
-                    "replace it with an intact 16-bit PCM WAV",
+                    "replace it with an intact audio file",
                     True,
                 )
             ]
