@@ -245,6 +245,9 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
             "norm_std": std,
             "parameters": int(model.count_params()),
             "train_time_s": train_time,
+            # clips per second over this attempt's epochs (compilation included)
+            "train_clips_per_s": len(train_idx) * max(len(history.history.get("loss", [])), 1)
+            / max(train_time, 1e-9),
             "eval_clips_per_s": len(test_idx) / max(eval_time, 1e-9),
         }
         if t.save_model:
