@@ -1,0 +1,62 @@
+"""Command-line utilities and experiment scripts, run as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.generate.clips_per_class=5",
+    "data.generate.duration=1.0",
+    "data.clip_seconds=1.0",
+    "frontend.n_mels=32",
+    "model.embed_dim=16",
+    "model.ff_dim=32",
+    "model.num_layers=1",
+    "trainer.epochs=1",
+    "trainer.verbose=0",
+]
+
+
+def _env(tmp_path):
+    return dict(
+        os.environ,
+        AUDIO_RUNS_DIR=str(tmp_path / "runs"),
+        AUDIO_CACHE_DIR=str(tmp_path / "cache"),
+        AUDIO_DATA_DIR=str(tmp_path / "data"),
+        WANDB_MODE="disabled",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHON=sys.executable,
+    )
+
+
+def test_pipeline_benchmark_reports_throughput(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", "pipeline", "--clips", "12", "--seconds",
+         "0.5", "--repeats", "1", "--json"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["clips"] == 12 and r["file_rate"] == 44100 and r["feature_shape"] == [48, 128]
+    for key in ("decode_resample_clips_per_s", "first_epoch_features_clips_per_s",
+                "cache_load_clips_per_s", "cached_epoch_clips_per_s"):
+        assert r[key] > 0
+
+
+def test_ablate_heads_smoke_run(tmp_path):
+    out = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "ablate_heads.sh"), "experiment=quickstart",
+         "logger=none", *TINY],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    runs = [p for p in (tmp_path / "runs" / "ablate_heads").rglob("results.json")
+            if not p.parent.name.startswith("fold_")]
+    heads = sorted(json.loads(p.read_text())["config"]["model"]["num_heads"] for p in runs)
+    assert heads == [1, 2, 4, 8, 16]
+    params = {json.loads(p.read_text())["parameters"] for p in runs}
+    assert len(params) == 1  # same width: the head count does not change the parameters
