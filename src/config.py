@@ -54,6 +54,7 @@ def validate_config(cfg: DictConfig) -> None:
         build_model(
             cfg.model, cfg.frontend, num_classes=2, clip_samples=clip_samples,
             augment_cfg=cfg.augment,
+            target_frames=cfg.data.get("target_frames"),
         )
     except ValueError as err:
         raise ConfigError(f"invalid model/frontend config: {err}") from None

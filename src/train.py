@@ -155,6 +155,7 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         norm_mean=mean,
         norm_std=std,
         class_names=index.class_names,
+        target_frames=cfg.data.get("target_frames"),
     )
     backbone = model.backbone
     t = cfg.trainer
@@ -415,6 +416,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         desc=f"{cfg.data.name} features",
     )
     feature_time = time.time() - t0
+    target_frames = cfg.data.get("target_frames")
+    if target_frames is not None:  # the saved model does the same after its frontend
+        from src.models.audio_transformer import fit_frames
+
+        features = np.asarray(fit_frames(features, int(target_frames)))
     if not np.isfinite(features).all():
         bad = sorted({paths[i] for i in np.flatnonzero(~np.isfinite(features).all(axis=(1, 2)))})
         raise DatasetError(f"non-finite features for {len(bad)} clip(s): {bad[:10]}")

@@ -284,3 +284,26 @@ def test_tiny_model_fits_and_learns():
                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hist = backbone.fit(x, y, epochs=15, batch_size=16, verbose=0).history["loss"]
     assert hist[-1] < 0.5 * hist[0]
+
+
+def test_target_frames_pads_like_ast_and_survives_saving(tmp_path):
+    # 0.5 s at 16 kHz -> 48 frames, zero-padded to 64 (AST pads 498 -> 512).
+    model = build_model(dict(embed_dim=16, num_heads=2, ff_dim=32, num_layers=1),
+                        dict(n_mels=32), num_classes=3, clip_samples=8000, target_frames=64)
+    x = rand(2, 8000)
+    feats = keras.ops.convert_to_numpy(model.features(x))
+    raw = keras.ops.convert_to_numpy(model.frontend(x))
+    assert raw.shape == (2, 48, 32) and feats.shape == (2, 64, 32)
+    np.testing.assert_array_equal(feats[:, :48], raw)
+    assert not feats[:, 48:].any()
+    assert model.backbone.grid == (2, 4)  # (32 - 16) // 16 + 1, (64 - 16) // 16 + 1
+    model.save(tmp_path / "m.keras")
+    from src.models import load_model
+
+    loaded = load_model(tmp_path / "m.keras")
+    assert loaded.target_frames == 64
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)),
+                                  keras.ops.convert_to_numpy(model(x)))
+    cropped = build_model(dict(embed_dim=16, num_heads=2, ff_dim=32, num_layers=1),
+                          dict(n_mels=32), num_classes=3, clip_samples=8000, target_frames=40)
+    assert keras.ops.convert_to_numpy(cropped.features(x)).shape == (2, 40, 32)

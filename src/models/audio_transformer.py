@@ -219,6 +219,19 @@ class SpectrogramTransformer(keras.Model):
         return config
 
 
+def fit_frames(features, target_frames):
+    """Zero-pad or crop ``(batch, frames, n_mels)`` features to ``target_frames`` frames
+    (AST pads its fbank with zeros to 512 frames). ``None`` leaves them unchanged."""
+    if target_frames is None:
+        return features
+    frames = features.shape[1]
+    if frames is None:
+        raise ValueError("fit_frames needs a static number of frames")
+    if frames >= target_frames:
+        return features[:, :target_frames]
+    return ops.pad(features, ((0, 0), (0, target_frames - frames), (0, 0)))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AudioTransformer(keras.Model):
     """Raw waveform ``(batch, samples)`` -> logits ``(batch, num_classes)``.
@@ -227,7 +240,9 @@ class AudioTransformer(keras.Model):
     configs, when loading a ``.keras`` file).
     """
 
-    def __init__(self, frontend, backbone, clip_samples, class_names=None, **kwargs):
+    def __init__(
+        self, frontend, backbone, clip_samples, class_names=None, target_frames=None, **kwargs
+    ):
         super().__init__(**kwargs)
         if isinstance(frontend, dict):
             frontend = keras.saving.deserialize_keras_object(frontend)
@@ -236,11 +251,14 @@ class AudioTransformer(keras.Model):
         self.frontend = frontend
         self.backbone = backbone
         self.clip_samples = int(clip_samples)
+        self.target_frames = None if target_frames is None else int(target_frames)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
 
     def build(self, input_shape):
         # input_shape: (batch, samples)
         feature_shape = self.frontend.compute_output_shape(input_shape)
+        if self.target_frames is not None:
+            feature_shape = (feature_shape[0], self.target_frames, feature_shape[2])
         if not self.frontend.built:
             self.frontend.build(input_shape)
         if not self.backbone.built:  # already built when loaded from a .keras file
@@ -248,14 +266,14 @@ class AudioTransformer(keras.Model):
         self.built = True
 
     def call(self, waveform, training=None):
-        features = self.frontend(waveform)  # (B, frames, n_mels)
-        return self.backbone(features, training=training)
+        return self.backbone(self.features(waveform), training=training)
 
     def features(self, waveform):
-        return self.frontend(waveform)
+        """Waveform -> the backbone's input ``(B, frames, n_mels)``."""
+        return fit_frames(self.frontend(waveform), self.target_frames)
 
     def compute_output_shape(self, input_shape):
-        return self.backbone.compute_output_shape(self.frontend.compute_output_shape(input_shape))
+        return (input_shape[0], self.backbone.hparams["num_classes"])
 
     def get_build_config(self):
         return {"input_shape": (None, self.clip_samples)}
@@ -270,5 +288,6 @@ class AudioTransformer(keras.Model):
             backbone=keras.saving.serialize_keras_object(self.backbone),
             clip_samples=self.clip_samples,
             class_names=self.class_names,
+            target_frames=self.target_frames,
         )
         return config

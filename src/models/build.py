@@ -50,10 +50,14 @@ def build_model(
     norm_mean: float = 0.0,
     norm_std: float = 1.0,
     class_names=None,
+    target_frames: int | None = None,
 ) -> AudioTransformer:
-    """Waveform model for clips of ``clip_samples`` samples, built and ready."""
+    """Waveform model for clips of ``clip_samples`` samples, built and ready.
+
+    ``target_frames``: zero-pad / crop the features to this many frames (AST: 512).
+    """
     frontend = build_frontend(frontend_cfg)
-    num_frames = frontend.num_frames(clip_samples)
+    num_frames = frontend.num_frames(clip_samples) if target_frames is None else int(target_frames)
     if num_frames <= 0:
         raise ValueError(
             f"clips of {clip_samples} samples are shorter than one frontend window; "
@@ -78,7 +82,8 @@ def build_model(
         **kwargs,
     )
     model = AudioTransformer(
-        frontend, backbone, clip_samples=clip_samples, class_names=class_names, name="audio_model"
+        frontend, backbone, clip_samples=clip_samples, class_names=class_names,
+        target_frames=target_frames, name="audio_model",
     )
     model.build((None, clip_samples))
     return model
