@@ -75,3 +75,23 @@ def test_bad_configs_name_the_key(override, key):
 def test_every_model_works_with_every_experiment(experiment, model):
     # Experiments must not set model keys that only some models have.
     validate_config(make(f"experiment={experiment}", f"model={model}"))
+
+
+def test_optuna_search_space_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=quickstart",
+                                                      "hparams_search=optuna"],
+                      return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert "optuna" in sweeper._target_.lower() and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"trainer.optimizer.lr", "model.num_heads", "model.ff_dim",
+                                   "model.num_layers", "model.dropout_rate"}
+
+
+def test_slurm_launcher_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=submitit_slurm",
+                                                      "hydra.launcher.timeout_min=120"],
+                      return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    assert cfg.hydra.launcher.timeout_min == 120

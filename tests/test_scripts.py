@@ -60,3 +60,16 @@ def test_ablate_heads_smoke_run(tmp_path):
     assert heads == [1, 2, 4, 8, 16]
     params = {json.loads(p.read_text())["parameters"] for p in runs}
     assert len(params) == 1  # same width: the head count does not change the parameters
+
+
+def test_optuna_search_runs_trials(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", "-m", "experiment=quickstart", "hparams_search=optuna",
+         "hydra.sweeper.n_trials=2", *TINY],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Best value" in out.stdout + out.stderr
+    runs = [p for p in (tmp_path / "runs").rglob("results.json")
+            if not p.parent.name.startswith("fold_")]
+    assert len(runs) == 2
