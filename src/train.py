@@ -380,6 +380,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     from src.training.provenance import provenance
 
     start = time.time()
+    if cfg.trainer.get("deterministic", False):
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # same seed, same numbers
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     prepare_run_dir(run_dir, resolved, resume=bool(cfg.trainer.resume))

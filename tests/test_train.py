@@ -292,3 +292,15 @@ def test_bad_clip_stops_training_unless_skipped(tmp_path):
     r = json.loads(res.read_text())
     assert [s["path"] for s in r["skipped_files"]] == [str(bad)]
     assert r["per_fold"][0]["num_train"] + r["per_fold"][0]["num_test"] == 59
+
+
+def test_same_seed_gives_the_same_result(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        run_train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=3",
+                  "trainer.deterministic=true", f"name={name}")
+        (res,) = [p for p in run_results(tmp_path) if p.parts[-3] == name]
+        results.append(json.loads(res.read_text()))
+    a, b = results
+    assert a["history"]["5"]["loss"] == b["history"]["5"]["loss"]
+    assert a["per_fold"][0]["confusion_matrix"] == b["per_fold"][0]["confusion_matrix"]
