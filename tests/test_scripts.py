@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
@@ -47,19 +49,36 @@ def test_pipeline_benchmark_reports_throughput(tmp_path):
         assert r[key] > 0
 
 
-def test_ablate_heads_smoke_run(tmp_path):
+@pytest.mark.parametrize(
+    "script,key,values",
+    [
+        ("ablate_heads", "num_heads", [1, 2, 4, 8, 16]),
+        ("ablate_ff_dim", "ff_dim", [64, 128, 256, 512]),
+        ("ablate_depth", "num_layers", [1, 2, 4, 6]),
+        ("patch_overlap", "stride", [10, 12, 14, 16]),
+    ],
+)
+def test_experiment_script_smoke_run(tmp_path, script, key, values):
+    args = [a for a in TINY if not a.startswith(f"model.{key}=")]
     out = subprocess.run(
-        ["bash", str(ROOT / "experiments" / "ablate_heads.sh"), "experiment=quickstart",
-         "logger=none", *TINY],
+        ["bash", str(ROOT / "experiments" / f"{script}.sh"), "experiment=quickstart",
+         "logger=none", *args],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=400,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    runs = [p for p in (tmp_path / "runs" / "ablate_heads").rglob("results.json")
-            if not p.parent.name.startswith("fold_")]
-    heads = sorted(json.loads(p.read_text())["config"]["model"]["num_heads"] for p in runs)
-    assert heads == [1, 2, 4, 8, 16]
-    params = {json.loads(p.read_text())["parameters"] for p in runs}
-    assert len(params) == 1  # same width: the head count does not change the parameters
+    (sweep_dir,) = list((tmp_path / "runs" / script).glob("sweep-*"))
+    runs = [p for p in sweep_dir.rglob("results.json") if not p.parent.name.startswith("fold_")]
+    got = sorted(json.loads(p.read_text())["config"]["model"][key] for p in runs)
+    assert got == values
+    table = (sweep_dir / "table.md").read_text()
+    assert table.count("\n| ") == len(values) + 1  # separator + one row per value
+    assert (sweep_dir / f"{script}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "\\begin{tabular}" in (sweep_dir / "table.tex").read_text()
+    if script == "ablate_heads":  # same width: the head count leaves the parameters alone
+        params = {json.loads(p.read_text())["parameters"] for p in runs}
+        assert len(params) == 1
+    if script == "patch_overlap":
+        assert "0.347 / 0.459 mAP" in table  # AST Table 5 beside ours
 
 
 def test_optuna_search_runs_trials(tmp_path):

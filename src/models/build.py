@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
 from src.models.baseline import PooledStatsClassifier
 from src.models.frontend import LogMel
+from src.models.kaldi import KaldiFbank
 
-FRONTENDS = {"logmel": LogMel}
+FRONTENDS = {"logmel": LogMel, "kaldi_fbank": KaldiFbank}
 BACKBONES = {"transformer": SpectrogramTransformer, "linear": PooledStatsClassifier}
 
 # Keys of the config groups that describe the run, not the layer.
@@ -67,6 +68,10 @@ def build_model(
     if kind not in BACKBONES:
         raise ValueError(f"unknown model.type={kind!r}; choose one of {sorted(BACKBONES)}.")
     cls = BACKBONES[kind]
+    model_cfg = dict(model_cfg)
+    stride = model_cfg.pop("stride", None)
+    if stride is not None:  # one value for both axes (AST's patch-overlap ablation)
+        model_cfg["f_stride"] = model_cfg["t_stride"] = int(stride)
     kwargs = _kwargs(cls, model_cfg, "model")
     aug = dict(augment_cfg or {})
     for key in ("freq_mask_param", "time_mask_param", "freq_masks", "time_masks"):

@@ -1,0 +1,206 @@
+"""Tables (and a plot) from finished runs.
+
+    python -m scripts.make_tables SWEEP_DIR... [--format md|latex|csv]
+        [--by model.num_heads[,other.key]] [--plot out.png] [--reference FILE]
+        [--expect model.num_heads=1,2,4,8,16] [--wandb ENTITY/PROJECT --group G]
+
+Reads every run-level ``results.json`` under the given directories (fold-level
+files are ignored), groups runs by setting (default: the config keys that differ
+between runs; seeds are repeats) and prints one row per setting: accuracy as
+mean ± std in percent over all (fold, seed) pairs of the setting, parameters,
+runs, folds, train time and throughput. Warnings (incomplete settings, mixed
+commits or versions, unreadable files) go to stderr.
+
+``--expect KEY=V1,V2,...`` lists the values a sweep should have: values without
+a run appear as "missing" rows. ``--reference FILE`` (YAML or JSON, see
+``references/``) adds a "paper" column. ``--wandb ENTITY/PROJECT --group G``
+reads the runs of a W&B group instead of (or besides) local files.
+
+Exit status: 0 when a table was printed (even with incomplete settings), 2 when
+no results were found or the arguments are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from src.evaluation.tables import (
+    Run,
+    flatten,
+    format_table,
+    group_runs,
+    load_runs,
+    plot,
+    provenance_warnings,
+)
+
+log = logging.getLogger("scripts.make_tables")
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as Hydra would read it: ``4`` -> 4, ``1e-3`` -> 0.001."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, int | float | str | bool) else text
+
+
+def parse_expect(items: list[str]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--expect {item!r}: use KEY=V1,V2,... (e.g. model.num_heads=1,2,4)")
+        out.setdefault(key.strip(), []).extend(_parse_value(v.strip()) for v in values.split(","))
+    return out
+
+
+def load_reference(path: str | Path) -> tuple[dict[Any, str], str | None]:
+    """A reference file: ``{key: KEY, values: {value: text}}`` or a plain ``{value: text}``."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of setting values to paper numbers")
+    if "values" in data and isinstance(data["values"], dict):
+        return {k: str(v) for k, v in data["values"].items()}, data.get("key")
+    return {k: str(v) for k, v in data.items()}, None
+
+
+def runs_from_wandb(path: str, group: str) -> list[Run]:
+    """Runs of a W&B group as :class:`Run` s: one per config, from its fold and cv_summary runs.
+
+    Fold runs (job type ``fold<k>``) give ``test/accuracy``, ``parameters`` and
+    ``train_time_s``; a run's ``cv_summary`` gives ``cv/accuracy_mean`` and
+    ``cv/accuracy_std``, used when the fold runs are not all there.
+    """
+    import wandb
+
+    by_config: dict[str, dict] = {}
+    for wr in wandb.Api().runs(path, filters={"group": group}):
+        config = flatten({k: v for k, v in dict(wr.config).items() if not k.startswith("_")})
+        summary = dict(wr.summary_metrics or {})
+        entry = by_config.setdefault(
+            json.dumps(sorted(config.items()), default=str),
+            {"config": config, "folds": {}, "cv": None, "ids": []},
+        )
+        entry["ids"].append(wr.id)
+        job = str(wr.job_type or "")
+        if job == "cv_summary":
+            entry["cv"] = summary
+        elif job.startswith("fold") and "test/accuracy" in summary:
+            entry["folds"][int(job[4:])] = summary
+
+    runs = []
+    for entry in by_config.values():
+        config, folds, cv = entry["config"], entry["folds"], entry["cv"]
+        wanted = tuple(int(f) for f in config.get("data.folds") or ())
+        name = f"wandb:{path}/{'+'.join(entry['ids'])}"
+        fold_accs = [float(folds[f]["test/accuracy"]) for f in sorted(folds)]
+        params = next((s.get("parameters") for s in folds.values() if "parameters" in s), None)
+        times = [s["train_time_s"] for s in folds.values() if "train_time_s" in s]
+        common = {
+            "path": name,
+            "config": config,
+            "parameters": params,
+            "train_time_s": sum(times) if times else None,
+            "seed": config.get("seed"),
+        }
+        if cv is not None and "cv/accuracy_mean" in cv and len(folds) < len(wanted):
+            runs.append(Run(folds=wanted, accuracy=float(cv["cv/accuracy_mean"]),
+                            accuracy_std=float(cv.get("cv/accuracy_std") or 0.0), **common))
+        elif folds:
+            runs.append(Run(folds=tuple(sorted(folds)), fold_accuracies=fold_accs, **common))
+        else:
+            log.warning("W&B %s: no finished fold or cv_summary run, skipped", name)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.make_tables",
+        description="Tables and plots from run-level results.json files (or a W&B group).",
+    )
+    parser.add_argument("paths", nargs="*", help="sweep/run directories or results.json files")
+    parser.add_argument("--format", choices=("md", "latex", "csv"), default="md")
+    parser.add_argument("--by", action="append", default=[],
+                        help="config keys defining a setting, comma-separated (default: "
+                             "the keys that differ between runs, seed excepted)")
+    parser.add_argument("--plot", metavar="PNG", help="also plot accuracy vs the first --by key")
+    parser.add_argument("--reference", metavar="FILE",
+                        help="YAML/JSON mapping setting values to paper numbers")
+    parser.add_argument("--expect", action="append", default=[], metavar="KEY=V1,V2",
+                        help="values the sweep should have; absent ones show as missing rows")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B")
+    parser.add_argument("--group", help="W&B group (with --wandb)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if not args.paths and not args.wandb:
+        return fail("give sweep directories (or --wandb ENTITY/PROJECT --group G)")
+    if args.wandb and not args.group:
+        return fail("--wandb needs --group")
+    try:
+        expected = parse_expect(args.expect)
+        reference, reference_key = (
+            load_reference(args.reference) if args.reference else (None, None)
+        )
+    except (OSError, ValueError) as err:
+        return fail(str(err))
+
+    runs = load_runs(args.paths) if args.paths else []
+    if args.wandb:
+        runs += runs_from_wandb(args.wandb, args.group)
+    if not runs:
+        where = ", ".join(args.paths) if args.paths else ""
+        if args.wandb:
+            where = ", ".join(filter(None, [where, f"W&B {args.wandb} group {args.group}"]))
+        return fail(f"no run-level results.json found under: {where}")
+
+    by = [k.strip() for item in args.by for k in item.split(",") if k.strip()] or None
+    try:
+        rows = group_runs(runs, by=by, expected=expected)
+    except ValueError as err:
+        return fail(str(err))
+
+    keys = list(rows[0].key) if rows else []
+    if reference is not None and reference_key and reference_key not in keys:
+        log.warning("%s is keyed by %s, which is not a column here (columns: %s); "
+                    "the paper column stays empty", args.reference, reference_key,
+                    ", ".join(keys) or "none")
+    sys.stdout.write(format_table(rows, args.format, reference=reference,
+                                  reference_key=reference_key))
+
+    for row in rows:
+        if row.status == "missing":
+            log.warning("%s: no run", row.label())
+        elif row.status == "incomplete":
+            log.warning("%s: incomplete (%s folds)", row.label(), row.folds_label)
+        for note in row.notes:
+            log.warning("%s: %s", row.label(), note)
+    for msg in provenance_warnings(rows):
+        log.warning("%s", msg)
+
+    if args.plot:
+        if not keys:
+            log.warning("--plot: all runs share one setting, nothing to plot against")
+        else:
+            print(f"plot: {plot(rows, keys[0], args.plot)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
