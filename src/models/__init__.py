@@ -8,12 +8,14 @@ from src.models.attention import MultiHeadSelfAttention
 from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
 from src.models.baseline import PooledStatsClassifier
 from src.models.frontend import LogMel
+from src.models.kaldi import KaldiFbank
 from src.models.patch import PatchEmbedding
 from src.models.spec import Normalize, SpecAugment
 from src.models.transformer import TransformerBlock
 
 __all__ = [
     "AudioTransformer",
+    "KaldiFbank",
     "LogMel",
     "MultiHeadSelfAttention",
     "Normalize",
