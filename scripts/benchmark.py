@@ -1,6 +1,17 @@
 """Benchmarks on the current device.
 
+    python -m scripts.benchmark model [--embed 192 --layers 4 --heads 4 --ff 768 --mels 128
+        --frames 512 --stride 10 --batch 32] [--jit] [--vs-pytorch] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100] [--json]
+
+``model``: training throughput (clips/s, steady state after compilation, Adam,
+dropout 0), inference throughput (batch) and single-clip latency (waveform in,
+frontend included), parameters, FLOPs per clip (from the shapes: matmuls and the
+patch convolution, 2 FLOPs per multiply-add; training = 3 x forward) and the
+fraction of the device's measured peak (a 4096 x 4096 float32 matmul, XLA). With
+``--vs-pytorch`` (needs torch and transformers) it times Hugging Face's
+``ASTForAudioClassification`` of the same dimensions in the same process,
+alternating with ours, and prints our/theirs ratios.
 
 ``pipeline``: input pipeline throughput on generated clips in ESC-50 layout
 (5 s at 44.1 kHz by default, like ESC-50): decode + resample to 16 kHz alone,
@@ -86,6 +97,144 @@ def bench_pipeline(clips, seconds, rate, n_mels, batch, repeats, workdir):
     }
 
 
+def model_flops(embed, layers, ff, mels, frames, patch, f_stride, t_stride, classes):
+    """Forward FLOPs per clip (2 per multiply-add) of the transformer backbone."""
+    f_dim = (mels - patch) // f_stride + 1
+    t_dim = (frames - patch) // t_stride + 1
+    n = f_dim * t_dim + 1  # + [CLS]
+    conv = 2 * f_dim * t_dim * patch * patch * embed
+    per_block = 2 * n * embed * embed * 4 + 2 * 2 * n * n * embed + 2 * 2 * n * embed * ff
+    head = 2 * embed * classes
+    return conv + layers * per_block + head, n - 1
+
+
+def measured_peak_gflops(size=4096, repeats=5):
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size))
+    b = tf.random.normal((size, size))
+    mm = tf.function(lambda x, y: tf.matmul(x, y), jit_compile=True)
+    mm(a, b).numpy()
+    best = min(_timed(lambda: mm(a, b).numpy()) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_model(args):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from src.models.build import build_model
+
+    hop = 160
+    clip_samples = (args.frames - 1) * hop + 400  # exactly `frames` frames
+    cfg = dict(embed_dim=args.embed, num_layers=args.layers, num_heads=args.heads,
+               ff_dim=args.ff, f_stride=args.stride, t_stride=args.stride,
+               dropout_rate=0.0, norm_first=True, activation="gelu",
+               fused_attention=args.fused)
+    model = build_model(cfg, dict(n_mels=args.mels), num_classes=args.classes,
+                        clip_samples=clip_samples)
+    backbone = model.backbone
+    backbone.compile(optimizer=keras.optimizers.Adam(1e-4),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     jit_compile=args.jit)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, args.frames, args.mels)).astype("float32")
+    y = rng.integers(0, args.classes, args.batch).astype("int32")
+    for _ in range(2):  # compile + warm up
+        backbone.train_on_batch(x, y)
+    infer = tf.function(lambda v: backbone(v, training=False), jit_compile=args.jit)
+    infer(x).numpy()
+    wave = rng.standard_normal((1, clip_samples)).astype("float32") * 0.1
+    single = tf.function(lambda v: model(v, training=False), jit_compile=args.jit)
+    single(wave).numpy()
+
+    ours = {"train": [], "infer": [], "latency": []}
+    theirs = {"train": [], "infer": []} if args.vs_pytorch else None
+    torch_step = _pytorch_ast(args) if args.vs_pytorch else None
+    for _ in range(args.repeats):
+        ours["train"].append(args.batch / _timed(lambda: backbone.train_on_batch(x, y)))
+        ours["infer"].append(args.batch / _timed(lambda: infer(x).numpy()))
+        ours["latency"].append(_timed(lambda: single(wave).numpy()) * 1000)
+        if torch_step is not None:
+            theirs["train"].append(args.batch / _timed(torch_step["train"]))
+            theirs["infer"].append(args.batch / _timed(torch_step["infer"]))
+    flops, patches = model_flops(args.embed, args.layers, args.ff, args.mels, args.frames, 16,
+                                 args.stride, args.stride, args.classes)
+    train_cps = float(np.median(ours["train"]))
+    infer_cps = float(np.median(ours["infer"]))
+    peak = measured_peak_gflops()
+    out = {
+        "device": (tf.config.list_physical_devices("GPU") or ["CPU"])[0].__str__(),
+        "cpu_count": os.cpu_count(),
+        "shape": dict(embed=args.embed, layers=args.layers, heads=args.heads, ff=args.ff,
+                      mels=args.mels, frames=args.frames, stride=args.stride,
+                      patches=patches, batch=args.batch),
+        "jit_compile": args.jit,
+        "fused_attention": args.fused,
+        "parameters": int(backbone.count_params()),
+        "gflops_per_clip_forward": flops / 1e9,
+        "train_clips_per_s": train_cps,
+        "infer_clips_per_s": infer_cps,
+        "latency_ms": float(np.median(ours["latency"])),
+        "train_gflops_per_s": 3 * flops * train_cps / 1e9,
+        "infer_gflops_per_s": flops * infer_cps / 1e9,
+        "peak_gflops_per_s": peak,
+    }
+    out["train_fraction_of_peak"] = out["train_gflops_per_s"] / peak
+    out["infer_fraction_of_peak"] = out["infer_gflops_per_s"] / peak
+    if theirs is not None:
+        out["pytorch_train_clips_per_s"] = float(np.median(theirs["train"]))
+        out["pytorch_infer_clips_per_s"] = float(np.median(theirs["infer"]))
+        out["train_ratio"] = train_cps / out["pytorch_train_clips_per_s"]
+        out["infer_ratio"] = infer_cps / out["pytorch_infer_clips_per_s"]
+    return out
+
+
+def _pytorch_ast(args):
+    """Hugging Face's AST with the same dimensions: a train step and an inference call."""
+    try:
+        import torch
+        from transformers import ASTConfig, ASTForAudioClassification
+    except ImportError as err:
+        raise SystemExit(f"--vs-pytorch needs torch and transformers ({err}); "
+                         "pip install torch transformers") from None
+    torch.manual_seed(0)
+    config = ASTConfig(hidden_size=args.embed, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, intermediate_size=args.ff,
+                       num_mel_bins=args.mels, max_length=args.frames,
+                       frequency_stride=args.stride, time_stride=args.stride,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       num_labels=args.classes)
+    model = ASTForAudioClassification(config)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, args.frames, args.mels)
+    y = torch.randint(0, args.classes, (args.batch,))
+
+    def train():
+        model.train()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).logits, y)
+        loss.backward()
+        opt.step()
+
+    def infer():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    for _ in range(2):
+        train()
+        infer()
+    return {"train": train, "infer": infer}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -97,7 +246,47 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    m = sub.add_parser("model", help="training / inference throughput of the transformer")
+    m.add_argument("--embed", type=int, default=192)
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--ff", type=int, default=768)
+    m.add_argument("--mels", type=int, default=128)
+    m.add_argument("--frames", type=int, default=512)
+    m.add_argument("--stride", type=int, default=10)
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--classes", type=int, default=50)
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--jit", action="store_true", help="XLA jit_compile")
+    m.add_argument("--fused", action="store_true", help="fused attention kernel")
+    m.add_argument("--vs-pytorch", action="store_true")
+    m.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+
+    if args.what == "model":
+        r = bench_model(args)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        sh = r["shape"]
+        print(f"model: embed {sh['embed']}, {sh['layers']} layers, {sh['heads']} heads, "
+              f"ff {sh['ff']}, {sh['mels']} mels x {sh['frames']} frames, stride {sh['stride']} "
+              f"({sh['patches']} patches), batch {sh['batch']}, jit={r['jit_compile']}, "
+              f"fused={r['fused_attention']}; {r['device']}, {r['cpu_count']} CPU(s)")
+        print(f"  parameters {r['parameters']:,}; {r['gflops_per_clip_forward']:.2f} GFLOP/clip "
+              f"forward; measured peak {r['peak_gflops_per_s']:.0f} GFLOP/s")
+        print(f"  training   {r['train_clips_per_s']:8.2f} clips/s  "
+              f"({r['train_gflops_per_s']:.0f} GFLOP/s, {100 * r['train_fraction_of_peak']:.0f}%"
+              " of peak)")
+        print(f"  inference  {r['infer_clips_per_s']:8.2f} clips/s  "
+              f"({r['infer_gflops_per_s']:.0f} GFLOP/s, {100 * r['infer_fraction_of_peak']:.0f}%"
+              " of peak)")
+        print(f"  latency    {r['latency_ms']:8.1f} ms for one clip (waveform in)")
+        if "train_ratio" in r:
+            print(f"  PyTorch AST: training {r['pytorch_train_clips_per_s']:.2f} clips/s, "
+                  f"inference {r['pytorch_infer_clips_per_s']:.2f} clips/s; ours/theirs "
+                  f"{r['train_ratio']:.2f}x training, {r['infer_ratio']:.2f}x inference")
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         r = bench_pipeline(args.clips, args.seconds, args.rate, args.n_mels, args.batch,

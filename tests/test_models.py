@@ -307,3 +307,23 @@ def test_target_frames_pads_like_ast_and_survives_saving(tmp_path):
     cropped = build_model(dict(embed_dim=16, num_heads=2, ff_dim=32, num_layers=1),
                           dict(n_mels=32), num_classes=3, clip_samples=8000, target_frames=40)
     assert keras.ops.convert_to_numpy(cropped.features(x)).shape == (2, 40, 32)
+
+
+def test_fused_attention_matches_the_explicit_path():
+    x = rand(2, 9, 32)
+    mask = np.ones((2, 9), bool)
+    mask[0, 6:] = False
+    explicit = MultiHeadSelfAttention(32, 4)
+    fused = MultiHeadSelfAttention(32, 4, fused=True)
+    explicit(x)
+    fused(x)
+    fused.set_weights(explicit.get_weights())
+    for m in (None, mask):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(fused(x, mask=m)),
+            keras.ops.convert_to_numpy(explicit(x, mask=m)),
+            atol=1e-5,
+        )
+    # Asking for the weights always takes the explicit path.
+    _, w = fused(x, return_attention_scores=True)
+    assert w.shape == (2, 4, 9, 9)

@@ -92,3 +92,21 @@ def test_optuna_search_runs_trials(tmp_path):
     runs = [p for p in (tmp_path / "runs").rglob("results.json")
             if not p.parent.name.startswith("fold_")]
     assert len(runs) == 2
+
+
+def test_model_benchmark_reports_throughput_and_flops(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", "model", "--embed", "16", "--layers", "1",
+         "--heads", "2", "--ff", "32", "--mels", "32", "--frames", "64", "--stride", "16",
+         "--batch", "4", "--repeats", "1", "--jit", "--fused", "--json"],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["shape"]["patches"] == 2 * 4 and r["parameters"] > 0
+    # FLOPs from the shapes: conv + 1 block (4 projections, 2 attention matmuls, FFN) + head
+    n = 9
+    expected = 2 * 8 * 256 * 16 + 2 * n * 16 * 16 * 4 + 4 * n * n * 16 + 4 * n * 16 * 32 + 2 * 16 * 50
+    assert r["gflops_per_clip_forward"] * 1e9 == pytest.approx(expected)
+    for key in ("train_clips_per_s", "infer_clips_per_s", "latency_ms", "peak_gflops_per_s"):
+        assert r[key] > 0

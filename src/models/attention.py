@@ -37,6 +37,9 @@ class MultiHeadSelfAttention(layers.Layer):
         num_heads: number of heads H; each head attends in D / H dimensions.
         dropout_rate: dropout on the attention weights (training only).
         use_bias: whether the q/k/v/output projections have a bias.
+        fused: compute softmax(QK^T / sqrt(d)) V with ``keras.ops.dot_product_attention``
+            (one fused op, no head transposes) when no weights are requested and no
+            attention dropout applies; otherwise, and by default, the explicit path.
 
     Call args:
         inputs: ``(batch, seq_len, embed_dim)``.
@@ -46,7 +49,9 @@ class MultiHeadSelfAttention(layers.Layer):
             ``(batch, num_heads, seq_len, seq_len)``.
     """
 
-    def __init__(self, embed_dim, num_heads=8, dropout_rate=0.0, use_bias=True, **kwargs):
+    def __init__(
+        self, embed_dim, num_heads=8, dropout_rate=0.0, use_bias=True, fused=False, **kwargs
+    ):
         super().__init__(**kwargs)
         self.supports_masking = True  # output tokens = input tokens
         embed_dim, num_heads = int(embed_dim), int(num_heads)
@@ -69,6 +74,7 @@ class MultiHeadSelfAttention(layers.Layer):
         self.projection_dim = embed_dim // num_heads  # per-head size
         self.dropout_rate = float(dropout_rate)
         self.use_bias = bool(use_bias)
+        self.fused = bool(fused)
 
         self.query_dense = layers.Dense(embed_dim, use_bias=use_bias, name="query_dense")
         self.key_dense = layers.Dense(embed_dim, use_bias=use_bias, name="key_dense")
@@ -112,8 +118,24 @@ class MultiHeadSelfAttention(layers.Layer):
         x = ops.reshape(x, (batch_size, -1, self.num_heads, self.projection_dim))
         return ops.transpose(x, (0, 2, 1, 3))
 
+    def _fused_call(self, inputs, mask, batch_size):
+        shape = (batch_size, -1, self.num_heads, self.projection_dim)  # (B, S, H, D/H)
+        q = ops.reshape(self.query_dense(inputs), shape)
+        k = ops.reshape(self.key_dense(inputs), shape)
+        v = ops.reshape(self.value_dense(inputs), shape)
+        if mask is not None:
+            mask = ops.cast(mask, "bool")[:, None, None, :]  # (B, 1, 1, Sk)
+        out = ops.dot_product_attention(q, k, v, mask=mask)  # (B, S, H, D/H)
+        return self.combine_heads(ops.reshape(out, (batch_size, -1, self.embed_dim)))
+
     def call(self, inputs, mask=None, training=None, return_attention_scores=False):
         batch_size = ops.shape(inputs)[0]
+        if (
+            self.fused
+            and not return_attention_scores
+            and not (training and self.dropout_rate > 0)
+        ):
+            return self._fused_call(inputs, mask, batch_size)
         query = self.split_heads(self.query_dense(inputs), batch_size)  # (B, H, S, D/H)
         key = self.split_heads(self.key_dense(inputs), batch_size)
         value = self.split_heads(self.value_dense(inputs), batch_size)
@@ -136,5 +158,6 @@ class MultiHeadSelfAttention(layers.Layer):
             num_heads=self.num_heads,
             dropout_rate=self.dropout_rate,
             use_bias=self.use_bias,
+            fused=self.fused,
         )
         return config

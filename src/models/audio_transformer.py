@@ -60,6 +60,7 @@ class SpectrogramTransformer(keras.Model):
         time_mask_param=0,
         freq_masks=1,
         time_masks=1,
+        fused_attention=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,6 +97,7 @@ class SpectrogramTransformer(keras.Model):
             time_mask_param=int(time_mask_param),
             freq_masks=int(freq_masks),
             time_masks=int(time_masks),
+            fused_attention=bool(fused_attention),
         )
         h = self.hparams
         self.pooling = h["pooling"]
@@ -126,6 +128,7 @@ class SpectrogramTransformer(keras.Model):
                 norm_first=h["norm_first"],
                 activation=h["activation"],
                 epsilon=h["epsilon"],
+                fused_attention=h["fused_attention"],
                 name=f"block_{i}",
             )
             for i in range(h["num_layers"])

@@ -60,6 +60,7 @@ class TransformerBlock(layers.Layer):
         activation="relu",
         epsilon=1e-6,
         use_bias=True,
+        fused_attention=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -77,12 +78,14 @@ class TransformerBlock(layers.Layer):
         self.activation = str(activation)
         self.epsilon = float(epsilon)
         self.use_bias = bool(use_bias)
+        self.fused_attention = bool(fused_attention)
 
         self.att = MultiHeadSelfAttention(
             self.embed_dim,
             self.num_heads,
             dropout_rate=self.attention_dropout,
             use_bias=use_bias,
+            fused=self.fused_attention,
             name="att",
         )
         self.ffn = keras.Sequential(
@@ -106,18 +109,23 @@ class TransformerBlock(layers.Layer):
         self.built = True
 
     def call(self, inputs, mask=None, training=None, return_attention_scores=False):
+        weights = None
+
+        def attend(x):
+            nonlocal weights
+            if return_attention_scores:
+                out, weights = self.att(
+                    x, mask=mask, training=training, return_attention_scores=True
+                )
+                return out
+            return self.att(x, mask=mask, training=training)
+
         if self.norm_first:
-            att_out, weights = self.att(
-                self.layernorm1(inputs), mask=mask, training=training, return_attention_scores=True
-            )
-            x = inputs + self.dropout1(att_out, training=training)
+            x = inputs + self.dropout1(attend(self.layernorm1(inputs)), training=training)
             ffn_out = self.ffn(self.layernorm2(x), training=training)
             out = x + self.dropout2(ffn_out, training=training)
         else:
-            att_out, weights = self.att(
-                inputs, mask=mask, training=training, return_attention_scores=True
-            )
-            x = self.layernorm1(inputs + self.dropout1(att_out, training=training))
+            x = self.layernorm1(inputs + self.dropout1(attend(inputs), training=training))
             ffn_out = self.ffn(x, training=training)
             out = self.layernorm2(x + self.dropout2(ffn_out, training=training))
         if return_attention_scores:
@@ -139,5 +147,6 @@ class TransformerBlock(layers.Layer):
             activation=self.activation,
             epsilon=self.epsilon,
             use_bias=self.use_bias,
+            fused_attention=self.fused_attention,
         )
         return config
