@@ -146,6 +146,9 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         mean, std = float(cfg.data.norm_mean), float(cfg.data.norm_std)
 
     keras.utils.set_random_seed(int(cfg.seed))
+    from src.training.distribute import enter_strategy, exit_strategy, jit_compile
+
+    enter_strategy(cfg.trainer)  # trainer.strategy/mixed_precision until exit_strategy()
     model = build_model(
         cfg.model,
         cfg.frontend,
@@ -167,7 +170,9 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
             from_logits=True, label_smoothing=float(t.label_smoothing)
         ),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile(t),
     )
+    exit_strategy()  # the model keeps its strategy; what follows runs as before
     num_classes = len(index.class_names)
 
     def one_hot(ds):
@@ -377,8 +382,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     from src.data.pipeline import compute_features
     from src.evaluation.metrics import aggregate_folds
     from src.models.build import build_frontend
+    from src.training import distribute
     from src.training.provenance import provenance
 
+    run_dir = distribute.setup(cfg, run_dir)  # devices first; a non-chief worker's own dir
     start = time.time()
     if cfg.trainer.get("deterministic", False):
         import tensorflow as tf
