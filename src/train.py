@@ -259,7 +259,13 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         if t.save_model:
             model.save(fold_dir / "model.keras")
         _write_json(done, result)
+        maps = save_fold_attention_maps(
+            cfg, model, ckpt_dir / "best.weights.h5", x_test, y_test, index.class_names,
+            fold_dir / "attention",
+        )
         if logger is not None:
+            for path in maps:
+                logger.log_image(f"attention/{path.stem}", str(path))
             logger.log_summary(
                 {"test/accuracy": result["accuracy"], "test/loss": result["loss"],
                  "parameters": result["parameters"], "train_time_s": train_time}
@@ -271,6 +277,36 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
     finally:
         if logger is not None:
             logger.finish(exit_code=exit_code)
+
+
+def save_fold_attention_maps(cfg, model, best_weights, x_test, y_test, class_names, out_dir):
+    """Attention rollout PNGs of the fold's best model for a few held-out clips (one per
+    class, ``trainer.attention_maps`` of them). A plot never fails a run."""
+    count = int(cfg.trainer.get("attention_maps", 0) or 0)
+    backbone = model.backbone
+    if count <= 0 or not hasattr(backbone, "patch_embed") or len(y_test) == 0:
+        return []
+    try:
+        from src.evaluation.attention_maps import save_attention_maps
+
+        if best_weights.exists():
+            backbone.load_weights(best_weights)  # model.keras already holds the last epoch
+        picked, seen = [], set()
+        for i, label in enumerate(y_test):
+            if int(label) not in seen:
+                seen.add(int(label))
+                picked.append(i)
+            if len(picked) == count:
+                break
+        hop = getattr(model.frontend, "hop_samples", None)
+        rate = model.frontend.sample_rate / hop if hop else None
+        return save_attention_maps(
+            backbone, x_test[picked], y_test[picked], list(class_names), out_dir,
+            frame_rate=rate, prefix="best",
+        )
+    except Exception as err:  # noqa: BLE001
+        log.warning("attention maps were not written: %s", err)
+        return []
 
 
 def _full_history(csv_path: Path, fallback: dict) -> dict:
@@ -360,9 +396,8 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> None:
     def relevant(key):
         return not any(key == k or key.startswith(k + ".") for k in _RESUME_IGNORED)
 
-    diff = sorted(
-        k for k in set(old) | set(new) if relevant(k) and old.get(k) != new.get(k)
-    )
+    # Keys the earlier run did not have are new options at their defaults: not a change.
+    diff = sorted(k for k in old if relevant(k) and old.get(k) != new.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
         raise ConfigError(

@@ -80,6 +80,8 @@ def test_quickstart_writes_results(quickstart_run):
     for name in ("best.weights.h5", "last.weights.h5"):
         assert (run_dir / "fold_5" / "checkpoints" / name).stat().st_size > 0
     assert (run_dir / "fold_5" / "metrics.csv").read_text().count("\n") == 3
+    maps = sorted((run_dir / "fold_5" / "attention").glob("best_*.png"))
+    assert len(maps) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in maps)
 
 
 def test_saved_model_takes_a_raw_waveform(quickstart_run, tmp_path):
@@ -172,6 +174,8 @@ def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch
     assert len(rows) == 2
     assert [row["val_accuracy"] for row in rows] == pytest.approx(r["history"]["5"]["val_accuracy"])
     assert all("learning_rate" in row for row in rows)
+    logged = {k for row in read_offline_history(run_dir) for k in row}
+    assert any(k.startswith("attention") for k in logged), sorted(logged)
 
 
 def _env(tmp_path):
