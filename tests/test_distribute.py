@@ -175,6 +175,7 @@ def test_multi_worker_two_processes_match_single_device(single_device):
     assert other["history"] == chief["history"]  # the same model on both workers
 
 
+@pytest.mark.slow
 def test_mixed_precision_on_cpu_warns_and_trains_in_float32(tmp_path):
     out = run_train(
         tmp_path, *TINY, "trainer.epochs=1", "trainer.mixed_precision=true",

@@ -53,9 +53,10 @@ def test_pipeline_benchmark_reports_throughput(tmp_path):
     "script,key,values",
     [
         ("ablate_heads", "num_heads", [1, 2, 4, 8, 16]),
-        ("ablate_ff_dim", "ff_dim", [64, 128, 256, 512]),
-        ("ablate_depth", "num_layers", [1, 2, 4, 6]),
-        ("patch_overlap", "stride", [10, 12, 14, 16]),
+        # The others run the same sweep.sh; `make test-slow` runs them.
+        pytest.param("ablate_ff_dim", "ff_dim", [64, 128, 256, 512], marks=pytest.mark.slow),
+        pytest.param("ablate_depth", "num_layers", [1, 2, 4, 6], marks=pytest.mark.slow),
+        pytest.param("patch_overlap", "stride", [10, 12, 14, 16], marks=pytest.mark.slow),
     ],
 )
 def test_experiment_script_smoke_run(tmp_path, script, key, values):
@@ -81,6 +82,7 @@ def test_experiment_script_smoke_run(tmp_path, script, key, values):
         assert "0.347 / 0.459 mAP" in table  # AST Table 5 beside ours
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "src.train", "-m", "experiment=quickstart", "hparams_search=optuna",

@@ -190,7 +190,7 @@ def test_formats(sweep):
 
 def test_reference_files():
     ref, key = load_reference(ROOT / "references" / "ast_table5.yaml")
-    assert key == "model.t_stride" and set(ref) == {16, 14, 12, 10}
+    assert key == "model.stride" and set(ref) == {16, 14, 12, 10}
     assert "0.336" in ref[16] and "0.459" in ref[10]
     ref, key = load_reference(ROOT / "references" / "ast_table7.yaml")
     assert key == "model.name" and ref == {"ast_s": "88.7 ± 0.7", "ast_p": "95.6 ± 0.4"}

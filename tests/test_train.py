@@ -105,6 +105,7 @@ def test_feature_cache_is_reused(quickstart_run):
     assert feats.shape[0] == 60 and feats.shape[2] == 32 and np.isfinite(feats).all()
 
 
+@pytest.mark.slow  # the heads ablation script's smoke test covers multirun by default
 def test_multirun_sweeps_heads(tmp_path):
     out = run_train(
         tmp_path, "-m", "experiment=quickstart", *TINY, "trainer.epochs=1", "model.num_heads=1,4"
