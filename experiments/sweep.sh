@@ -21,8 +21,10 @@ sweep() {
   "$PY" -m src.train -m name="$name" hydra.sweep.dir="$dir" "$key=$values" "$@"
   local reference=()
   if [ -n "${REFERENCE:-}" ]; then reference=(--reference "$REFERENCE"); fi
+  local wandb=(--log-wandb "${WANDB_PROJECT:-audio-transformer}" --name "$name")
+  case " $* " in *" logger=none "*) wandb=() ;; esac
   "$PY" -m scripts.make_tables "$dir" --by "$key" --expect "$key=$values" \
-    --plot "$dir/$name.png" "${reference[@]}" | tee "$dir/table.md"
+    --plot "$dir/$name.png" "${reference[@]}" "${wandb[@]}" | tee "$dir/table.md"
   "$PY" -m scripts.make_tables "$dir" --by "$key" --format latex "${reference[@]}" \
     > "$dir/table.tex" 2>/dev/null
   echo "sweep: $dir (table.md, table.tex, $name.png)"

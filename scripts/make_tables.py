@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="values the sweep should have; absent ones show as missing rows")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B")
     parser.add_argument("--group", help="W&B group (with --wandb)")
+    parser.add_argument("--log-wandb", metavar="PROJECT",
+                        help="also log the table and the plot to a W&B run in PROJECT "
+                             "(job_type=table; offline without credentials, as training)")
+    parser.add_argument("--name", default=None, help="W&B run name/group for --log-wandb")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
@@ -194,12 +198,39 @@ def main(argv: list[str] | None = None) -> int:
     for msg in provenance_warnings(rows):
         log.warning("%s", msg)
 
+    plot_path = None
     if args.plot:
         if not keys:
             log.warning("--plot: all runs share one setting, nothing to plot against")
         else:
-            print(f"plot: {plot(rows, keys[0], args.plot)}", file=sys.stderr)
+            plot_path = plot(rows, keys[0], args.plot)
+            print(f"plot: {plot_path}", file=sys.stderr)
+    if args.log_wandb:
+        log_to_wandb(args.log_wandb, args.name, rows, plot_path, args.paths)
     return 0
+
+
+def log_to_wandb(project, name, rows, plot_path, paths) -> None:
+    """The table (as a W&B Table) and the plot (as an image) in one run of its own."""
+    from src.training.wandb_logger import WandbLogger
+
+    logger = WandbLogger(project=project, name=name and f"{name}-table", group=name,
+                         job_type="table", dir=paths[0] if paths else None)
+    if not logger.start():
+        return
+    try:
+        import csv
+        import io
+
+        import wandb
+
+        header, *data = list(csv.reader(io.StringIO(format_table(rows, "csv"))))
+        logger.log({"table": wandb.Table(columns=header, data=data)})
+    except Exception as err:  # noqa: BLE001  (a table must never fail the script)
+        log.warning("could not log the table to W&B: %s", err)
+    if plot_path is not None:
+        logger.log_image("plot", str(plot_path))
+    logger.finish()
 
 
 if __name__ == "__main__":

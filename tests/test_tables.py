@@ -330,3 +330,19 @@ def test_real_sweep_end_to_end(tmp_path):
         assert int(t["parameters"]) > 0
     # the same runs, grouped by the keys that differ (seed and paths are not settings)
     assert varying_keys(load_runs([tmp_path / "runs"])) == ["model.num_heads"]
+
+
+def test_table_and_plot_logged_to_an_offline_wandb_run(sweep, tmp_path):
+    from src.training.wandb_logger import read_offline_history
+
+    env = dict(os.environ, MPLBACKEND="Agg", WANDB_MODE="offline", HOME=str(tmp_path / "home"),
+               WANDB_BASE_URL="http://127.0.0.1:9")
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.make_tables", str(sweep), "--plot",
+         str(tmp_path / "p.png"), "--log-wandb", "tests", "--name", "ablate"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = list(sweep.rglob("offline-run-*"))
+    logged = {k for row in read_offline_history(run_dir) for k in row}
+    assert {"table", "plot"} <= logged, sorted(logged)
