@@ -5,7 +5,6 @@ quickstart data, compared with the single-device run of the same config.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_DATA, TINY_MODEL
+from helpers import train_env as shared_train_env
 
 from src.config import ConfigError
 from src.training import distribute
@@ -23,18 +24,7 @@ from src.training import distribute
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny quickstart of test_train.py: 12 classes x 5 clips of 1 s (48 train / 12 test).
-TINY = [
-    "experiment=quickstart",
-    "data.generate.clips_per_class=5",
-    "data.generate.duration=1.0",
-    "data.clip_seconds=1.0",
-    "frontend.n_mels=32",
-    "model.embed_dim=16",
-    "model.num_heads=2",
-    "model.ff_dim=32",
-    "model.num_layers=1",
-    "trainer.verbose=0",
-]
+TINY = ["experiment=quickstart", *TINY_DATA, *TINY_MODEL]
 # Runs compared number by number across strategies:
 # * no random layers (dropout, SpecAugment): each replica draws its own random numbers;
 # * one step per epoch (batch_size = the 48 training clips): under a strategy, Keras' fit
@@ -60,15 +50,8 @@ LOSS_RTOL = 1e-4
 
 
 def train_env(tmp: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.update(
-        AUDIO_RUNS_DIR=str(tmp / "runs"),
-        AUDIO_CACHE_DIR=str(tmp / "cache"),
-        AUDIO_DATA_DIR=str(tmp / "data"),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        HOME=str(tmp / "home"),
-        TMPDIR=str(tmp / "scratch"),  # a non-chief worker's own directory goes here
-    )
+    env = shared_train_env(tmp, TMPDIR=str(tmp / "scratch"))  # a non-chief worker's dir
+    env.pop("TF_CONFIG", None)
     (tmp / "scratch").mkdir(exist_ok=True)
     env.update(extra)
     return env

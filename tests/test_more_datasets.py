@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import ROOT, TINY_MODEL, train_env
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -19,7 +20,6 @@ from src.data.esc50 import DatasetError, Record
 from src.data.speech_commands import read_speech_commands
 from src.data.urbansound8k import REQUIRED_COLUMNS, read_urbansound8k
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # --- Speech Commands ------------------------------------------------------------------
@@ -322,27 +322,11 @@ def test_esc10_data_config():
 
 # --- end to end -----------------------------------------------------------------------
 
-TINY = [
-    "data.clip_seconds=1.0",
-    "frontend.n_mels=32",
-    "model.embed_dim=16",
-    "model.num_heads=2",
-    "model.ff_dim=32",
-    "model.num_layers=1",
-    "trainer.epochs=2",
-    "trainer.verbose=0",
-]
+TINY = [*TINY_MODEL, "trainer.epochs=2"]
 
 
 def test_urbansound8k_trains_end_to_end(tmp_path, us8k_tree):
-    env = dict(os.environ)
-    env.update(
-        AUDIO_RUNS_DIR=str(tmp_path / "runs"),
-        AUDIO_CACHE_DIR=str(tmp_path / "cache"),
-        AUDIO_DATA_DIR=str(tmp_path / "data"),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        HOME=str(tmp_path / "home"),
-    )
+    env = train_env(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "src.train", "data=urbansound8k", f"data.root={us8k_tree}",
          "data.folds=[1]", *TINY],

@@ -1,44 +1,24 @@
 """End to end: `python -m src.train` as a user runs it, in a subprocess."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TINY_DATA, TINY_MODEL, train_env
 
 # A tiny, fast version of the quickstart: 12 classes x 5 clips of 1 s, 2 epochs.
-TINY = [
-    "data.generate.clips_per_class=5",
-    "data.generate.duration=1.0",
-    "data.clip_seconds=1.0",
-    "frontend.n_mels=32",
-    "model.embed_dim=16",
-    "model.num_heads=2",
-    "model.ff_dim=32",
-    "model.num_layers=1",
-    "trainer.epochs=2",
-    "trainer.verbose=0",
-]
+# A tiny, fast version of the quickstart: 12 classes x 5 clips of 1 s, 2 epochs.
+RUN = [*TINY_MODEL, "trainer.epochs=2"]
+TINY = [*TINY_DATA, *RUN]
 
 
 def run_train(tmp_path, *overrides, check=True, timeout=300):
-    env = dict(os.environ)
-    env.update(
-        AUDIO_RUNS_DIR=str(tmp_path / "runs"),
-        AUDIO_CACHE_DIR=str(tmp_path / "cache"),
-        AUDIO_DATA_DIR=str(tmp_path / "data"),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        HOME=str(tmp_path / "home"),  # no W&B credentials: auto mode is offline
-    )
     out = subprocess.run(
         [sys.executable, "-m", "src.train", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True, timeout=timeout,
     )
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -148,7 +128,7 @@ def test_resampled_44k_dataset_trains(tmp_path):
     info = sf.info(next((root / "audio").glob("*.wav")))
     assert info.samplerate == 44100
     run_train(
-        tmp_path, "data=esc50", f"data.root={root}", "data.folds=[2]", *TINY[2:],
+        tmp_path, "data=esc50", f"data.root={root}", "data.folds=[2]", *RUN,
         "data.name=mine",
     )
     (res,) = run_results(tmp_path)
@@ -179,18 +159,6 @@ def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch
     assert any(k.startswith("attention") for k in logged), sorted(logged)
 
 
-def _env(tmp_path):
-    env = dict(os.environ)
-    env.update(
-        AUDIO_RUNS_DIR=str(tmp_path / "runs"),
-        AUDIO_CACHE_DIR=str(tmp_path / "cache"),
-        AUDIO_DATA_DIR=str(tmp_path / "data"),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 def _epochs_done(csv_path):
     if not csv_path.exists():
         return 0
@@ -204,7 +172,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
 
     args = [sys.executable, "-m", "src.train", "experiment=quickstart", *TINY,
             "trainer.epochs=40", "data.folds=[1,2]"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(tmp_path),
+    proc = subprocess.Popen(args, cwd=ROOT, env=train_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     csv_path = None
@@ -228,7 +196,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     assert not (run_dir / "fold_2" / "results.json").exists()
     fold1_mtime = (run_dir / "fold_1" / "results.json").stat().st_mtime_ns
 
-    out = subprocess.run(args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+    out = subprocess.run(args, cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     logs = out.stdout + out.stderr  # Hydra's log handler writes to stdout
@@ -286,7 +254,7 @@ def test_bad_clip_stops_training_unless_skipped(tmp_path):
     bad = sorted((root / "audio").glob("*.wav"))[7]
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # truncated: header promises more frames
-    args = ["data=esc50", f"data.root={root}", "data.folds=[1]", *TINY[2:]]
+    args = ["data=esc50", f"data.root={root}", "data.folds=[1]", *RUN]
     out = run_train(tmp_path, *args, check=False)
     assert out.returncode == 2
     assert bad.name in out.stderr and "data.skip_bad_files=true" in out.stderr
