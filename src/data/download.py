@@ -307,11 +307,18 @@ def _header_int(headers, name: str) -> int | None:
 
 
 def _fetch(
-    url: str, dest: Path, part: Path, *, chunk_size: int, timeout: float, progress: bool
+    url: str,
+    dest: Path,
+    part: Path,
+    *,
+    chunk_size: int,
+    timeout: float,
+    progress: bool,
+    headers: dict | None = None,
 ) -> None:
     """One request; appends to (or restarts) ``part``. Raises _Interrupted if cut short."""
     offset = _size(part)
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
@@ -328,7 +335,8 @@ def _fetch(
             log.info("%s: %d bytes on disk but the server has %d; restarting", part, offset, total)
             part.unlink()
             return _fetch(
-                url, dest, part, chunk_size=chunk_size, timeout=timeout, progress=progress
+                url, dest, part, chunk_size=chunk_size, timeout=timeout, progress=progress,
+                headers=headers,
             )
         if code >= 500 or code in (408, 429):
             raise _Interrupted(f"HTTP {code} {reason}") from err
@@ -408,6 +416,7 @@ def download_file(
     retries: int = 3,
     progress: bool = True,
     backoff: float = 1.0,
+    headers: dict | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` and return ``dest``.
 
@@ -418,7 +427,8 @@ def download_file(
     connection, a timeout, a 5xx answer or a body shorter than its Content-Length is retried up
     to ``retries`` times, each retry resuming from the current ``.part`` size after
     ``backoff * 2**k`` seconds. Raises :class:`DownloadError` (a :class:`DatasetError`) naming
-    the URL and the ``.part`` file kept for a later resume.
+    the URL and the ``.part`` file kept for a later resume. ``headers`` are sent with every
+    request (e.g. ``Authorization``).
     """
     dest = Path(dest).expanduser().absolute()
     part = _part_path(dest)
@@ -426,7 +436,10 @@ def download_file(
     attempt = 0
     while True:
         try:
-            _fetch(url, dest, part, chunk_size=chunk_size, timeout=timeout, progress=progress)
+            _fetch(
+                url, dest, part, chunk_size=chunk_size, timeout=timeout, progress=progress,
+                headers=headers,
+            )
             break
         except (
             _Interrupted,

@@ -37,6 +37,8 @@ class MultiHeadSelfAttention(layers.Layer):
         num_heads: number of heads H; each head attends in D / H dimensions.
         dropout_rate: dropout on the attention weights (training only).
         use_bias: whether the q/k/v/output projections have a bias.
+        qkv_bias: whether the q/k/v projections have a bias (default: ``use_bias``);
+            ViT/DeiT/AST checkpoints with ``qkv_bias=False`` keep the output bias.
         fused: compute softmax(QK^T / sqrt(d)) V with ``keras.ops.dot_product_attention``
             (one fused op, no head transposes) when no weights are requested and no
             attention dropout applies; otherwise, and by default, the explicit path.
@@ -50,7 +52,14 @@ class MultiHeadSelfAttention(layers.Layer):
     """
 
     def __init__(
-        self, embed_dim, num_heads=8, dropout_rate=0.0, use_bias=True, fused=False, **kwargs
+        self,
+        embed_dim,
+        num_heads=8,
+        dropout_rate=0.0,
+        use_bias=True,
+        fused=False,
+        qkv_bias=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.supports_masking = True  # output tokens = input tokens
@@ -74,11 +83,13 @@ class MultiHeadSelfAttention(layers.Layer):
         self.projection_dim = embed_dim // num_heads  # per-head size
         self.dropout_rate = float(dropout_rate)
         self.use_bias = bool(use_bias)
+        self.qkv_bias = self.use_bias if qkv_bias is None else bool(qkv_bias)
         self.fused = bool(fused)
 
-        self.query_dense = layers.Dense(embed_dim, use_bias=use_bias, name="query_dense")
-        self.key_dense = layers.Dense(embed_dim, use_bias=use_bias, name="key_dense")
-        self.value_dense = layers.Dense(embed_dim, use_bias=use_bias, name="value_dense")
+        qkv_bias = self.qkv_bias
+        self.query_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="query_dense")
+        self.key_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="key_dense")
+        self.value_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="value_dense")
         self.combine_heads = layers.Dense(embed_dim, use_bias=use_bias, name="combine_heads")
         self.attention_dropout = layers.Dropout(self.dropout_rate)
 
@@ -158,6 +169,7 @@ class MultiHeadSelfAttention(layers.Layer):
             num_heads=self.num_heads,
             dropout_rate=self.dropout_rate,
             use_bias=self.use_bias,
+            qkv_bias=self.qkv_bias,
             fused=self.fused,
         )
         return config

@@ -61,6 +61,7 @@ class SpectrogramTransformer(keras.Model):
         freq_masks=1,
         time_masks=1,
         fused_attention=False,
+        qkv_bias=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -98,6 +99,7 @@ class SpectrogramTransformer(keras.Model):
             freq_masks=int(freq_masks),
             time_masks=int(time_masks),
             fused_attention=bool(fused_attention),
+            qkv_bias=bool(qkv_bias),
         )
         h = self.hparams
         self.pooling = h["pooling"]
@@ -129,6 +131,7 @@ class SpectrogramTransformer(keras.Model):
                 activation=h["activation"],
                 epsilon=h["epsilon"],
                 fused_attention=h["fused_attention"],
+                qkv_bias=h["qkv_bias"],
                 name=f"block_{i}",
             )
             for i in range(h["num_layers"])

@@ -47,6 +47,7 @@ class TransformerBlock(layers.Layer):
         norm_first: pre-norm (ViT/AST) instead of the notes' post-norm.
         activation: "relu" (as in the notes), "gelu" (exact) or "gelu_tanh".
         epsilon: LayerNorm epsilon (1e-6 as in the notes and timm).
+        qkv_bias: bias on the q/k/v projections (ViT/DeiT/AST: true).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class TransformerBlock(layers.Layer):
         epsilon=1e-6,
         use_bias=True,
         fused_attention=False,
+        qkv_bias=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -79,12 +81,14 @@ class TransformerBlock(layers.Layer):
         self.epsilon = float(epsilon)
         self.use_bias = bool(use_bias)
         self.fused_attention = bool(fused_attention)
+        self.qkv_bias = self.use_bias if qkv_bias is None else bool(qkv_bias)
 
         self.att = MultiHeadSelfAttention(
             self.embed_dim,
             self.num_heads,
             dropout_rate=self.attention_dropout,
             use_bias=use_bias,
+            qkv_bias=self.qkv_bias,
             fused=self.fused_attention,
             name="att",
         )
@@ -148,5 +152,6 @@ class TransformerBlock(layers.Layer):
             epsilon=self.epsilon,
             use_bias=self.use_bias,
             fused_attention=self.fused_attention,
+            qkv_bias=self.qkv_bias,
         )
         return config
