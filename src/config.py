@@ -45,6 +45,18 @@ def validate_config(cfg: DictConfig) -> None:
             f"{cfg.data.sample_rate}; leave frontend.sample_rate at its default "
             "(${data.sample_rate})."
         )
+    if cfg.model.get("pretrained") and cfg.model.get("type", "transformer") != "transformer":
+        raise ConfigError(
+            f"model.pretrained={cfg.model.pretrained} needs a transformer model, not "
+            f"model.type={cfg.model.get('type')}; set model.pretrained=null."
+        )
+    adapt = cfg.model.get("pretrained_adapt", "auto")
+    from src.models.pretrained import ADAPT_METHODS
+
+    if adapt not in ADAPT_METHODS:
+        raise ConfigError(
+            f"model.pretrained_adapt={adapt!r} is unknown; use one of {ADAPT_METHODS}."
+        )
     # Building the model validates its shape (heads vs width, patches vs
     # spectrogram, unknown keys) in well under a second, before any data work.
     from src.models.build import build_model

@@ -12,7 +12,9 @@ the model are audio files too.
 Each file is decoded as in training (any format libsndfile reads, mono, resampled to the
 model's rate, mean removed when the run's ``data.remove_mean`` says so), cut into windows
 of the model's clip length (``window=SECONDS`` for shorter windows, zero-padded to the clip
-length) every ``hop`` seconds (default: half a window; the last window is zero-padded), and
+length) every ``hop`` seconds (default: half a window; the last window is zero-padded; a model
+with ``target_frames``, such as an imported AST, takes short pieces unpadded and zero-pads their
+features instead, as AST does), and
 the softmax probabilities of the windows are averaged. ``per_window=true`` also lists the
 top class of every window.
 
@@ -338,7 +340,21 @@ def predict_files(
             entry["error"] = str(err)
             continue
         windows, starts = _cut_windows(audio, window, hop, clip)
-        probs = _softmax(_logits(model, windows, int(batch_size)))  # (windows, classes)
+        logits = _logits(model, windows, int(batch_size))
+        if getattr(model, "target_frames", None) is not None:
+            # Models that pad their features (AST: zeros up to target_frames frames) see a
+            # short piece as it is, not followed by samples of digital silence.
+            short: dict[int, list[int]] = {}  # piece length -> window indices
+            for i, start in enumerate(starts):
+                n = len(audio[start : start + window])
+                if n < clip and model.frontend.num_frames(n) > 0:
+                    short.setdefault(n, []).append(i)
+            for n, idx in short.items():
+                pieces = np.stack([audio[starts[i] : starts[i] + n] for i in idx])
+                for j in range(0, len(idx), int(batch_size)):
+                    out = np.asarray(model(pieces[j : j + int(batch_size)].astype(np.float32)))
+                    logits[idx[j : j + int(batch_size)]] = out
+        probs = _softmax(logits)  # (windows, classes)
         if names is None:
             names = _class_names(model, probs.shape[-1])
         mean = probs.mean(axis=0)

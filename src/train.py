@@ -161,6 +161,17 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         target_frames=cfg.data.get("target_frames"),
     )
     backbone = model.backbone
+    pretrained = None
+    if cfg.model.get("pretrained"):
+        from src.models.pretrained import load_pretrained
+
+        loaded = load_pretrained(
+            backbone, _pretrained_path(cfg), str(cfg.model.get("pretrained_adapt", "auto"))
+        )
+        pretrained = loaded.summary()
+        log.info("fold %d: started from %s", fold, pretrained)
+        for note in loaded.notes:
+            log.info("fold %d: %s", fold, note)
     t = cfg.trainer
     steps_per_epoch = math.ceil(len(train_idx) / int(t.batch_size))
     schedule = build_schedule(t.schedule, float(t.optimizer.lr), steps_per_epoch, int(t.epochs))
@@ -250,6 +261,7 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
             "norm_mean": mean,
             "norm_std": std,
             "parameters": int(model.count_params()),
+            "pretrained": pretrained,
             "train_time_s": train_time,
             # clips per second over this attempt's epochs (compilation included)
             "train_clips_per_s": len(train_idx) * max(len(history.history.get("loss", [])), 1)
@@ -408,6 +420,15 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> None:
     log.info("resuming the run in %s", run_dir)
 
 
+def _pretrained_path(cfg: DictConfig) -> Path:
+    """``model.pretrained`` as a file (a known name is imported on first use)."""
+    from src.models.pretrained import resolve_pretrained
+
+    return resolve_pretrained(
+        cfg.model.pretrained, cfg.paths.weights_dir, Path(cfg.paths.cache_dir) / "hub"
+    )
+
+
 def _clip_samples(cfg: DictConfig) -> int:
     return int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
 
@@ -446,6 +467,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     )
 
     index, skipped = check_data(cfg, index)
+    if cfg.model.get("pretrained"):  # fetch / import before the (long) feature pass
+        log.info("model.pretrained: %s", _pretrained_path(cfg))
 
     frontend = build_frontend(cfg.frontend)
     paths = [r.path for r in index.records]

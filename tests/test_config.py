@@ -73,8 +73,41 @@ def test_bad_configs_name_the_key(override, key):
 @pytest.mark.parametrize("experiment", options("experiment"))
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_works_with_every_experiment(experiment, model):
-    # Experiments must not set model keys that only some models have.
-    validate_config(make(f"experiment={experiment}", f"model={model}"))
+    # Experiments must not set model keys that only some models have; the exception is
+    # model.pretrained (transformers only), refused with a message naming it.
+    cfg = make(f"experiment={experiment}", f"model={model}")
+    if cfg.model.get("pretrained") and cfg.model.type != "transformer":
+        with pytest.raises(ConfigError, match=r"model\.pretrained=.*model\.type=linear"):
+            validate_config(cfg)
+        return
+    validate_config(cfg)
+
+
+def test_ast_recipes_hold_table7_setups():
+    s, p = make("experiment=esc50_ast_s"), make("experiment=esc50_ast_p")
+    for cfg in (s, p):
+        m = cfg.model
+        assert (m.embed_dim, m.num_layers, m.num_heads, m.ff_dim) == (768, 12, 12, 3072)
+        assert (m.f_stride, m.t_stride, m.pooling, m.norm_first) == (10, 10, "cls_dist", True)
+        assert cfg.frontend.name == "kaldi_fbank" and cfg.frontend.n_mels == 128
+        assert cfg.data.target_frames == 512 and cfg.augment.mixup == 0.0
+        assert (cfg.data.norm_mean, cfg.data.norm_std) == (-6.6268077, 5.358466)
+        assert (cfg.augment.freq_mask_param, cfg.augment.time_mask_param) == (24, 96)
+        assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (25, 48)
+    assert (s.model.pretrained, s.trainer.optimizer.lr) == ("deit_base_distilled_384", 1e-4)
+    assert (p.model.pretrained, p.trainer.optimizer.lr) == ("ast_audioset", 1e-5)
+    from src.models.build import build_model
+
+    model = build_model(s.model, s.frontend, num_classes=50, clip_samples=80000,
+                        target_frames=512)
+    # transformers' ASTForAudioClassification(ASTConfig(max_length=512, num_labels=50))
+    # has 85,757,234 parameters too.
+    assert model.backbone.count_params() == 85_757_234 and model.backbone.grid == (12, 50)
+
+
+def test_unknown_position_adaptation_is_refused():
+    with pytest.raises(ConfigError, match="model.pretrained_adapt"):
+        validate_config(make("model.pretrained_adapt=nearest"))
 
 
 def test_optuna_search_space_composes():

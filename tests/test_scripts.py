@@ -91,3 +91,40 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
     assert r["gflops_per_clip_forward"] * 1e9 == pytest.approx(expected)
     for key in ("train_clips_per_s", "infer_clips_per_s", "latency_ms", "peak_gflops_per_s"):
         assert r[key] > 0
+
+
+def test_ast_esc50_script_smoke_run_from_imported_weights(tmp_path):
+    """experiments/ast_esc50.sh with tiny imported checkpoints under the known names:
+    AST-S starts from the DeiT (4x4 grid interpolated to 12x24), AST-P from the AST
+    (12x50 cut to 12x24), then one table with the paper's numbers."""
+    weights = tmp_path / "weights"
+    fixtures = ROOT / "tests" / "fixtures"
+    for fmt, src, name in (("hf-deit", "hf_deit", "deit_base_distilled_384"),
+                           ("hf-ast", "hf_ast", "ast_audioset")):
+        out = subprocess.run(
+            [sys.executable, "-m", "scripts.import_weights", "--from", fmt,
+             str(fixtures / src), "--out", str(weights / f"{name}.keras")],
+            cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+    tiny = [*TINY_DATA, "data=quickstart", "data.clip_seconds=1.0", "data.target_frames=246",
+            "model.embed_dim=64", "model.num_layers=2", "model.num_heads=4", "model.ff_dim=128",
+            "trainer.epochs=1", "trainer.batch_size=16", "trainer.verbose=0",
+            "trainer.attention_maps=0", "data.folds=[1]", "logger=none"]
+    out = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "ast_esc50.sh"), *tiny],
+        cwd=ROOT, env=_env(tmp_path) | {"AUDIO_WEIGHTS_DIR": str(weights)},
+        capture_output=True, text=True, timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (sweep,) = list((tmp_path / "runs" / "ast_esc50").glob("sweep-*"))
+    s = json.loads((sweep / "ast_s" / "results.json").read_text())
+    p = json.loads((sweep / "ast_p" / "results.json").read_text())
+    assert s["config"]["trainer"]["optimizer"]["lr"] == 1e-4
+    assert p["config"]["trainer"]["optimizer"]["lr"] == 1e-5
+    assert s["config"]["frontend"]["name"] == "kaldi_fbank"
+    assert "position grid 4x4 -> 12x24, new classifier head" in s["per_fold"][0]["pretrained"]
+    assert "position grid 12x50 -> 12x24, new classifier head" in p["per_fold"][0]["pretrained"]
+    table = (sweep / "table.md").read_text()
+    assert "88.7 ± 0.7 (AST-S)" in table and "95.6 ± 0.4 (AST-P)" in table
+    assert (sweep / "ast_esc50.png").read_bytes()[:4] == b"\x89PNG"

@@ -13,8 +13,9 @@ from src.models.kaldi import KaldiFbank
 FRONTENDS = {"logmel": LogMel, "kaldi_fbank": KaldiFbank}
 BACKBONES = {"transformer": SpectrogramTransformer, "linear": PooledStatsClassifier}
 
-# Keys of the config groups that describe the run, not the layer.
-_META_KEYS = {"name", "type"}
+# Keys of the config groups that describe the run, not the layer
+# (model.pretrained* are applied after building: src.models.pretrained).
+_META_KEYS = {"name", "type", "pretrained", "pretrained_adapt"}
 
 
 def _kwargs(cls, cfg: Mapping, group: str) -> dict:

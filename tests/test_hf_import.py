@@ -1,0 +1,331 @@
+"""Hugging Face AST / DeiT import against the reference implementations.
+
+The fixtures in tests/fixtures/hf_ast and hf_deit were written by
+``python -m scripts.make_hf_fixtures`` (PyTorch, transformers, torchaudio; see
+tests/fixtures/hf_versions.json): small random checkpoints in the hub layout and
+what the reference code computes from them. Nothing here needs PyTorch.
+"""
+
+import json
+import shutil
+import threading
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import src.models  # noqa: F401  (registers the layers)
+from src.models.hf_import import (
+    WeightImportError,
+    canonical_names,
+    fetch_checkpoint,
+    import_hf_ast,
+    import_hf_deit,
+    read_checkpoint,
+)
+from src.models.pretrained import (
+    PretrainedError,
+    adapt_position_embedding,
+    load_pretrained,
+    resize_axis,
+    resolve_pretrained,
+)
+from tests.helpers import ROOT
+
+AST_DIR = ROOT / "tests" / "fixtures" / "hf_ast"
+DEIT_DIR = ROOT / "tests" / "fixtures" / "hf_deit"
+
+
+@pytest.fixture(scope="module")
+def ast_ref():
+    return dict(np.load(AST_DIR / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def deit_ref():
+    return dict(np.load(DEIT_DIR / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def ast_model():
+    return import_hf_ast(AST_DIR)
+
+
+@pytest.fixture(scope="module")
+def deit_backbone():
+    return import_hf_deit(DEIT_DIR)
+
+
+# ----------------------------------------------------------------- AST
+
+
+def test_ast_architecture_follows_the_checkpoint_config(ast_model):
+    h = ast_model.backbone.hparams
+    assert (h["embed_dim"], h["num_layers"], h["num_heads"], h["ff_dim"]) == (64, 2, 4, 128)
+    assert (h["num_frames"], h["num_mels"], h["f_stride"], h["t_stride"]) == (512, 128, 10, 10)
+    assert h["norm_first"] and h["pooling"] == "cls_dist" and h["head_norm"] and h["qkv_bias"]
+    assert h["activation"] == "gelu" and h["epsilon"] == 1e-12
+    assert (h["norm_mean"], h["norm_std"]) == (pytest.approx(-4.2677393), pytest.approx(4.5689974))
+    assert ast_model.backbone.grid == (12, 50)
+    assert ast_model.class_names == ["dog", "rain", "crying_baby", "door_knock", "helicopter"]
+    assert ast_model.target_frames == 512 and ast_model.frontend.n_mels == 128
+
+
+def test_ast_logits_match_the_reference_model(ast_model, ast_ref):
+    # Raw fbank-like input; the backbone pads nothing and applies (x - mean) / (2 std).
+    logits = np.asarray(ast_model.backbone(ast_ref["model_input"].astype(np.float32)))
+    ref = ast_ref["model_logits"]
+    assert np.abs(ref).max() > 1.0  # O(1) logits: a mis-mapped weight cannot hide
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+
+
+def test_kaldi_fbank_matches_torchaudio_at_128_bins(ast_model, ast_ref):
+    """torchaudio.compliance.kaldi.fbank with AST's settings, 128 bins (some empty)."""
+    import soundfile as sf
+
+    wave, rate = sf.read(AST_DIR / "clip.wav", dtype="float32")
+    assert rate == 16000
+    features = np.asarray(ast_model.frontend((wave - wave.mean())[None]))[0]
+    ref = ast_ref["clip_features"]
+    assert features.shape == ref.shape == (498, 128)
+    # Measured: 4.8e-4 (float32 STFT and mel sums in different orders).
+    assert np.abs(features - ref).max() < 1e-3
+    floor = np.log(np.finfo(np.float32).eps)
+    empty = np.all(ref == np.float32(floor), axis=0)
+    assert empty.any() and np.all(features[:, empty] == np.float32(floor))
+
+
+def test_full_waveform_path_matches_the_reference(ast_model, ast_ref, tmp_path):
+    """WAV file -> our decoder -> fbank -> pad to 512 -> normalise -> AST, against
+    torchaudio fbank + Hugging Face AST on the same file."""
+    from src.data.audio import decode_audio
+
+    audio = decode_audio(str(AST_DIR / "clip.wav"), 16000, 80000, remove_mean=True)
+    logits = np.asarray(ast_model(np.asarray(audio)[None]))
+    # Measured: 8e-7; the 1e-4 bound leaves room for the 5e-4 feature differences.
+    np.testing.assert_allclose(logits, ast_ref["clip_logits"], atol=1e-4, rtol=0)
+
+
+def test_imported_model_predicts_from_the_command_line(ast_ref, tmp_path, capsys):
+    from scripts import import_weights
+    from src.predict import main as predict_main
+
+    out = tmp_path / "ast.keras"
+    assert import_weights.main(["--from", "hf-ast", str(AST_DIR), "--out", str(out)]) == 0
+    assert "64 wide, 2 layers, 4 heads, patch grid 12x50" in capsys.readouterr().out
+    predict_main([str(out), f"audio={AST_DIR / 'clip.wav'}", "top_k=2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    top = result["files"][0]["top"]
+    # The 5 s clip is shorter than the model's 512 frames: its features are zero-padded
+    # (not its waveform), so the probabilities are the reference's.
+    ref = np.exp(ast_ref["clip_logits"][0]) / np.exp(ast_ref["clip_logits"][0]).sum()
+    assert top[0]["label"] == "door_knock" and top[0]["prob"] == pytest.approx(ref[3], abs=1e-5)
+    assert top[1]["label"] == "dog" and top[1]["prob"] == pytest.approx(ref[0], abs=1e-5)
+    assert not list(tmp_path.glob("*.tmp.keras"))
+
+
+# ----------------------------------------------------------------- DeiT
+
+
+def test_deit_encoder_matches_the_reference_on_a_one_channel_image(deit_backbone, deit_ref):
+    # The reference fed an RGB image with three equal channels; the summed kernel on one
+    # channel computes the same convolution.
+    tokens, _ = deit_backbone.encode(deit_ref["spectrogram"].astype(np.float32))
+    ref = deit_ref["last_hidden_state"]
+    assert tokens.shape == ref.shape == (1, 18, 64)
+    np.testing.assert_allclose(np.asarray(tokens), ref, atol=1e-4, rtol=0)
+    kernel = deit_backbone.patch_embed.projection.kernel
+    assert tuple(kernel.shape) == (16, 16, 1, 64)
+
+
+@pytest.mark.parametrize("grid", [(12, 50), (2, 7), (5, 3)])
+def test_position_grid_adaptation_matches_ast(deit_backbone, deit_ref, grid):
+    """AST's code (cut from the middle / torch bilinear) on the 4x4 DeiT grid."""
+    pos = deit_backbone.patch_embed.position_embedding.numpy()
+    got = adapt_position_embedding(pos, (4, 4), grid, 2, 2)
+    np.testing.assert_allclose(got, deit_ref[f"position_embedding_{grid[0]}x{grid[1]}"],
+                               atol=1e-6, rtol=0)
+
+
+def test_position_grid_cut_matches_ast(ast_model, ast_ref):
+    pos = ast_model.backbone.patch_embed.position_embedding.numpy()
+    got = adapt_position_embedding(pos, (12, 50), (12, 24), 2, 2)
+    np.testing.assert_array_equal(got, ast_ref["cut_position_embedding"])
+
+
+def test_resize_axis_bilinear_can_also_shrink():
+    x = np.arange(8, dtype=np.float32)[None]
+    assert resize_axis(x, 1, 4, "auto").tolist() == [[2, 3, 4, 5]]  # cut from the middle
+    assert resize_axis(x, 1, 4, "bilinear").tolist() == [[0.5, 2.5, 4.5, 6.5]]
+    assert resize_axis(x, 1, 16, "auto")[0, :3].tolist() == [0.0, 0.25, 0.75]
+    with pytest.raises(ValueError, match="pretrained_adapt"):
+        resize_axis(x, 1, 4, "nearest")
+
+
+# ----------------------------------------------------------------- model.pretrained
+
+
+def _backbone(**overrides):
+    from src.models.audio_transformer import SpectrogramTransformer
+
+    kwargs = dict(
+        num_classes=3, num_frames=246, num_mels=128, embed_dim=64, num_layers=2, num_heads=4,
+        ff_dim=128, f_stride=10, t_stride=10, norm_first=True, activation="gelu",
+        pooling="cls_dist", dropout_rate=0.0,
+    )
+    kwargs.update(overrides)
+    model = SpectrogramTransformer(**kwargs)
+    model.build((None, kwargs["num_frames"], kwargs["num_mels"]))
+    return model
+
+
+def test_load_pretrained_adapts_grid_and_replaces_the_head(ast_model, ast_ref):
+    target = _backbone()
+    head_before = target.classifier.kernel.numpy().copy()
+    report = load_pretrained(target, ast_model)
+    assert report.position_grid == ((12, 50), (12, 24)) and report.new_head
+    np.testing.assert_array_equal(
+        target.patch_embed.position_embedding.numpy(), ast_ref["cut_position_embedding"]
+    )
+    for a, b in zip(target.blocks, ast_model.backbone.blocks):
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+    np.testing.assert_array_equal(target.classifier.kernel.numpy(), head_before)
+
+
+def test_load_pretrained_keeps_the_head_for_the_same_classes(ast_model):
+    target = _backbone(num_classes=5, num_frames=512)
+    report = load_pretrained(target, ast_model)
+    assert not report.new_head
+    x = np.random.default_rng(0).standard_normal((1, 512, 128)).astype(np.float32)
+    # Same weights, same grid; only the normalisation statistics differ (the run's own).
+    target.normalize.mean, target.normalize.std = (ast_model.backbone.normalize.mean,
+                                                   ast_model.backbone.normalize.std)
+    np.testing.assert_allclose(np.asarray(target(x)), np.asarray(ast_model.backbone(x)),
+                               atol=1e-5)
+
+
+def test_load_pretrained_names_mismatched_keys(ast_model, deit_backbone):
+    with pytest.raises(PretrainedError, match=r"model\.embed_dim=32 \(pretrained: 64\)"):
+        load_pretrained(_backbone(embed_dim=32, num_heads=4, ff_dim=128), ast_model)
+    with pytest.raises(PretrainedError, match="model.norm_first"):
+        load_pretrained(_backbone(norm_first=False), deit_backbone)
+    report = load_pretrained(_backbone(pooling="cls"), deit_backbone)  # dist token dropped
+    assert any("distillation token dropped" in n for n in report.notes)
+
+
+def test_resolve_pretrained_errors_name_the_key(tmp_path):
+    with pytest.raises(PretrainedError, match="model.pretrained=.*no such file"):
+        resolve_pretrained(tmp_path / "missing.keras", tmp_path)
+    kept = tmp_path / "deit_base_distilled_384.keras"
+    kept.write_bytes(b"x")  # a known name already imported: no download
+    assert resolve_pretrained("deit_base_distilled_384", tmp_path) == kept
+
+
+# ----------------------------------------------------------------- reading and fetching
+
+
+def test_both_parameter_layouts_are_understood():
+    _, _, tensors = read_checkpoint(AST_DIR)
+    legacy, unused = canonical_names(tensors, "audio_spectrogram_transformer")
+    assert not unused
+    renamed = {}
+    for name, value in tensors.items():
+        new = (name.replace("encoder.layer.", "layers.")
+               .replace("attention.attention.query", "attention.q_proj")
+               .replace("attention.attention.key", "attention.k_proj")
+               .replace("attention.attention.value", "attention.v_proj")
+               .replace("attention.output.dense", "attention.o_proj")
+               .replace("intermediate.dense", "mlp.fc1")
+               .replace("output.dense", "mlp.fc2"))
+        renamed[new] = value
+    assert renamed.keys() != tensors.keys()
+    current, unused = canonical_names(renamed, "audio_spectrogram_transformer")
+    assert not unused and current.keys() == legacy.keys()
+
+
+def test_incomplete_checkpoint_directory_is_named(tmp_path):
+    shutil.copy(AST_DIR / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(WeightImportError, match="missing model.safetensors.*save_pretrained"):
+        fetch_checkpoint(tmp_path)
+    with pytest.raises(WeightImportError, match="not a directory and not a hub id"):
+        fetch_checkpoint(str(tmp_path / "nope" / "deeper"))
+
+
+def test_wrong_format_is_refused(tmp_path):
+    with pytest.raises(WeightImportError, match="--from hf-deit"):
+        import_hf_ast(DEIT_DIR)
+    with pytest.raises(WeightImportError, match="--from hf-ast"):
+        import_hf_deit(AST_DIR)
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """Serves ``/<owner>/<name>/resolve/main/<file>`` from a directory, as the hub does."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self, root, seen):
+        seen.append((self.path, self.headers.get("Authorization")))
+        parts = self.path.strip("/").split("/")
+        if len(parts) != 5 or parts[2:4] != ["resolve", "main"]:
+            self.send_error(400)
+            return
+        path = root / parts[4]
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    root, seen = tmp_path / "served", []
+    shutil.copytree(AST_DIR, root)
+    handler = type("Handler", (_Hub,), {"do_GET": lambda self: _Hub.do_GET(self, root, seen)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield partial(str, f"http://127.0.0.1:{server.server_port}"), root, seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_id_is_downloaded_once_and_imported(hub, tmp_path, monkeypatch):
+    endpoint, _, seen = hub
+    monkeypatch.setenv("HF_ENDPOINT", endpoint())
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    cache = tmp_path / "cache"
+    got = fetch_checkpoint("someone/tiny-ast", cache, progress=False)
+    assert got == cache / "someone--tiny-ast" / "main"
+    assert sorted(p.name for p in got.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert {auth for _, auth in seen} == {"Bearer secret"}
+    requests = len(seen)
+    model = import_hf_ast(got)
+    assert model.backbone.grid == (12, 50)
+    fetch_checkpoint("someone/tiny-ast", cache, progress=False)
+    assert len(seen) == requests  # cached
+
+
+def test_hub_checkpoint_without_safetensors_says_what_to_do(hub, tmp_path, monkeypatch):
+    endpoint, root, _ = hub
+    (root / "model.safetensors").unlink()
+    (root / "preprocessor_config.json").unlink()  # optional: a 404 is fine
+    monkeypatch.setenv("HF_ENDPOINT", endpoint())
+    with pytest.raises(WeightImportError, match="HTTP 404.*pytorch_model.bin"):
+        fetch_checkpoint("someone/tiny-ast", tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache" / "someone--tiny-ast" / "main" / "model.safetensors").exists()
+
+
+def test_fixture_versions_are_recorded():
+    versions = json.loads((ROOT / "tests" / "fixtures" / "hf_versions.json").read_text())
+    assert {"torch", "torchaudio", "transformers"} <= set(versions)
+    assert Path(AST_DIR / "model.safetensors").stat().st_size < 1_000_000
