@@ -1,7 +1,8 @@
 """Benchmarks on the current device.
 
     python -m scripts.benchmark model [--embed 192 --layers 4 --heads 4 --ff 768 --mels 128
-        --frames 512 --stride 10 --batch 32] [--jit] [--vs-pytorch] [--json]
+        --frames 512 --stride 10 --batch 32] [--jit] [--fused] [--fused-qkv]
+        [--precision float32|mixed_bfloat16|mixed_float16] [--vs-pytorch] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100] [--json]
 
 ``model``: training throughput (clips/s, steady state after compilation, Adam,
@@ -134,10 +135,13 @@ def bench_model(args):
 
     hop = 160
     clip_samples = (args.frames - 1) * hop + 400  # exactly `frames` frames
+    if args.precision != "float32":
+        keras.mixed_precision.set_global_policy(args.precision)
+    # AST's block and head (as Hugging Face's ASTForAudioClassification below).
     cfg = dict(embed_dim=args.embed, num_layers=args.layers, num_heads=args.heads,
                ff_dim=args.ff, f_stride=args.stride, t_stride=args.stride,
-               dropout_rate=0.0, norm_first=True, activation="gelu",
-               fused_attention=args.fused)
+               dropout_rate=0.0, norm_first=True, activation="gelu", pooling="cls_dist",
+               fused_attention=args.fused, fused_qkv=args.fused_qkv)
     model = build_model(cfg, dict(n_mels=args.mels), num_classes=args.classes,
                         clip_samples=clip_samples)
     backbone = model.backbone
@@ -178,6 +182,8 @@ def bench_model(args):
                       patches=patches, batch=args.batch),
         "jit_compile": args.jit,
         "fused_attention": args.fused,
+        "fused_qkv": args.fused_qkv,
+        "precision": args.precision,
         "parameters": int(backbone.count_params()),
         "gflops_per_clip_forward": flops / 1e9,
         "train_clips_per_s": train_cps,
@@ -259,6 +265,10 @@ def main(argv=None) -> int:
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--jit", action="store_true", help="XLA jit_compile")
     m.add_argument("--fused", action="store_true", help="fused attention kernel")
+    m.add_argument("--fused-qkv", action="store_true", help="one q/k/v projection matmul")
+    m.add_argument("--precision", default="float32",
+                   choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                   help="Keras dtype policy (mixed_float16 needs a GPU)")
     m.add_argument("--vs-pytorch", action="store_true")
     m.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -272,7 +282,8 @@ def main(argv=None) -> int:
         print(f"model: embed {sh['embed']}, {sh['layers']} layers, {sh['heads']} heads, "
               f"ff {sh['ff']}, {sh['mels']} mels x {sh['frames']} frames, stride {sh['stride']} "
               f"({sh['patches']} patches), batch {sh['batch']}, jit={r['jit_compile']}, "
-              f"fused={r['fused_attention']}; {r['device']}, {r['cpu_count']} CPU(s)")
+              f"fused={r['fused_attention']}, fused_qkv={r['fused_qkv']}, "
+              f"{r['precision']}; {r['device']}, {r['cpu_count']} CPU(s)")
         print(f"  parameters {r['parameters']:,}; {r['gflops_per_clip_forward']:.2f} GFLOP/clip "
               f"forward; measured peak {r['peak_gflops_per_s']:.0f} GFLOP/s")
         print(f"  training   {r['train_clips_per_s']:8.2f} clips/s  "

@@ -329,3 +329,13 @@ def test_fixture_versions_are_recorded():
     versions = json.loads((ROOT / "tests" / "fixtures" / "hf_versions.json").read_text())
     assert {"torch", "torchaudio", "transformers"} <= set(versions)
     assert Path(AST_DIR / "model.safetensors").stat().st_size < 1_000_000
+
+
+def test_pretrained_weights_load_into_the_fused_qkv_layout(ast_model):
+    target = _backbone(num_classes=5, num_frames=512, fused_qkv=True, fused_attention=True)
+    load_pretrained(target, ast_model)
+    target.normalize.mean, target.normalize.std = (ast_model.backbone.normalize.mean,
+                                                   ast_model.backbone.normalize.std)
+    x = np.random.default_rng(1).standard_normal((1, 512, 128)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(target(x)), np.asarray(ast_model.backbone(x)),
+                               atol=1e-4)

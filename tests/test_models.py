@@ -327,3 +327,38 @@ def test_fused_attention_matches_the_explicit_path():
     # Asking for the weights always takes the explicit path.
     _, w = fused(x, return_attention_scores=True)
     assert w.shape == (2, 4, 9, 9)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_fused_qkv_projection_computes_the_same_function(fused, qkv_bias):
+    x = rand(2, 9, 32)
+    mask = np.ones((2, 9), bool)
+    mask[1, 5:] = False
+    three = MultiHeadSelfAttention(32, 4, qkv_bias=qkv_bias)
+    one = MultiHeadSelfAttention(32, 4, qkv_bias=qkv_bias, fused_qkv=True, fused=fused)
+    three(x)
+    one(x)
+    assert len(one.weights) == (2 if qkv_bias else 1) + 2  # qkv_dense + combine_heads
+    one.set_qkv(three.get_qkv())
+    one.combine_heads.set_weights(three.combine_heads.get_weights())
+    for m in (None, mask):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(one(x, mask=m)),
+            keras.ops.convert_to_numpy(three(x, mask=m)),
+            atol=1e-5,
+        )
+    _, w1 = one(x, return_attention_scores=True)
+    _, w3 = three(x, return_attention_scores=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(w1), keras.ops.convert_to_numpy(w3),
+                               atol=1e-6)
+    # get_qkv reads the fused kernel back in the three-layer layout.
+    for part in "qkv":
+        for a, b in zip(one.get_qkv()[part], three.get_qkv()[part]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_qkv_bias_false_keeps_the_output_bias():
+    att = MultiHeadSelfAttention(16, 2, qkv_bias=False)
+    att(rand(1, 3, 16))
+    assert not att.query_dense.use_bias and att.combine_heads.use_bias

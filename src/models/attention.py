@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 PACKAGE = "audio_transformer"
@@ -39,6 +40,10 @@ class MultiHeadSelfAttention(layers.Layer):
         use_bias: whether the q/k/v/output projections have a bias.
         qkv_bias: whether the q/k/v projections have a bias (default: ``use_bias``);
             ViT/DeiT/AST checkpoints with ``qkv_bias=False`` keep the output bias.
+        fused_qkv: one ``Dense(3 * embed_dim)`` (``qkv_dense``, kernel = [Wq | Wk | Wv])
+            instead of the three projections: one matmul and one head transpose
+            instead of three. Same function; ``get_qkv``/``set_qkv`` read and write
+            either layout.
         fused: compute softmax(QK^T / sqrt(d)) V with ``keras.ops.dot_product_attention``
             (one fused op, no head transposes) when no weights are requested and no
             attention dropout applies; otherwise, and by default, the explicit path.
@@ -59,6 +64,7 @@ class MultiHeadSelfAttention(layers.Layer):
         use_bias=True,
         fused=False,
         qkv_bias=None,
+        fused_qkv=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,11 +91,15 @@ class MultiHeadSelfAttention(layers.Layer):
         self.use_bias = bool(use_bias)
         self.qkv_bias = self.use_bias if qkv_bias is None else bool(qkv_bias)
         self.fused = bool(fused)
+        self.fused_qkv = bool(fused_qkv)
 
         qkv_bias = self.qkv_bias
-        self.query_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="query_dense")
-        self.key_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="key_dense")
-        self.value_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="value_dense")
+        if self.fused_qkv:
+            self.qkv_dense = layers.Dense(3 * embed_dim, use_bias=qkv_bias, name="qkv_dense")
+        else:
+            self.query_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="query_dense")
+            self.key_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="key_dense")
+            self.value_dense = layers.Dense(embed_dim, use_bias=qkv_bias, name="value_dense")
         self.combine_heads = layers.Dense(embed_dim, use_bias=use_bias, name="combine_heads")
         self.attention_dropout = layers.Dropout(self.dropout_rate)
 
@@ -100,9 +110,52 @@ class MultiHeadSelfAttention(layers.Layer):
                 f"{self.name}: inputs have {input_shape[-1]} features but embed_dim="
                 f"{self.embed_dim}."
             )
-        for dense in (self.query_dense, self.key_dense, self.value_dense, self.combine_heads):
-            dense.build(tuple(input_shape[:-1]) + (self.embed_dim,))
+        shape = tuple(input_shape[:-1]) + (self.embed_dim,)
+        if self.fused_qkv:
+            self.qkv_dense.build(shape)
+        else:
+            for dense in (self.query_dense, self.key_dense, self.value_dense):
+                dense.build(shape)
+        self.combine_heads.build(shape)
         self.built = True
+
+    def get_qkv(self) -> dict:
+        """``{"q", "k", "v"}: [kernel (D, D), bias (D,)]`` (no bias without qkv_bias), as
+        numpy arrays, whichever the layout."""
+        if not self.fused_qkv:
+            dense = {"q": self.query_dense, "k": self.key_dense, "v": self.value_dense}
+            return {name: [w.numpy() for w in d.weights] for name, d in dense.items()}
+        d = self.embed_dim
+        values = [w.numpy() for w in self.qkv_dense.weights]
+        return {
+            name: [v[..., i * d : (i + 1) * d] for v in values] for i, name in enumerate("qkv")
+        }
+
+    def set_qkv(self, weights: dict) -> None:
+        """Inverse of :meth:`get_qkv`."""
+        if not self.fused_qkv:
+            for name, dense in (("q", self.query_dense), ("k", self.key_dense),
+                                ("v", self.value_dense)):
+                dense.set_weights(weights[name])
+            return
+        parts = [weights[name] for name in "qkv"]
+        self.qkv_dense.set_weights(
+            [np.concatenate([p[i] for p in parts], axis=-1) for i in range(len(parts[0]))]
+        )
+
+    def _project(self, inputs, batch_size):
+        """q, k, v as ``(B, S, H, D/H)``."""
+        shape = (batch_size, -1, self.num_heads, self.projection_dim)
+        if self.fused_qkv:
+            qkv = ops.reshape(
+                self.qkv_dense(inputs), (batch_size, -1, 3, self.num_heads, self.projection_dim)
+            )
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return (
+            ops.reshape(self.query_dense(inputs), shape),
+            ops.reshape(self.key_dense(inputs), shape),
+            ops.reshape(self.value_dense(inputs), shape),
+        )
 
     def attention(self, query, key, value, mask=None, training=None):
         """Scaled dot-product attention for already split heads.
@@ -130,10 +183,7 @@ class MultiHeadSelfAttention(layers.Layer):
         return ops.transpose(x, (0, 2, 1, 3))
 
     def _fused_call(self, inputs, mask, batch_size):
-        shape = (batch_size, -1, self.num_heads, self.projection_dim)  # (B, S, H, D/H)
-        q = ops.reshape(self.query_dense(inputs), shape)
-        k = ops.reshape(self.key_dense(inputs), shape)
-        v = ops.reshape(self.value_dense(inputs), shape)
+        q, k, v = self._project(inputs, batch_size)  # (B, S, H, D/H)
         if mask is not None:
             mask = ops.cast(mask, "bool")[:, None, None, :]  # (B, 1, 1, Sk)
         out = ops.dot_product_attention(q, k, v, mask=mask)  # (B, S, H, D/H)
@@ -147,9 +197,16 @@ class MultiHeadSelfAttention(layers.Layer):
             and not (training and self.dropout_rate > 0)
         ):
             return self._fused_call(inputs, mask, batch_size)
-        query = self.split_heads(self.query_dense(inputs), batch_size)  # (B, H, S, D/H)
-        key = self.split_heads(self.key_dense(inputs), batch_size)
-        value = self.split_heads(self.value_dense(inputs), batch_size)
+        if self.fused_qkv:
+            qkv = ops.reshape(
+                self.qkv_dense(inputs), (batch_size, -1, 3, self.num_heads, self.projection_dim)
+            )
+            qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, S, D/H): one transpose
+            query, key, value = qkv[0], qkv[1], qkv[2]
+        else:
+            query = self.split_heads(self.query_dense(inputs), batch_size)  # (B, H, S, D/H)
+            key = self.split_heads(self.key_dense(inputs), batch_size)
+            value = self.split_heads(self.value_dense(inputs), batch_size)
 
         attention, weights = self.attention(query, key, value, mask=mask, training=training)
         attention = ops.transpose(attention, (0, 2, 1, 3))  # (B, S, H, D/H)
@@ -171,5 +228,6 @@ class MultiHeadSelfAttention(layers.Layer):
             use_bias=self.use_bias,
             qkv_bias=self.qkv_bias,
             fused=self.fused,
+            fused_qkv=self.fused_qkv,
         )
         return config

@@ -62,6 +62,7 @@ class SpectrogramTransformer(keras.Model):
         time_masks=1,
         fused_attention=False,
         qkv_bias=True,
+        fused_qkv=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -100,6 +101,7 @@ class SpectrogramTransformer(keras.Model):
             time_masks=int(time_masks),
             fused_attention=bool(fused_attention),
             qkv_bias=bool(qkv_bias),
+            fused_qkv=bool(fused_qkv),
         )
         h = self.hparams
         self.pooling = h["pooling"]
@@ -132,6 +134,7 @@ class SpectrogramTransformer(keras.Model):
                 epsilon=h["epsilon"],
                 fused_attention=h["fused_attention"],
                 qkv_bias=h["qkv_bias"],
+                fused_qkv=h["fused_qkv"],
                 name=f"block_{i}",
             )
             for i in range(h["num_layers"])

@@ -249,9 +249,12 @@ def _assign_backbone(backbone, canon: dict, source: Path, *, rgb_to_mono: bool) 
     )
     for i, block in enumerate(backbone.blocks):
         att = block.att
-        dense(att.query_dense, "q", i)
-        dense(att.key_dense, "k", i)
-        dense(att.value_dense, "v", i)
+        qkv = {}
+        for part in "qkv":
+            qkv[part] = [take((i, part, "weight")).T]  # torch (out, in) -> keras (in, out)
+            if att.qkv_bias:
+                qkv[part].append(take((i, part, "bias")))
+        att.set_qkv(qkv)  # three Dense layers, or one with model.fused_qkv
         dense(att.combine_heads, "o", i)
         dense(block.ffn.layers[0], "fc1", i)
         dense(block.ffn.layers[1], "fc2", i)

@@ -232,7 +232,13 @@ def load_pretrained(backbone, source, adapt: str = "auto") -> LoadReport:
     report.position_grid = ((spe.f_dim, spe.t_dim), (dpe.f_dim, dpe.t_dim))
 
     for dst_block, src_block in zip(backbone.blocks, src.blocks):
-        copy(dst_block, src_block)
+        dst_block.att.set_qkv(src_block.att.get_qkv())  # either q/k/v layout
+        report.copied += sum(len(v) for v in src_block.att.get_qkv().values())
+        for name in ("combine_heads",):
+            copy(getattr(dst_block.att, name), getattr(src_block.att, name))
+        copy(dst_block.ffn, src_block.ffn)
+        copy(dst_block.layernorm1, src_block.layernorm1)
+        copy(dst_block.layernorm2, src_block.layernorm2)
     if backbone.final_norm is not None:
         copy(backbone.final_norm, src.final_norm)
 

@@ -48,6 +48,7 @@ class TransformerBlock(layers.Layer):
         activation: "relu" (as in the notes), "gelu" (exact) or "gelu_tanh".
         epsilon: LayerNorm epsilon (1e-6 as in the notes and timm).
         qkv_bias: bias on the q/k/v projections (ViT/DeiT/AST: true).
+        fused_qkv: one q/k/v projection matmul instead of three (same function).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class TransformerBlock(layers.Layer):
         use_bias=True,
         fused_attention=False,
         qkv_bias=None,
+        fused_qkv=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -82,6 +84,7 @@ class TransformerBlock(layers.Layer):
         self.use_bias = bool(use_bias)
         self.fused_attention = bool(fused_attention)
         self.qkv_bias = self.use_bias if qkv_bias is None else bool(qkv_bias)
+        self.fused_qkv = bool(fused_qkv)
 
         self.att = MultiHeadSelfAttention(
             self.embed_dim,
@@ -90,6 +93,7 @@ class TransformerBlock(layers.Layer):
             use_bias=use_bias,
             qkv_bias=self.qkv_bias,
             fused=self.fused_attention,
+            fused_qkv=self.fused_qkv,
             name="att",
         )
         self.ffn = keras.Sequential(
@@ -153,5 +157,6 @@ class TransformerBlock(layers.Layer):
             use_bias=self.use_bias,
             fused_attention=self.fused_attention,
             qkv_bias=self.qkv_bias,
+            fused_qkv=self.fused_qkv,
         )
         return config
