@@ -223,16 +223,25 @@ def _pytorch_ast(args):
     x = torch.randn(args.batch, args.frames, args.mels)
     y = torch.randint(0, args.classes, (args.batch,))
 
+    # Like for like: with a bfloat16 policy on our side, PyTorch runs under CPU autocast
+    # to bfloat16 (float32 weights, bfloat16 matmuls).
+    bf16 = args.precision == "mixed_bfloat16"
+
+    def cast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
     def train():
         model.train()
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x).logits, y)
+        with cast():
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         opt.step()
 
     def infer():
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), cast():
             model(x)
 
     for _ in range(2):

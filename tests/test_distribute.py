@@ -173,6 +173,52 @@ def test_mixed_precision_on_cpu_warns_and_trains_in_float32(tmp_path):
     assert 0.0 <= json.loads(results.read_text())["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
+def test_bfloat16_training_on_cpu(tmp_path):
+    out = run_train(tmp_path, *TINY, "trainer.epochs=1", "trainer.mixed_precision=bfloat16")
+    (model_file,) = (tmp_path / "runs").rglob("fold_5/model.keras")
+    with zipfile.ZipFile(model_file) as zf:
+        config = zf.read("config.json").decode()
+    assert "mixed_bfloat16" in config, out.stderr[-2000:]
+    (results,) = (tmp_path / "runs").rglob("fold_5/results.json")
+    assert 0.0 <= json.loads(results.read_text())["accuracy"] <= 1.0
+
+
+def test_bfloat16_policy_leaves_the_frontend_and_logits_in_float32(tmp_path):
+    """Only the backbone computes in bfloat16: the saved waveform model computes the same
+    float32 features as training did, and the logits are float32."""
+    import keras
+
+    from src.models import load_model
+    from src.models.build import build_model
+
+    def build():
+        return build_model(dict(embed_dim=16, num_heads=2, ff_dim=32, num_layers=1),
+                           dict(n_mels=32), num_classes=3, clip_samples=8000)
+
+    reference = build()
+    distribute.enter_strategy({"mixed_precision": "bfloat16"})
+    try:
+        model = build()
+    finally:
+        distribute.exit_strategy()
+    assert model.backbone.dtype_policy.name == "mixed_bfloat16"
+    assert model.frontend.dtype_policy.name == "float32"
+    assert model.backbone.classifier.dtype_policy.name == "float32"
+    wave = np.random.default_rng(0).standard_normal((2, 8000)).astype("float32") * 0.1
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.features(wave)),
+                                  keras.ops.convert_to_numpy(reference.features(wave)))
+    model.save(tmp_path / "m.keras")
+    loaded = load_model(tmp_path / "m.keras")
+    logits = loaded(wave)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    assert loaded.frontend.dtype_policy.name == "float32"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(logits),
+                               keras.ops.convert_to_numpy(model(wave)), atol=1e-6)
+    assert distribute.precision_policy({"mixed_precision": "bfloat16"}) == "mixed_bfloat16"
+    assert distribute.precision_policy({"mixed_precision": False}) == "float32"
+
+
 @pytest.mark.parametrize(
     "overrides, env, expected",
     [
@@ -203,6 +249,7 @@ def test_check_config_names_the_key():
         ({"logical_cpus": 0}, "trainer.logical_cpus"),
         ({"logical_cpus": "two"}, "trainer.logical_cpus"),
         ({"mixed_precision": "yes"}, "trainer.mixed_precision"),
+        ({"mixed_precision": "fp8"}, "trainer.mixed_precision"),
         ({"jit_compile": "xla"}, "trainer.jit_compile"),
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

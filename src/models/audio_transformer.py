@@ -104,6 +104,17 @@ class SpectrogramTransformer(keras.Model):
             fused_qkv=bool(fused_qkv),
         )
         h = self.hparams
+        # Sub-layers take this model's dtype policy (set by the global policy when built
+        # for training, or by the saved config when loaded), so a mixed-precision model
+        # loads as it was trained.
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.dtype_policy)
+        try:
+            self._make_layers(h)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    def _make_layers(self, h):
         self.pooling = h["pooling"]
         self.normalize = Normalize(h["norm_mean"], h["norm_std"], h["norm_scale"], name="normalize")
         self.specaugment = SpecAugment(
@@ -152,7 +163,8 @@ class SpectrogramTransformer(keras.Model):
             else None
         )
         self.head_dropout = layers.Dropout(h["head_dropout"])
-        self.classifier = layers.Dense(h["num_classes"], name="classifier")
+        # float32 logits under mixed precision: a stable softmax / cross-entropy.
+        self.classifier = layers.Dense(h["num_classes"], dtype="float32", name="classifier")
 
     @property
     def num_patches(self):

@@ -39,7 +39,10 @@ def build_frontend(frontend_cfg: Mapping):
     if kind not in FRONTENDS:
         raise ValueError(f"unknown frontend.name={kind!r}; choose one of {sorted(FRONTENDS)}.")
     cls = FRONTENDS[kind]
-    return cls(**_kwargs(cls, frontend_cfg, "frontend"), name="frontend")
+    # Always float32, also under a mixed-precision policy: a waveform rounded to 8 or 11
+    # mantissa bits loses the quiet parts of the spectrum, and training computes its
+    # cached features in float32 (the backbone casts them to its compute dtype).
+    return cls(**_kwargs(cls, frontend_cfg, "frontend"), name="frontend", dtype="float32")
 
 
 def build_model(
@@ -90,6 +93,7 @@ def build_model(
     model = AudioTransformer(
         frontend, backbone, clip_samples=clip_samples, class_names=class_names,
         target_frames=target_frames, name="audio_model",
+        dtype="float32",  # no weights of its own; keeps the waveform in float32
     )
     model.build((None, clip_samples))
     return model

@@ -31,10 +31,13 @@ TensorFlow has already initialised them (``validate_config`` builds a model), th
 context is reset, which is safe only while no TensorFlow object has to outlive it, i.e.
 at the start of a run.
 
-``trainer.mixed_precision``: ``mixed_float16`` (float16 compute, float32 variables, loss
-scaling) for the model on a GPU; without a GPU it is ignored with a warning. Features
-are always computed in float32 (the feature cache does not depend on it); the frontend of
-the saved waveform model gets the policy too, so its input is cast to float16.
+``trainer.mixed_precision``: ``true`` / ``float16``: ``mixed_float16`` (float16 compute,
+float32 variables, loss scaling) for the model on a GPU; without a GPU it is ignored with
+a warning. ``bfloat16``: ``mixed_bfloat16`` on any device (GPUs from Ampere on, and CPUs
+with AVX512-BF16 or AMX, where oneDNN runs bfloat16 matmuls; elsewhere it works but is
+slow, with a warning); no loss scaling is needed. The classifier always computes in
+float32. Features are always computed in float32, in training (the feature cache does
+not depend on the policy) and in the saved waveform model, whose frontend stays float32.
 
 ``trainer.jit_compile``: ``true`` | ``false`` | ``auto`` (Keras' default: XLA on a GPU
 without a distribution strategy), passed to ``compile``.
@@ -108,8 +111,11 @@ def check_config(trainer_cfg: Mapping) -> None:
             "devices (e.g. 2), or null to leave the CPU as one device."
         )
     mixed = trainer_cfg.get("mixed_precision", False)
-    if not isinstance(mixed, bool):
-        raise ConfigError(f"trainer.mixed_precision={mixed!r} is invalid; use true or false.")
+    if not isinstance(mixed, bool) and mixed not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.mixed_precision={mixed!r} is invalid; use false, true (= float16, GPU "
+            "only) or bfloat16."
+        )
     jit_compile(trainer_cfg)
     if name == "multi_worker":
         read_tf_config()
@@ -317,15 +323,40 @@ def _multi_worker_strategy_class():
     return MultiWorkerMirroredStrategy
 
 
+PRECISIONS = ("float16", "bfloat16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this (Linux) CPU has native bfloat16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def precision_policy(trainer_cfg: Mapping) -> str:
-    """The Keras dtype policy for the model: ``mixed_float16`` only with a GPU."""
-    if not trainer_cfg.get("mixed_precision", False):
+    """The Keras dtype policy for the model (see the module docstring)."""
+    mixed = trainer_cfg.get("mixed_precision", False)
+    if not mixed:
         return "float32"
     import tensorflow as tf
 
-    if tf.config.list_logical_devices("GPU"):
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    if mixed == "bfloat16":
+        if not gpu and not cpu_has_bf16():
+            log.warning(
+                "trainer.mixed_precision=bfloat16: this CPU has no native bfloat16 "
+                "(AVX512-BF16/AMX); it will work but run slower than float32."
+            )
+        return "mixed_bfloat16"
+    if gpu:
         return "mixed_float16"
-    log.warning("trainer.mixed_precision=true: no GPU found, so it is ignored (float32).")
+    log.warning(
+        "trainer.mixed_precision=%s: no GPU found, so it is ignored (float32); "
+        "trainer.mixed_precision=bfloat16 works on CPUs.", str(mixed).lower(),
+    )
     return "float32"
 
 
