@@ -9,7 +9,8 @@
 dropout 0), inference throughput (batch) and single-clip latency (waveform in,
 frontend included), parameters, FLOPs per clip (from the shapes: matmuls and the
 patch convolution, 2 FLOPs per multiply-add; training = 3 x forward) and the
-fraction of the device's measured peak (a 4096 x 4096 float32 matmul, XLA). With
+fraction of the device's measured peak (a 4096 x 4096 matmul with XLA in the model's compute
+dtype: float32, or bfloat16 / float16 under ``--precision``). With
 ``--vs-pytorch`` (needs torch and transformers) it times Hugging Face's
 ``ASTForAudioClassification`` of the same dimensions in the same process,
 alternating with ours, and prints our/theirs ratios.
@@ -109,11 +110,12 @@ def model_flops(embed, layers, ff, mels, frames, patch, f_stride, t_stride, clas
     return conv + layers * per_block + head, n - 1
 
 
-def measured_peak_gflops(size=4096, repeats=5):
+def measured_peak_gflops(size=4096, repeats=5, dtype="float32"):
+    """A square matmul with XLA, in the compute dtype of the model being measured."""
     import tensorflow as tf
 
-    a = tf.random.normal((size, size))
-    b = tf.random.normal((size, size))
+    a = tf.cast(tf.random.normal((size, size)), dtype)
+    b = tf.cast(tf.random.normal((size, size)), dtype)
     mm = tf.function(lambda x, y: tf.matmul(x, y), jit_compile=True)
     mm(a, b).numpy()
     best = min(_timed(lambda: mm(a, b).numpy()) for _ in range(repeats))
@@ -173,7 +175,9 @@ def bench_model(args):
                                  args.stride, args.stride, args.classes)
     train_cps = float(np.median(ours["train"]))
     infer_cps = float(np.median(ours["infer"]))
-    peak = measured_peak_gflops()
+    peak = measured_peak_gflops(dtype="bfloat16" if args.precision == "mixed_bfloat16"
+                                else "float16" if args.precision == "mixed_float16"
+                                else "float32")
     out = {
         "device": (tf.config.list_physical_devices("GPU") or ["CPU"])[0].__str__(),
         "cpu_count": os.cpu_count(),
