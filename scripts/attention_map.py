@@ -49,7 +49,10 @@ def main(argv=None) -> int:
         return 2
     start = int(args.start * model.frontend.sample_rate)
     clip = audio[start : start + model.clip_samples]
-    clip = np.pad(clip, (0, model.clip_samples - len(clip)))[None].astype(np.float32)
+    if model.target_frames is None or model.frontend.num_frames(len(clip)) <= 0:
+        clip = np.pad(clip, (0, model.clip_samples - len(clip)))
+    # else: as predict, a short clip goes in as it is and its features are zero-padded
+    clip = clip[None].astype(np.float32)
     features = np.asarray(model.features(clip))
     maps, probs = attention_maps(model.backbone, features)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]

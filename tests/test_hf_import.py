@@ -339,3 +339,16 @@ def test_pretrained_weights_load_into_the_fused_qkv_layout(ast_model):
     x = np.random.default_rng(1).standard_normal((1, 512, 128)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(target(x)), np.asarray(ast_model.backbone(x)),
                                atol=1e-4)
+
+
+def test_attention_map_of_an_imported_model(ast_ref, tmp_path, capsys):
+    from scripts import attention_map, import_weights
+
+    model_file = tmp_path / "ast.keras"
+    assert import_weights.main(["--from", "hf-ast", str(AST_DIR), "--out", str(model_file)]) == 0
+    out = tmp_path / "map.png"
+    assert attention_map.main([str(model_file), str(AST_DIR / "clip.wav"), "--out", str(out)]) == 0
+    label, prob = capsys.readouterr().out.strip().splitlines()[-1].split()[-2:]
+    ref = np.exp(ast_ref["clip_logits"][0]) / np.exp(ast_ref["clip_logits"][0]).sum()
+    assert label == "door_knock" and float(prob) == pytest.approx(ref[3], abs=1e-3)
+    assert out.read_bytes()[:4] == b"\x89PNG"
