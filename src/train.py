@@ -166,12 +166,21 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         from src.models.pretrained import load_pretrained
 
         loaded = load_pretrained(
-            backbone, _pretrained_path(cfg), str(cfg.model.get("pretrained_adapt", "auto"))
+            backbone, _pretrained_path(cfg), str(cfg.model.get("pretrained_adapt", "auto")),
+            frontend=model.frontend,
         )
         pretrained = loaded.summary()
         log.info("fold %d: started from %s", fold, pretrained)
         for note in loaded.notes:
-            log.info("fold %d: %s", fold, note)
+            (log.warning if "frontend" in note else log.info)("fold %d: %s", fold, note)
+    import tensorflow as tf
+
+    if backbone.count_params() > 20_000_000 and not tf.config.list_logical_devices("GPU"):
+        log.warning(
+            "fold %d: %.0f M parameters on a CPU; expect hours per epoch. Train models this "
+            "size on a GPU (README: Installation details, GPU).",
+            fold, backbone.count_params() / 1e6,
+        )
     t = cfg.trainer
     steps_per_epoch = math.ceil(len(train_idx) / int(t.batch_size))
     schedule = build_schedule(t.schedule, float(t.optimizer.lr), steps_per_epoch, int(t.epochs))

@@ -352,3 +352,12 @@ def test_attention_map_of_an_imported_model(ast_ref, tmp_path, capsys):
     ref = np.exp(ast_ref["clip_logits"][0]) / np.exp(ast_ref["clip_logits"][0]).sum()
     assert label == "door_knock" and float(prob) == pytest.approx(ref[3], abs=1e-3)
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_load_pretrained_notes_a_different_frontend(ast_model):
+    from src.models.frontend import LogMel
+
+    report = load_pretrained(_backbone(), ast_model, frontend=LogMel(n_mels=128))
+    assert any("KaldiFbank frontend" in n and "LogMel" in n for n in report.notes)
+    report = load_pretrained(_backbone(), ast_model, frontend=ast_model.frontend)
+    assert not any("frontend" in n for n in report.notes)

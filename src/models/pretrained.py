@@ -179,8 +179,19 @@ def source_backbone(model_or_path):
     return model
 
 
-def load_pretrained(backbone, source, adapt: str = "auto") -> LoadReport:
-    """Copy the weights of ``source`` (path or model) into the built ``backbone``."""
+def _source_frontend(source):
+    from src.models.audio_transformer import AudioTransformer
+
+    model = source
+    if isinstance(source, (str, os.PathLike)):
+        path = resolve_pretrained(source)
+        model = _load(str(path.resolve()), path.stat().st_mtime)
+    return model.frontend if isinstance(model, AudioTransformer) else None
+
+
+def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> LoadReport:
+    """Copy the weights of ``source`` (path or model) into the built ``backbone``.
+    With ``frontend`` (the run's), a note says when the pretrained model had another."""
     src = source_backbone(source)
     name = str(source) if isinstance(source, (str, os.PathLike)) else src.name
     sh, dh = src.hparams, backbone.hparams
@@ -192,6 +203,15 @@ def load_pretrained(backbone, source, adapt: str = "auto") -> LoadReport:
             "keys to the pretrained values (model=ast_base384 for AST/DeiT base)."
         )
     report = LoadReport(source=name)
+    theirs = _source_frontend(source) if frontend is not None else None
+    if theirs is not None and (
+        type(theirs).__name__ != type(frontend).__name__ or theirs.n_mels != frontend.n_mels
+    ):
+        report.notes.append(
+            f"the pretrained model used a {type(theirs).__name__} frontend with "
+            f"{theirs.n_mels} bins; this run uses {type(frontend).__name__} with "
+            f"{frontend.n_mels} (frontend=kaldi_fbank matches AST's features)"
+        )
 
     def copy(dst_layer, src_layer):
         values = src_layer.get_weights()
