@@ -1,8 +1,8 @@
 """Hugging Face AST / DeiT import against the reference implementations.
 
 The fixtures in tests/fixtures/hf_ast and hf_deit were written by
-``python -m scripts.make_hf_fixtures`` (PyTorch, transformers, torchaudio; see
-tests/fixtures/hf_versions.json): small random checkpoints in the hub layout and
+``python -m scripts.make_reference_fixtures`` (PyTorch, transformers, torchaudio; see
+tests/fixtures/versions.json): small random checkpoints in the hub layout and
 what the reference code computes from them. Nothing here needs PyTorch.
 """
 
@@ -326,7 +326,7 @@ def test_hub_checkpoint_without_safetensors_says_what_to_do(hub, tmp_path, monke
 
 
 def test_fixture_versions_are_recorded():
-    versions = json.loads((ROOT / "tests" / "fixtures" / "hf_versions.json").read_text())
+    versions = json.loads((ROOT / "tests" / "fixtures" / "versions.json").read_text())
     assert {"torch", "torchaudio", "transformers"} <= set(versions)
     assert Path(AST_DIR / "model.safetensors").stat().st_size < 1_000_000
 

@@ -1,5 +1,6 @@
 """The KaldiFbank frontend against kaldi-native-fbank (Kaldi's fbank), and its edge cases."""
 
+import json
 from pathlib import Path
 
 import keras
@@ -212,3 +213,29 @@ def test_bad_options(kwargs, match):
 def test_unknown_config_key_is_rejected():
     with pytest.raises(ValueError, match="unknown config key frontend.num_mel_bins"):
         build_frontend({"name": "kaldi_fbank", "num_mel_bins": 40})
+
+
+# torchaudio.compliance.kaldi.fbank (what AST calls) over its options, from a committed
+# fixture (scripts/make_reference_fixtures.py; tests/fixtures/versions.json).
+TORCHAUDIO = Path(__file__).resolve().parent / "fixtures" / "torchaudio_fbank"
+_CASES = json.loads(TORCHAUDIO.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def torchaudio_arrays():
+    return dict(np.load(TORCHAUDIO.with_suffix(".npz")))
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_matches_torchaudio_fbank(name, torchaudio_arrays):
+    case = _CASES[name]
+    layer = KaldiFbank(**case["ours"])
+    wave = torchaudio_arrays[case["waveform"]]
+    got = np.asarray(layer(wave[None]))[0]
+    ref = torchaudio_arrays[f"{name}/features"]
+    assert got.shape == ref.shape
+    if case["ours"].get("use_log_fbank", True):
+        # Measured: at most 5.8e-4 (blackman, 80 bins), most cases below 1e-4.
+        assert np.abs(got - ref).max() < 1e-3
+    else:  # mel energies, not logs: relative
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-6 * ref.max())

@@ -130,8 +130,13 @@ class KaldiFbank(keras.layers.Layer):
         round_to_power_of_two: zero-pad each frame to the next power of two.
         snip_edges: only frames that fit in the clip (True), or Kaldi's centred
             frames with mirrored edges (False).
-        use_energy: prepend the log energy of each frame (after DC removal,
-            before pre-emphasis; Kaldi's raw energy, no energy floor).
+        use_energy: add the log energy of each frame as a feature: first, or last
+            with ``htk_compat``.
+        raw_energy: the energy of the frame after DC removal and before pre-emphasis
+            and the window (True, Kaldi's default), or after them (False).
+        energy_floor: the log energy is at least ``log(energy_floor)`` (0: no floor,
+            Kaldi's default; torchaudio's default is 1.0).
+        htk_compat: with ``use_energy``, the energy goes last (as HTK), not first.
         use_log_fbank: ``log(max(mel, eps))`` (True) or the mel energies.
         use_power: power spectrum (True) or magnitude.
         waveform_scale: the input is multiplied by this first; 1.0 (AST's
@@ -160,6 +165,9 @@ class KaldiFbank(keras.layers.Layer):
         use_log_fbank=True,
         use_power=True,
         waveform_scale=1.0,
+        raw_energy=True,
+        energy_floor=0.0,
+        htk_compat=False,
         **kwargs,
     ):
         kwargs.setdefault("trainable", False)
@@ -205,6 +213,11 @@ class KaldiFbank(keras.layers.Layer):
         self.use_log_fbank = bool(use_log_fbank)
         self.use_power = bool(use_power)
         self.waveform_scale = float(waveform_scale)
+        self.raw_energy = bool(raw_energy)
+        self.energy_floor = float(energy_floor)
+        if self.energy_floor < 0.0:
+            raise ValueError(f"frontend.energy_floor must be >= 0, got {energy_floor}.")
+        self.htk_compat = bool(htk_compat)
         self.n_mels = self.num_bins + int(self.use_energy)
 
         banks = kaldi_mel_banks(
@@ -244,14 +257,14 @@ class KaldiFbank(keras.layers.Layer):
         frames = self._frames(x)  # (batch, frames, win)
         if self.remove_dc_offset:
             frames = frames - tf.reduce_mean(frames, axis=-1, keepdims=True)
-        if self.use_energy:
-            energy = tf.math.log(
-                tf.maximum(tf.reduce_sum(tf.square(frames), axis=-1, keepdims=True), EPSILON)
-            )
+        if self.use_energy and self.raw_energy:
+            energy = self._log_energy(frames)
         if self.preemphasis != 0.0:
             previous = tf.concat([frames[..., :1], frames[..., :-1]], axis=-1)
             frames = frames - self.preemphasis * previous
         frames = frames * tf.constant(self._window)
+        if self.use_energy and not self.raw_energy:
+            energy = self._log_energy(frames)
         if self.n_fft > self.win_samples:
             frames = tf.pad(frames, [[0, 0], [0, 0], [0, self.n_fft - self.win_samples]])
         spectrum = tf.signal.rfft(frames, fft_length=[self.n_fft])
@@ -261,8 +274,17 @@ class KaldiFbank(keras.layers.Layer):
         if self.use_log_fbank:
             mel = tf.math.log(tf.maximum(mel, EPSILON))
         if self.use_energy:
-            mel = tf.concat([energy, mel], axis=-1)
+            mel = tf.concat([mel, energy] if self.htk_compat else [energy, mel], axis=-1)
         return mel
+
+    def _log_energy(self, frames):
+        """``(batch, frames, 1)``: log of the frame energy, floored as Kaldi."""
+        energy = tf.math.log(
+            tf.maximum(tf.reduce_sum(tf.square(frames), axis=-1, keepdims=True), EPSILON)
+        )
+        if self.energy_floor > 0.0:
+            energy = tf.maximum(energy, math.log(self.energy_floor))
+        return energy
 
     def compute_output_shape(self, input_shape):
         samples = input_shape[-1]
@@ -288,5 +310,8 @@ class KaldiFbank(keras.layers.Layer):
             use_log_fbank=self.use_log_fbank,
             use_power=self.use_power,
             waveform_scale=self.waveform_scale,
+            raw_energy=self.raw_energy,
+            energy_floor=self.energy_floor,
+            htk_compat=self.htk_compat,
         )
         return config

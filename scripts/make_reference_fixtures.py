@@ -1,12 +1,14 @@
-"""Make the reference fixtures for the Hugging Face AST / DeiT import tests.
+"""Make the reference fixtures: Hugging Face AST / DeiT and torchaudio's Kaldi fbank.
 
 Run once by a developer (not by CI); needs torch, transformers and torchaudio::
 
-    python -m scripts.make_hf_fixtures [--out tests/fixtures]
+    python -m scripts.make_reference_fixtures [--out tests/fixtures]
 
 Writes two small randomly initialised checkpoints in the Hugging Face layout
 (config.json + model.safetensors) and what the reference implementations
-compute from them:
+compute from them, and ``torchaudio_fbank.npz`` / ``.json``: torchaudio's
+``compliance.kaldi.fbank`` over a range of its options (windows, bin counts,
+sample rates, edges, energy, ...) with the matching ``KaldiFbank`` arguments:
 
 ``hf_ast/``
     ``ASTForAudioClassification`` (64 wide, 2 layers, 4 heads, MLP 128, 128 mel
@@ -215,6 +217,66 @@ def make_deit(out: Path) -> None:
     )
 
 
+# name -> (sample rate, amplitude, torchaudio.compliance.kaldi.fbank options). Options not
+# given are torchaudio's defaults (window povey, energy_floor 1.0, dither set to 0 here).
+FBANK_CASES = {
+    "ast": (16000, 1.0, dict(num_mel_bins=128, window_type="hanning", htk_compat=True,
+                             use_energy=False)),
+    "povey_23": (16000, 1.0, dict(num_mel_bins=23)),
+    "hamming_40": (16000, 1.0, dict(num_mel_bins=40, window_type="hamming")),
+    "blackman_80": (16000, 1.0, dict(num_mel_bins=80, window_type="blackman")),
+    "rectangular_40": (16000, 1.0, dict(num_mel_bins=40, window_type="rectangular")),
+    "rate_8k": (8000, 1.0, dict(num_mel_bins=23)),
+    "rate_22k": (22050, 1.0, dict(num_mel_bins=64, window_type="hanning")),
+    "rate_44k": (44100, 1.0, dict(num_mel_bins=128, window_type="hanning")),
+    "no_snip_edges": (16000, 1.0, dict(num_mel_bins=40, snip_edges=False)),
+    "no_preemphasis_no_dc": (16000, 1.0, dict(num_mel_bins=40, preemphasis_coefficient=0.0,
+                                              remove_dc_offset=False)),
+    "band_edges": (16000, 1.0, dict(num_mel_bins=40, low_freq=64.0, high_freq=-400.0)),
+    "no_power_of_two": (16000, 1.0, dict(num_mel_bins=40, round_to_power_of_two=False)),
+    "magnitude": (16000, 1.0, dict(num_mel_bins=40, use_power=False)),
+    "linear": (16000, 1.0, dict(num_mel_bins=40, use_log_fbank=False)),
+    "frame_50ms": (16000, 1.0, dict(num_mel_bins=40, frame_length=50.0, frame_shift=12.5)),
+    "energy": (16000, 1.0, dict(num_mel_bins=40, use_energy=True, energy_floor=0.0)),
+    "energy_htk": (16000, 1.0, dict(num_mel_bins=40, use_energy=True, htk_compat=True)),
+    "energy_not_raw": (16000, 1.0, dict(num_mel_bins=40, use_energy=True, raw_energy=False)),
+    "energy_floor_quiet": (16000, 0.01, dict(num_mel_bins=40, use_energy=True)),
+    "int16_scale": (16000, 32768.0, dict(num_mel_bins=40)),
+}
+_OUR_NAMES = {"num_mel_bins": "n_mels", "frame_length": "frame_length_ms",
+              "frame_shift": "frame_shift_ms", "preemphasis_coefficient": "preemphasis"}
+
+
+def our_fbank_kwargs(rate: int, options: dict) -> dict:
+    """``KaldiFbank`` arguments for torchaudio's fbank options (torchaudio's defaults
+    where ours differ: povey window, energy floor 1.0)."""
+    ours = dict(sample_rate=rate, window_type="povey", energy_floor=1.0)
+    for key, value in options.items():
+        ours[_OUR_NAMES.get(key, key)] = value
+    return ours
+
+
+def make_fbank(out: Path) -> None:
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    arrays, cases = {}, {}
+    for name, (rate, amplitude, options) in FBANK_CASES.items():
+        rng = np.random.default_rng(5)
+        t = np.arange(int(rate * 0.5)) / rate
+        x = 0.05 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * (300 * t + 1800 * t**2))
+        x = (amplitude * (x + 0.02)).astype(np.float32)  # + a DC offset
+        features = kaldi.fbank(torch.from_numpy(x)[None], sample_frequency=rate, dither=0.0,
+                               **options)
+        wave_key = f"waveform/{rate}/{amplitude:g}"  # shared by the cases that use it
+        arrays[wave_key] = x
+        arrays[f"{name}/features"] = features.numpy().astype(np.float32)
+        cases[name] = {"torchaudio": dict(sample_frequency=rate, dither=0.0, **options),
+                       "ours": our_fbank_kwargs(rate, options), "waveform": wave_key}
+    np.savez_compressed(out / "torchaudio_fbank.npz", **arrays)
+    (out / "torchaudio_fbank.json").write_text(json.dumps(cases, indent=1) + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tests/fixtures", help="fixture directory")
@@ -226,14 +288,16 @@ def main(argv=None) -> None:
     out = Path(args.out)
     make_ast(out / "hf_ast")
     make_deit(out / "hf_deit")
+    make_fbank(out)
     versions = {
         "torch": torch.__version__,
         "torchaudio": torchaudio.__version__,
         "transformers": transformers.__version__,
         "numpy": np.__version__,
     }
-    (out / "hf_versions.json").write_text(json.dumps(versions, indent=2) + "\n")
-    print(f"wrote {out / 'hf_ast'} and {out / 'hf_deit'} with {versions}")
+    (out / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+    print(f"wrote {out / 'hf_ast'}, {out / 'hf_deit'} and {out / 'torchaudio_fbank.*'} "
+          f"with {versions}")
 
 
 if __name__ == "__main__":
