@@ -196,7 +196,14 @@ def make_deit(out: Path) -> None:
     )
     model = DeiTForImageClassificationWithTeacher(config).eval()
     _randomise(model, seed=3)
+    # As older hub checkpoints: pytorch_model.bin (torch.save of the state dict with the
+    # hub's parameter names), not safetensors.
     model.save_pretrained(out)
+    from safetensors.torch import load_file
+
+    weights = out / "model.safetensors"
+    torch.save(load_file(str(weights)), out / "pytorch_model.bin")
+    weights.unlink()
 
     rng = np.random.default_rng(4)
     spectrogram = rng.standard_normal((1, 64, 64)).astype(np.float16)  # (B, frames, mels)
@@ -277,6 +284,29 @@ def make_fbank(out: Path) -> None:
     (out / "torchaudio_fbank.json").write_text(json.dumps(cases, indent=1) + "\n")
 
 
+def make_torch_state(out: Path) -> None:
+    """A small ``torch.save``d dict with every case the torch-free reader handles."""
+    import torch
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
+    state = {
+        "float32": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
+        "transposed": base.t(),  # strides (1, 6) into a shared storage
+        "row_view": base[2],  # storage offset 12
+        "float16": torch.linspace(-2, 2, 7).half(),
+        "bfloat16": torch.tensor([1.5, -2.25, 3.0e-3, 1.0e4], dtype=torch.bfloat16),
+        "float64": torch.linspace(0, 1, 5, dtype=torch.float64),
+        "int64": torch.tensor([1, -2, 3], dtype=torch.int64),
+        "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.25),
+        "parameter": torch.nn.Parameter(torch.ones(2, 2)),
+    }
+    torch.save(state, out / "torch_state.bin")
+    np.savez(out / "torch_state_expected.npz",
+             **{k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+                for k, v in state.items()})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="tests/fixtures", help="fixture directory")
@@ -289,6 +319,7 @@ def main(argv=None) -> None:
     make_ast(out / "hf_ast")
     make_deit(out / "hf_deit")
     make_fbank(out)
+    make_torch_state(out)
     versions = {
         "torch": torch.__version__,
         "torchaudio": torchaudio.__version__,

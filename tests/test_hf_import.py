@@ -7,6 +7,7 @@ what the reference code computes from them. Nothing here needs PyTorch.
 """
 
 import json
+import os
 import shutil
 import threading
 from functools import partial
@@ -248,9 +249,13 @@ def test_both_parameter_layouts_are_understood():
 
 def test_incomplete_checkpoint_directory_is_named(tmp_path):
     shutil.copy(AST_DIR / "config.json", tmp_path / "config.json")
-    (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(WeightImportError, match="missing model.safetensors.*save_pretrained"):
+    with pytest.raises(WeightImportError,
+                       match="missing model.safetensors or pytorch_model.bin"):
         fetch_checkpoint(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip")
+    assert fetch_checkpoint(tmp_path) == tmp_path
+    with pytest.raises(WeightImportError, match="not a zip-format torch checkpoint"):
+        import_hf_ast(tmp_path)
     with pytest.raises(WeightImportError, match="not a directory and not a hub id"):
         fetch_checkpoint(str(tmp_path / "nope" / "deeper"))
 
@@ -315,14 +320,50 @@ def test_hub_id_is_downloaded_once_and_imported(hub, tmp_path, monkeypatch):
     assert len(seen) == requests  # cached
 
 
-def test_hub_checkpoint_without_safetensors_says_what_to_do(hub, tmp_path, monkeypatch):
-    endpoint, root, _ = hub
-    (root / "model.safetensors").unlink()
-    (root / "preprocessor_config.json").unlink()  # optional: a 404 is fine
+def test_hub_checkpoint_with_only_pytorch_model_bin(hub, tmp_path, monkeypatch):
+    endpoint, root, seen = hub
+    for name in ("model.safetensors", "preprocessor_config.json", "config.json"):
+        (root / name).unlink()
+    shutil.copy(DEIT_DIR / "config.json", root / "config.json")
+    shutil.copy(DEIT_DIR / "pytorch_model.bin", root / "pytorch_model.bin")
     monkeypatch.setenv("HF_ENDPOINT", endpoint())
-    with pytest.raises(WeightImportError, match="HTTP 404.*pytorch_model.bin"):
-        fetch_checkpoint("someone/tiny-ast", tmp_path / "cache", progress=False)
-    assert not (tmp_path / "cache" / "someone--tiny-ast" / "main" / "model.safetensors").exists()
+    got = fetch_checkpoint("someone/tiny-deit", tmp_path / "cache", progress=False)
+    assert sorted(p.name for p in got.iterdir()) == ["config.json", "pytorch_model.bin"]
+    assert import_hf_deit(got).grid == (4, 4)
+    (root / "pytorch_model.bin").unlink()
+    with pytest.raises(WeightImportError, match="neither model.safetensors nor pytorch_model"):
+        fetch_checkpoint("someone/other", tmp_path / "cache", progress=False)
+
+
+def test_torch_state_dict_is_read_without_torch():
+    from src.models.torch_checkpoint import load_state_dict
+
+    got = load_state_dict(ROOT / "tests" / "fixtures" / "torch_state.bin")
+    expected = np.load(ROOT / "tests" / "fixtures" / "torch_state_expected.npz")
+    assert sorted(got) == sorted(expected.files)
+    for name in expected.files:
+        assert got[name].dtype == expected[name].dtype, name
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert got["transposed"].shape == (6, 4) and got["scalar"].shape == ()
+
+
+def test_torch_reader_refuses_code(tmp_path):
+    """A pickle that would call os.system is refused, not run."""
+    import pickle
+    import zipfile
+
+    from src.models.torch_checkpoint import TorchCheckpointError, load_state_dict
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.bin"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps({"w": Evil()}, protocol=2))
+    with pytest.raises(TorchCheckpointError, match="refusing to load"):
+        load_state_dict(path)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_fixture_versions_are_recorded():

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (the
 layout ``save_pretrained`` writes and the hub serves), read with numpy and
-safetensors only. A hub id (``owner/name``) is downloaded first, file by file,
+safetensors only; a ``pytorch_model.bin`` (older checkpoints) is read without
+PyTorch too (``src.models.torch_checkpoint``). A hub id (``owner/name``) is downloaded first, file by file,
 from ``$HF_ENDPOINT`` (default https://huggingface.co; ``$HF_TOKEN`` is sent
 when set) with the project's resumable downloader.
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("hf-ast", "hf-deit")
 HUB_ENDPOINT = "https://huggingface.co"
-REQUIRED_FILES = ("config.json", "model.safetensors")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 OPTIONAL_FILES = ("preprocessor_config.json",)
 # AudioSet statistics: ASTFeatureExtractor's defaults.
 AST_MEAN, AST_STD = -4.2677393, 4.5689974
@@ -83,16 +84,13 @@ def fetch_checkpoint(
     source = str(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+        missing = [] if (path / "config.json").is_file() else ["config.json"]
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            missing.append(" or ".join(WEIGHT_FILES))
         if missing:
-            hint = ""
-            if "model.safetensors" in missing and (path / "pytorch_model.bin").is_file():
-                hint = (
-                    " It has pytorch_model.bin: convert it once with transformers "
-                    "(`AutoModel.from_pretrained(DIR).save_pretrained(DIR)` writes "
-                    "model.safetensors)."
-                )
-            raise WeightImportError(f"{path}: missing {', '.join(missing)}.{hint}")
+            raise WeightImportError(
+                f"{path}: missing {', '.join(missing)} (the files save_pretrained writes)."
+            )
         return path
     if not _is_hub_id(source):
         raise WeightImportError(
@@ -106,23 +104,27 @@ def fetch_checkpoint(
     if os.environ.get("HF_TOKEN"):
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
     target = Path(cache_dir) / source.replace("/", "--") / revision
-    for name in REQUIRED_FILES + OPTIONAL_FILES:
+
+    def get(name, optional):
         dest = target / name
         if dest.is_file():
-            continue
+            return True
         url = f"{endpoint}/{source}/resolve/{revision}/{name}"
         try:
             download_file(url, dest, progress=progress, headers=headers, retries=2)
         except DownloadError as err:
-            if name in OPTIONAL_FILES and "HTTP 404" in str(err):
-                continue
-            hint = ""
-            if name == "model.safetensors" and "HTTP 404" in str(err):
-                hint = (
-                    f" {source} may only have pytorch_model.bin: convert it once with "
-                    "transformers (from_pretrained + save_pretrained) and import the directory."
-                )
-            raise WeightImportError(f"{err}{hint}") from None
+            if optional and "HTTP 404" in str(err):
+                return False
+            raise WeightImportError(str(err)) from None
+        return True
+
+    get("config.json", optional=False)
+    for name in OPTIONAL_FILES:
+        get(name, optional=True)
+    if not any(get(name, optional=True) for name in WEIGHT_FILES):
+        raise WeightImportError(
+            f"{source}: the hub has neither {' nor '.join(WEIGHT_FILES)} at {revision}."
+        )
     return target
 
 
@@ -133,6 +135,8 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
     """``(config, preprocessor_config or {}, {name: float32 array})`` of a checkpoint dir."""
     from safetensors.numpy import load_file
 
+    from src.models.torch_checkpoint import TorchCheckpointError, load_state_dict
+
     directory = Path(directory)
     try:
         config = json.loads((directory / "config.json").read_text())
@@ -140,12 +144,19 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
         raise WeightImportError(f"{directory / 'config.json'}: cannot read it ({err}).") from None
     pre_path = directory / "preprocessor_config.json"
     preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-    try:
-        tensors = load_file(str(directory / "model.safetensors"))
-    except Exception as err:  # safetensors raises its own error types
-        raise WeightImportError(
-            f"{directory / 'model.safetensors'}: not a readable safetensors file ({err})."
-        ) from None
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        try:
+            tensors = load_file(str(weights))
+        except Exception as err:  # safetensors raises its own error types
+            raise WeightImportError(
+                f"{weights}: not a readable safetensors file ({err})."
+            ) from None
+    else:
+        try:
+            tensors = load_state_dict(directory / "pytorch_model.bin")
+        except (TorchCheckpointError, OSError) as err:
+            raise WeightImportError(str(err)) from None
     return config, preprocessor, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
 
