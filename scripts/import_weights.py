@@ -5,9 +5,10 @@
     python -m scripts.import_weights --known ast_audioset [--out weights/ast_audioset.keras]
 
 ``SOURCE`` is a directory with ``config.json`` and ``model.safetensors`` (what
-``save_pretrained`` writes; or ``pytorch_model.bin``) or a hub id (``owner/name``), downloaded once into
-``--cache-dir`` (``$HF_ENDPOINT``, ``$HF_TOKEN`` are honoured). Only numpy and
-safetensors read the checkpoint; PyTorch is not needed.
+``save_pretrained`` writes) or ``pytorch_model.bin``, or a hub id (``owner/name``),
+downloaded once into ``--cache-dir`` (``$HF_ENDPOINT``, ``$HF_TOKEN`` are honoured).
+numpy and safetensors read the checkpoint (a ``.bin`` with an allow-list unpickler);
+PyTorch is not needed.
 
 * ``hf-ast``: a complete waveform -> logits model (Kaldi fbank, padding,
   normalisation, AST) that ``python -m src.predict FILE.keras audio=...`` runs.
