@@ -5,10 +5,13 @@ Run once by a developer (not by CI); needs torch, transformers and torchaudio::
     python -m scripts.make_reference_fixtures [--out tests/fixtures]
 
 Writes two small randomly initialised checkpoints in the Hugging Face layout
-(config.json + model.safetensors) and what the reference implementations
+(config.json + model.safetensors for the AST, pytorch_model.bin for the DeiT, as
+older hub checkpoints) and what the reference implementations
 compute from them, and ``torchaudio_fbank.npz`` / ``.json``: torchaudio's
 ``compliance.kaldi.fbank`` over a range of its options (windows, bin counts,
-sample rates, edges, energy, ...) with the matching ``KaldiFbank`` arguments:
+sample rates, edges, energy, ...) with the matching ``KaldiFbank`` arguments, and
+``torch_state.bin``: a small ``torch.save``d dict (dtypes, views, a scalar) with its
+expected arrays, for the torch-free checkpoint reader.
 
 ``hf_ast/``
     ``ASTForAudioClassification`` (64 wide, 2 layers, 4 heads, MLP 128, 128 mel
@@ -22,7 +25,7 @@ sample rates, edges, energy, ...) with the matching ``KaldiFbank`` arguments:
       clip with AST's settings, ``clip_logits``: the logits of the full AST
       path (fbank, zero-pad to 512 frames, normalise, model);
     - ``cut_position_embedding``: the position embedding adapted to a
-      (12, 24) patch grid (256 frames) with AST's code (cut from the middle).
+      (12, 24) patch grid (246 frames) with AST's code (cut from the middle).
 
 ``hf_deit/``
     ``DeiTForImageClassificationWithTeacher`` (64 wide, 2 layers, 4 heads,

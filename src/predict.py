@@ -288,9 +288,10 @@ def _class_names(model, num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def _logits(model, windows: np.ndarray, batch_size: int) -> np.ndarray:
+def _logits(model, windows: np.ndarray, batch_size: int, eager: bool = False) -> np.ndarray:
+    run = model if eager else model.predict_on_batch
     parts = [
-        np.asarray(model.predict_on_batch(windows[i : i + batch_size]), dtype=np.float32)
+        np.asarray(run(windows[i : i + batch_size].astype(np.float32)), dtype=np.float32)
         for i in range(0, len(windows), batch_size)
     ]
     return np.concatenate(parts, axis=0)
@@ -340,20 +341,28 @@ def predict_files(
             entry["error"] = str(err)
             continue
         windows, starts = _cut_windows(audio, window, hop, clip)
-        logits = _logits(model, windows, int(batch_size))
+        # Models that pad their features (AST: zeros up to target_frames frames) see a
+        # short piece as it is, not followed by samples of digital silence.
+        short: dict[int, list[int]] = {}  # piece length -> window indices
         if getattr(model, "target_frames", None) is not None:
-            # Models that pad their features (AST: zeros up to target_frames frames) see a
-            # short piece as it is, not followed by samples of digital silence.
-            short: dict[int, list[int]] = {}  # piece length -> window indices
             for i, start in enumerate(starts):
                 n = len(audio[start : start + window])
                 if n < clip and model.frontend.num_frames(n) > 0:
                     short.setdefault(n, []).append(i)
-            for n, idx in short.items():
-                pieces = np.stack([audio[starts[i] : starts[i] + n] for i in idx])
-                for j in range(0, len(idx), int(batch_size)):
-                    out = np.asarray(model(pieces[j : j + int(batch_size)].astype(np.float32)))
-                    logits[idx[j : j + int(batch_size)]] = out
+        padded = np.setdiff1d(np.arange(len(windows)), sum(short.values(), []))
+        groups = [(padded, windows[padded], True)] if len(padded) else []
+        groups += [
+            (np.asarray(idx), np.stack([audio[starts[i] : starts[i] + n] for i in idx]), False)
+            for n, idx in short.items()
+        ]
+        logits = None
+        for idx, batch, full in groups:
+            # Pieces of another length run eagerly: the padding to target_frames needs
+            # their frame count, which a traced predict function may leave unknown.
+            out = _logits(model, batch, int(batch_size), eager=not full)
+            if logits is None:
+                logits = np.zeros((len(windows), out.shape[-1]), dtype=np.float32)
+            logits[idx] = out
         probs = _softmax(logits)  # (windows, classes)
         if names is None:
             names = _class_names(model, probs.shape[-1])

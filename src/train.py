@@ -172,7 +172,9 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         pretrained = loaded.summary()
         log.info("fold %d: started from %s", fold, pretrained)
         for note in loaded.notes:
-            (log.warning if "frontend" in note else log.info)("fold %d: %s", fold, note)
+            log.info("fold %d: %s", fold, note)
+        for warning in loaded.warnings:
+            log.warning("fold %d: %s", fold, warning)
     import tensorflow as tf
 
     if backbone.count_params() > 20_000_000 and not tf.config.list_logical_devices("GPU"):

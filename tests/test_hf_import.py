@@ -399,6 +399,40 @@ def test_load_pretrained_notes_a_different_frontend(ast_model):
     from src.models.frontend import LogMel
 
     report = load_pretrained(_backbone(), ast_model, frontend=LogMel(n_mels=128))
-    assert any("KaldiFbank frontend" in n and "LogMel" in n for n in report.notes)
+    assert any("KaldiFbank frontend" in w and "LogMel" in w for w in report.warnings)
     report = load_pretrained(_backbone(), ast_model, frontend=ast_model.frontend)
-    assert not any("frontend" in n for n in report.notes)
+    assert not report.warnings
+
+
+def test_predict_mixes_full_windows_and_an_unpadded_last_piece(ast_model, tmp_path):
+    import soundfile as sf
+
+    from src.predict import load_audio, predict_files
+
+    wave, rate = sf.read(AST_DIR / "clip.wav", dtype="int16")
+    path = tmp_path / "twice.wav"
+    sf.write(path, np.concatenate([wave, wave[::-1]]), rate, subtype="PCM_16")
+    (entry,) = predict_files(ast_model, [path], per_window=True, top_k=5)
+    assert entry["windows"] == 3  # 0 and 41080 full (82160 samples), then 77840 left
+    audio = load_audio(path, 16000)
+    clip, hop = ast_model.clip_samples, ast_model.clip_samples // 2
+    expected = [np.asarray(ast_model(audio[None, :clip]))[0],
+                np.asarray(ast_model(audio[None, hop:hop + clip]))[0],
+                np.asarray(ast_model(audio[None, 2 * hop:]))[0]]  # unpadded
+    probs = [np.exp(e - e.max()) / np.exp(e - e.max()).sum() for e in expected]
+    for got, p in zip(entry["per_window"], probs):
+        assert got["label"] == ast_model.class_names[int(p.argmax())]
+        assert got["prob"] == pytest.approx(float(p.max()), abs=1e-5)
+    mean = np.mean(probs, axis=0)
+    assert entry["top"][0]["prob"] == pytest.approx(float(mean.max()), abs=1e-5)
+
+
+def test_ast_checkpoint_without_a_head_is_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    _, _, tensors = read_checkpoint(AST_DIR)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("classifier.")},
+              str(tmp_path / "model.safetensors"))
+    shutil.copy(AST_DIR / "config.json", tmp_path / "config.json")
+    with pytest.raises(WeightImportError, match=r"no classifier head \(classifier\.layernorm"):
+        import_hf_ast(tmp_path)

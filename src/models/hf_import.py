@@ -327,9 +327,16 @@ def import_hf_ast(directory: str | os.PathLike):
     )
     model.build((None, clip_samples))
     _assign_backbone(backbone, canon, directory, rgb_to_mono=False)
-    head = backbone.head_norm, backbone.classifier
-    head[0].set_weights([canon[("head", "layernorm.weight")], canon[("head", "layernorm.bias")]])
-    head[1].set_weights([canon[("head", "dense.weight")].T, canon[("head", "dense.bias")]])
+    names = ("layernorm.weight", "layernorm.bias", "dense.weight", "dense.bias")
+    missing = [f"classifier.{n}" for n in names if ("head", n) not in canon]
+    if missing:
+        raise WeightImportError(
+            f"{directory}: no classifier head ({', '.join(missing)}); an AST checkpoint for "
+            "audio classification (ASTForAudioClassification) has one."
+        )
+    ln_w, ln_b, dense_w, dense_b = (canon[("head", n)] for n in names)
+    backbone.head_norm.set_weights([ln_w, ln_b])
+    backbone.classifier.set_weights([dense_w.T, dense_b])
     if unused:
         log.warning("%s: tensors not imported: %s", directory, unused)
     return model

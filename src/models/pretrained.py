@@ -145,6 +145,7 @@ class LoadReport:
     position_grid: tuple = ()
     new_head: bool = False
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # things that may hurt the run
 
     def summary(self) -> str:
         (sf, st), (df, dt) = self.position_grid
@@ -160,39 +161,31 @@ def _load(path: str, mtime: float):
     return load_model(path)
 
 
-def source_backbone(model_or_path):
-    """The ``SpectrogramTransformer`` inside a ``.keras`` file (or a loaded model).
-    Files are loaded once per process (every fold starts from the same weights)."""
+def source_model(model_or_path):
+    """``(backbone, frontend or None)`` of a ``.keras`` file (or a loaded model): the
+    ``SpectrogramTransformer`` and, for an ``AudioTransformer``, its frontend. Files are
+    loaded once per process (every fold starts from the same weights)."""
     from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
 
     model = model_or_path
     if isinstance(model_or_path, (str, os.PathLike)):
         path = resolve_pretrained(model_or_path)
         model = _load(str(path.resolve()), path.stat().st_mtime)
+    frontend = None
     if isinstance(model, AudioTransformer):
-        model = model.backbone
+        model, frontend = model.backbone, model.frontend
     if not isinstance(model, SpectrogramTransformer):
         raise PretrainedError(
             f"model.pretrained={model_or_path}: holds a {type(model).__name__}, not a "
             "transformer (AudioTransformer or SpectrogramTransformer)."
         )
-    return model
-
-
-def _source_frontend(source):
-    from src.models.audio_transformer import AudioTransformer
-
-    model = source
-    if isinstance(source, (str, os.PathLike)):
-        path = resolve_pretrained(source)
-        model = _load(str(path.resolve()), path.stat().st_mtime)
-    return model.frontend if isinstance(model, AudioTransformer) else None
+    return model, frontend
 
 
 def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> LoadReport:
     """Copy the weights of ``source`` (path or model) into the built ``backbone``.
-    With ``frontend`` (the run's), a note says when the pretrained model had another."""
-    src = source_backbone(source)
+    With ``frontend`` (the run's), a warning says when the pretrained model had another."""
+    src, theirs = source_model(source)
     name = str(source) if isinstance(source, (str, os.PathLike)) else src.name
     sh, dh = src.hparams, backbone.hparams
     mismatched = [k for k in _MUST_MATCH if sh.get(k) != dh.get(k)]
@@ -203,11 +196,10 @@ def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> Loa
             "keys to the pretrained values (model=ast_base384 for AST/DeiT base)."
         )
     report = LoadReport(source=name)
-    theirs = _source_frontend(source) if frontend is not None else None
-    if theirs is not None and (
+    if theirs is not None and frontend is not None and (
         type(theirs).__name__ != type(frontend).__name__ or theirs.n_mels != frontend.n_mels
     ):
-        report.notes.append(
+        report.warnings.append(
             f"the pretrained model used a {type(theirs).__name__} frontend with "
             f"{theirs.n_mels} bins; this run uses {type(frontend).__name__} with "
             f"{frontend.n_mels} (frontend=kaldi_fbank matches AST's features)"
@@ -252,8 +244,9 @@ def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> Loa
     report.position_grid = ((spe.f_dim, spe.t_dim), (dpe.f_dim, dpe.t_dim))
 
     for dst_block, src_block in zip(backbone.blocks, src.blocks):
-        dst_block.att.set_qkv(src_block.att.get_qkv())  # either q/k/v layout
-        report.copied += sum(len(v) for v in src_block.att.get_qkv().values())
+        qkv = src_block.att.get_qkv()
+        dst_block.att.set_qkv(qkv)  # either q/k/v layout
+        report.copied += sum(len(v) for v in qkv.values())
         for name in ("combine_heads",):
             copy(getattr(dst_block.att, name), getattr(src_block.att, name))
         copy(dst_block.ffn, src_block.ffn)
