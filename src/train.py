@@ -119,7 +119,12 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
     from src.data.pipeline import eval_dataset, feature_stats, training_dataset
     from src.evaluation.metrics import classification_report
     from src.models.build import build_model
-    from src.training.callbacks import LearningRateLogger
+    from src.training.callbacks import (
+        AtomicBackupAndRestore,
+        LearningRateLogger,
+        backup_epoch,
+        truncate_csv_log,
+    )
     from src.training.mixup import apply_mixup
     from src.training.optim import build_optimizer, build_schedule
 
@@ -212,13 +217,15 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
 
     ckpt_dir = fold_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
+    # The backup says where training resumes; log rows of later epochs (written just
+    # before a kill) are dropped, as those epochs run again.
+    resumed = backup_epoch(fold_dir / "backup")
+    truncate_csv_log(fold_dir / "metrics.csv", resumed)
     earlier = _full_history(fold_dir / "metrics.csv", {})  # epochs before an interruption
-    if earlier.get("loss"):
-        log.info("fold %d: resuming after %d completed epoch(s)", fold, len(earlier["loss"]))
+    if resumed:
+        log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
     callbacks = [
-        LearningRateLogger(),
-        # Resume: restores weights, optimizer state and epoch after a crash.
-        keras.callbacks.BackupAndRestore(str(fold_dir / "backup")),
+        LearningRateLogger(),  # first: the loggers below record its value
         keras.callbacks.ModelCheckpoint(
             str(ckpt_dir / "best.weights.h5"),
             monitor="val_accuracy",
@@ -229,6 +236,9 @@ def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Pat
         ),
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
         keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
+        # Resume: restores weights, optimizer state and epoch after a crash. Last, so an
+        # epoch in the backup is always in the log too.
+        AtomicBackupAndRestore(str(fold_dir / "backup")),
     ]
     logger = _make_logger(cfg, fold, f"fold{fold}", resolved)
     if logger is not None:

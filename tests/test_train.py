@@ -195,13 +195,18 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     assert (run_dir / "fold_1" / "results.json").exists()
     assert not (run_dir / "fold_2" / "results.json").exists()
     fold1_mtime = (run_dir / "fold_1" / "results.json").stat().st_mtime_ns
+    meta = run_dir / "fold_2" / "backup" / "training_metadata.json"
+    resumed = json.loads(meta.read_text())["epoch"]
+    assert done_before - 1 <= resumed <= done_before and resumed >= 2
 
     out = subprocess.run(args, cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     logs = out.stdout + out.stderr  # Hydra's log handler writes to stdout
     assert "fold 1 already complete" in logs
-    assert f"resuming after {done_before} completed epoch(s)" in logs
+    # The backup (written after the log row of each epoch) says where it resumed: the
+    # last epoch logged, or the one before when the kill came between the two writes.
+    assert f"resuming after {resumed} completed epoch(s)" in logs
     assert (run_dir / "fold_1" / "results.json").stat().st_mtime_ns == fold1_mtime
     r = json.loads((run_dir / "results.json").read_text())
     assert [f["fold"] for f in r["per_fold"]] == [1, 2]
@@ -210,7 +215,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     # The LR schedule continued from the saved optimizer step (cosine over 40 epochs):
     # a restart from scratch would repeat the warmup values.
     lrs = hist["learning_rate"]
-    assert lrs[done_before] < lrs[1]
+    assert lrs[resumed] < lrs[1]
     assert not (run_dir / "fold_2" / "backup").exists()
 
 

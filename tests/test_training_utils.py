@@ -123,3 +123,57 @@ def test_linear_baseline_rejects_unknown_stats():
     with pytest.raises(ValueError, match="model.stats"):
         build_model({"type": "linear", "stats": ["median"]}, {"n_mels": 16}, num_classes=2,
                     clip_samples=4000)
+
+
+def _tiny_fit(backup_dir, epochs, callbacks=()):
+    from src.training.callbacks import AtomicBackupAndRestore
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype("float32")
+    y = np.zeros((8, 2), "float32")
+    backup = AtomicBackupAndRestore(str(backup_dir), delete_checkpoint=False)
+    return model.fit(x, y, epochs=epochs, verbose=0, callbacks=[*callbacks, backup])
+
+
+def test_backup_survives_a_write_cut_short(tmp_path):
+    """A kill while the backup is written leaves the previous backup whole."""
+    from src.training.callbacks import backup_epoch
+
+    backup = tmp_path / "backup"
+    _tiny_fit(backup, epochs=2)
+    assert backup_epoch(backup) == 2
+    assert sorted(p.name for p in backup.iterdir()) == ["latest.weights.h5",
+                                                        "training_metadata.json"]
+
+
+    class CutShort(keras.callbacks.Callback):
+        """The process dies halfway through writing the weights of epoch 3."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            def save_weights(filepath, overwrite=True):
+                with open(filepath, "wb") as fh:
+                    fh.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 88)  # a truncated HDF5 file
+                raise KeyboardInterrupt
+
+            self.model.save_weights = save_weights
+
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_fit(backup, epochs=3, callbacks=[CutShort()])
+    assert backup_epoch(backup) == 2  # the previous backup is whole
+    history = _tiny_fit(backup, epochs=3)
+    assert len(history.history["loss"]) == 1  # epochs 1-2 restored, epoch 3 trained
+    assert backup_epoch(backup) == 3
+
+
+def test_csv_log_is_cut_back_to_the_backup(tmp_path):
+    from src.training.callbacks import truncate_csv_log
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n3,0.7\n")
+    truncate_csv_log(log, 3)
+    assert log.read_text().split() == ["epoch,loss", "0,1.0", "1,0.9", "2,0.8"]
+    truncate_csv_log(log, 0)
+    assert log.read_text().split() == ["epoch,loss"]
+    truncate_csv_log(tmp_path / "absent.csv", 2)  # nothing to do

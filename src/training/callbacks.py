@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+from pathlib import Path
+
 import keras
 
 
@@ -19,3 +24,57 @@ class LearningRateLogger(keras.callbacks.Callback):
         if isinstance(opt._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             lr = opt._learning_rate(max(int(opt.iterations.numpy()) - 1, 0))
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` whose backup files are replaced atomically.
+
+    Keras writes ``latest.weights.h5`` in place, so a run killed during that write
+    leaves a truncated file and the next run fails to load it. Here the weights and
+    the epoch counter go to temporary files that replace the previous backup only
+    once complete (``os.replace``): a run killed at any moment resumes from its last
+    complete epoch.
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp_weights = self._weights_path + ".tmp.weights.h5"
+        self.model.save_weights(tmp_weights, overwrite=True)
+        tmp_meta = self._training_metadata_path + ".tmp"
+        with open(tmp_meta, "w") as fh:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_weights, self._weights_path)
+        os.replace(tmp_meta, self._training_metadata_path)
+
+
+def backup_epoch(backup_dir: str | os.PathLike) -> int:
+    """Epochs completed according to a backup written by :class:`AtomicBackupAndRestore`
+    (0 when there is none)."""
+    meta = Path(backup_dir) / "training_metadata.json"
+    weights = Path(backup_dir) / "latest.weights.h5"
+    if not (meta.exists() and weights.exists()):
+        return 0
+    return int(json.loads(meta.read_text())["epoch"])
+
+
+def truncate_csv_log(csv_path: str | os.PathLike, epochs: int) -> None:
+    """Keep only the rows of the first ``epochs`` epochs in a CSVLogger file, so the
+    log agrees with the backup a resumed run starts from (rows of epochs after the
+    backup would be trained again)."""
+    path = Path(csv_path)
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    keep = [r for r in body if r and int(r[0]) < epochs]
+    if len(keep) == len(body):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *keep])
+    os.replace(tmp, path)
