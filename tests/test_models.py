@@ -362,3 +362,76 @@ def test_qkv_bias_false_keeps_the_output_bias():
     att = MultiHeadSelfAttention(16, 2, qkv_bias=False)
     att(rand(1, 3, 16))
     assert not att.query_dense.use_bias and att.combine_heads.use_bias
+
+
+# ------------------------------------------------------ pooled last block
+
+
+@pytest.mark.parametrize("fused,fused_qkv", [(False, False), (True, False), (False, True)])
+def test_attention_from_the_first_queries_equals_the_first_rows(fused, fused_qkv):
+    att = MultiHeadSelfAttention(32, 4, fused=fused, fused_qkv=fused_qkv)
+    x = rand(2, 9, 32)
+    mask = np.ones((2, 9), bool)
+    mask[1, 6:] = False
+    for m in (None, mask):
+        full = keras.ops.convert_to_numpy(att(x, mask=m))
+        first = keras.ops.convert_to_numpy(att(x, mask=m, num_queries=2))
+        assert first.shape == (2, 2, 32)
+        np.testing.assert_allclose(first, full[:, :2], atol=1e-5)
+    _, w = att(x, return_attention_scores=True, num_queries=3)
+    assert w.shape == (2, 4, 3, 9)  # 3 queries over all 9 keys
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_block_rows_of_the_first_tokens_equal_the_full_block(norm_first):
+    block = TransformerBlock(32, 4, 64, dropout_rate=0.0, norm_first=norm_first)
+    x = rand(2, 11, 32)
+    full = keras.ops.convert_to_numpy(block(x))
+    first = keras.ops.convert_to_numpy(block(x, num_queries=1))
+    assert first.shape == (2, 1, 32)
+    np.testing.assert_allclose(first, full[:, :1], atol=1e-5)
+
+
+def _logits_and_grads(model, x, y):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return keras.ops.convert_to_numpy(model(x)), [keras.ops.convert_to_numpy(g) for g in grads]
+
+
+@pytest.mark.parametrize(
+    "pooling,norm_first,fused_qkv",
+    [("cls", False, False), ("cls_dist", True, False), ("cls_dist", True, True)],
+)
+def test_pooled_last_block_gives_the_same_logits_and_gradients(pooling, norm_first, fused_qkv):
+    kw = dict(num_classes=5, num_frames=48, num_mels=32, embed_dim=32, num_layers=2,
+              num_heads=4, ff_dim=64, dropout_rate=0.0, norm_first=norm_first,
+              pooling=pooling, fused_qkv=fused_qkv)
+    pruned = SpectrogramTransformer(pooled_last_block=True, **kw)
+    full = SpectrogramTransformer(pooled_last_block=False, **kw)
+    pruned.build((None, 48, 32))
+    full.build((None, 48, 32))
+    full.set_weights(pruned.get_weights())
+    x, y = rand(3, 48, 32), np.array([0, 3, 4])
+    logits_p, grads_p = _logits_and_grads(pruned, x, y)
+    logits_f, grads_f = _logits_and_grads(full, x, y)
+    np.testing.assert_allclose(logits_p, logits_f, atol=1e-5)
+    assert len(grads_p) == len(grads_f)
+    # Relative to each gradient, with a floor for those that are zero in exact
+    # arithmetic (the key bias: a softmax ignores a constant shift of its scores).
+    floor = 1e-5 * max(float(np.abs(g).max()) for g in grads_f)
+    for gp, gf, var in zip(grads_p, grads_f, pruned.trainable_variables):
+        assert np.abs(gp - gf).max() <= 1e-4 * float(np.abs(gf).max()) + floor, var.path
+    # The last block's attention over all rows is still there for attention maps.
+    _, weights = pruned(x, return_attention_scores=True)
+    assert weights[-1].shape[2] == weights[-1].shape[3] == pruned.patch_embed.num_tokens
+
+
+def test_mean_pooling_computes_every_row():
+    model = SpectrogramTransformer(5, 48, 32, embed_dim=32, num_layers=1, num_heads=4,
+                                   ff_dim=64, pooling="mean")
+    assert model.pooled_rows() is None
+    assert SpectrogramTransformer(5, 48, 32, pooling="cls_dist").pooled_rows() == 2

@@ -85,10 +85,16 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["shape"]["patches"] == 2 * 4 and r["parameters"] > 0
-    # FLOPs from the shapes: conv + 1 block (4 projections, 2 attention matmuls, FFN) + head
-    n = 9
-    expected = 2 * 8 * 256 * 16 + 2 * n * 16 * 16 * 4 + 4 * n * n * 16 + 4 * n * 16 * 32 + 2 * 16 * 50
-    assert r["gflops_per_clip_forward"] * 1e9 == pytest.approx(expected)
+    # FLOPs from the shapes: conv + 1 block (4 projections, 2 attention matmuls, FFN) + head,
+    # over 8 patches + [CLS] + [DIST]. The (last) block computes the 2 pooled rows only:
+    # keys and values for all 10 tokens, queries, attention, output and FFN for 2.
+    n, rows = 10, 2
+    conv, head = 2 * 8 * 256 * 16, 2 * 16 * 50
+    full = conv + 2 * n * 16 * 16 * 4 + 4 * n * n * 16 + 4 * n * 16 * 32 + head
+    pooled = conv + 4 * n * 16 * 16 + 4 * rows * 16 * 16 + 4 * rows * n * 16 + 4 * rows * 16 * 32
+    assert r["gflops_per_clip_forward_all_rows"] * 1e9 == pytest.approx(full)
+    assert r["gflops_per_clip_forward"] * 1e9 == pytest.approx(pooled + head)
+    assert r["pooled_last_block"] is True
     for key in ("train_clips_per_s", "infer_clips_per_s", "latency_ms", "peak_gflops_per_s"):
         assert r[key] > 0
 

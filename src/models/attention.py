@@ -54,6 +54,10 @@ class MultiHeadSelfAttention(layers.Layer):
             that may be attended to, false/0 for padding.
         return_attention_scores: also return the weights
             ``(batch, num_heads, seq_len, seq_len)``.
+        num_queries: attend from the first ``num_queries`` tokens only (keys and
+            values still come from all tokens); the output is then
+            ``(batch, num_queries, embed_dim)``, equal to the first rows of the
+            full output. ``None`` (default): every token.
     """
 
     def __init__(
@@ -143,16 +147,18 @@ class MultiHeadSelfAttention(layers.Layer):
             [np.concatenate([p[i] for p in parts], axis=-1) for i in range(len(parts[0]))]
         )
 
-    def _project(self, inputs, batch_size):
-        """q, k, v as ``(B, S, H, D/H)``."""
+    def _project(self, inputs, batch_size, num_queries=None):
+        """q ``(B, Sq, H, D/H)``, k and v ``(B, S, H, D/H)``; Sq = S or ``num_queries``."""
         shape = (batch_size, -1, self.num_heads, self.projection_dim)
         if self.fused_qkv:
             qkv = ops.reshape(
                 self.qkv_dense(inputs), (batch_size, -1, 3, self.num_heads, self.projection_dim)
             )
-            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            query = qkv[:, :, 0] if num_queries is None else qkv[:, :num_queries, 0]
+            return query, qkv[:, :, 1], qkv[:, :, 2]
+        queries = inputs if num_queries is None else inputs[:, :num_queries]
         return (
-            ops.reshape(self.query_dense(inputs), shape),
+            ops.reshape(self.query_dense(queries), shape),
             ops.reshape(self.key_dense(inputs), shape),
             ops.reshape(self.value_dense(inputs), shape),
         )
@@ -185,30 +191,35 @@ class MultiHeadSelfAttention(layers.Layer):
         x = ops.reshape(x, (batch_size, -1, self.num_heads, self.projection_dim))
         return ops.transpose(x, (0, 2, 1, 3))
 
-    def _fused_call(self, inputs, mask, batch_size):
-        q, k, v = self._project(inputs, batch_size)  # (B, S, H, D/H)
+    def _fused_call(self, inputs, mask, batch_size, num_queries=None):
+        q, k, v = self._project(inputs, batch_size, num_queries)  # (B, S, H, D/H)
         if mask is not None:
             mask = ops.cast(mask, "bool")[:, None, None, :]  # (B, 1, 1, Sk)
         out = ops.dot_product_attention(q, k, v, mask=mask)  # (B, S, H, D/H)
         return self.combine_heads(ops.reshape(out, (batch_size, -1, self.embed_dim)))
 
-    def call(self, inputs, mask=None, training=None, return_attention_scores=False):
+    def call(
+        self, inputs, mask=None, training=None, return_attention_scores=False, num_queries=None
+    ):
         batch_size = ops.shape(inputs)[0]
         if (
             self.fused
             and not return_attention_scores
             and not (training and self.dropout_rate > 0)
         ):
-            return self._fused_call(inputs, mask, batch_size)
+            return self._fused_call(inputs, mask, batch_size, num_queries)
         if self.fused_qkv:
             qkv = ops.reshape(
                 self.qkv_dense(inputs), (batch_size, -1, 3, self.num_heads, self.projection_dim)
             )
             qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, S, D/H): one transpose
             query, key, value = qkv[0], qkv[1], qkv[2]
+            if num_queries is not None:
+                query = query[:, :, :num_queries]
         else:
-            query = self.split_heads(self.query_dense(inputs), batch_size)  # (B, H, S, D/H)
-            key = self.split_heads(self.key_dense(inputs), batch_size)
+            queries = inputs if num_queries is None else inputs[:, :num_queries]
+            query = self.split_heads(self.query_dense(queries), batch_size)  # (B, H, Sq, D/H)
+            key = self.split_heads(self.key_dense(inputs), batch_size)  # (B, H, S, D/H)
             value = self.split_heads(self.value_dense(inputs), batch_size)
 
         attention, weights = self.attention(query, key, value, mask=mask, training=training)

@@ -30,6 +30,11 @@ class SpectrogramTransformer(keras.Model):
     Input ``(batch, num_frames, num_mels)``; output logits ``(batch, num_classes)``.
     ``pooling``: "cls" ([CLS] token), "mean" (mean of the patch tokens) or
     "cls_dist" ((x[:, 0] + x[:, 1]) / 2 with a distillation token, as AST).
+    ``pooled_last_block`` (default true): with "cls"/"cls_dist" pooling the last block
+    computes only the rows of the pooled tokens (its attention still reads every
+    token). The logits and gradients are those of the full computation (the other
+    rows never reach the head), for about a fifth less work in a 4-block model.
+    Attention maps (``return_attention_scores``) and :meth:`encode` compute every row.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class SpectrogramTransformer(keras.Model):
         fused_attention=False,
         qkv_bias=True,
         fused_qkv=False,
+        pooled_last_block=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -102,6 +108,7 @@ class SpectrogramTransformer(keras.Model):
             fused_attention=bool(fused_attention),
             qkv_bias=bool(qkv_bias),
             fused_qkv=bool(fused_qkv),
+            pooled_last_block=bool(pooled_last_block),
         )
         h = self.hparams
         # Sub-layers take this model's dtype policy (set by the global policy when built
@@ -188,18 +195,26 @@ class SpectrogramTransformer(keras.Model):
         self.classifier.build((None, h["embed_dim"]))
         self.built = True
 
-    def encode(self, features, training=None, return_attention_scores=False):
-        """Features -> token sequence after the blocks (and per-block attention)."""
+    def encode(self, features, training=None, return_attention_scores=False, last_rows=None):
+        """Features -> token sequence after the blocks (and per-block attention).
+
+        ``last_rows``: the last block computes the first ``last_rows`` tokens only
+        (see ``pooled_last_block``); ``None``: every token.
+        """
         x = self.normalize(features)
         x = self.specaugment(x, training=training)
         x = self.patch_embed(x, training=training)  # (B, N + prefix, D)
         weights = []
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            rows = last_rows if i == last else None
             if return_attention_scores:
-                x, w = block(x, training=training, return_attention_scores=True)
+                x, w = block(
+                    x, training=training, return_attention_scores=True, num_queries=rows
+                )
                 weights.append(w)  # (B, H, N + prefix, N + prefix)
             else:
-                x = block(x, training=training)
+                x = block(x, training=training, num_queries=rows)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, weights
@@ -212,9 +227,20 @@ class SpectrogramTransformer(keras.Model):
         prefix = self.patch_embed.num_prefix_tokens
         return ops.mean(tokens[:, prefix:], axis=1)
 
+    def pooled_rows(self):
+        """How many leading tokens the head reads: 1 ([CLS]), 2 ([CLS] + [DIST]), or
+        None (mean pooling reads every token)."""
+        if self.pooling == "mean":
+            return None
+        return self.patch_embed.num_prefix_tokens
+
     def call(self, features, training=None, return_attention_scores=False):
+        last_rows = None
+        if self.hparams["pooled_last_block"] and not return_attention_scores:
+            last_rows = self.pooled_rows()
         tokens, weights = self.encode(
-            features, training=training, return_attention_scores=return_attention_scores
+            features, training=training, return_attention_scores=return_attention_scores,
+            last_rows=last_rows,
         )
         x = self.pool(tokens)  # (B, D)
         if self.head_norm is not None:

@@ -116,24 +116,32 @@ class TransformerBlock(layers.Layer):
         self.layernorm2.build(input_shape)
         self.built = True
 
-    def call(self, inputs, mask=None, training=None, return_attention_scores=False):
+    def call(
+        self, inputs, mask=None, training=None, return_attention_scores=False, num_queries=None
+    ):
+        """``num_queries``: compute the output rows of the first ``num_queries`` tokens
+        only (all tokens are still attended to). Every operation after the attention
+        is row-wise, so these rows equal the first rows of the full output; a model
+        that pools its [CLS] token needs no other row from its last block."""
         weights = None
 
         def attend(x):
             nonlocal weights
             if return_attention_scores:
                 out, weights = self.att(
-                    x, mask=mask, training=training, return_attention_scores=True
+                    x, mask=mask, training=training, return_attention_scores=True,
+                    num_queries=num_queries,
                 )
                 return out
-            return self.att(x, mask=mask, training=training)
+            return self.att(x, mask=mask, training=training, num_queries=num_queries)
 
+        residual = inputs if num_queries is None else inputs[:, :num_queries]
         if self.norm_first:
-            x = inputs + self.dropout1(attend(self.layernorm1(inputs)), training=training)
+            x = residual + self.dropout1(attend(self.layernorm1(inputs)), training=training)
             ffn_out = self.ffn(self.layernorm2(x), training=training)
             out = x + self.dropout2(ffn_out, training=training)
         else:
-            x = self.layernorm1(inputs + self.dropout1(attend(inputs), training=training))
+            x = self.layernorm1(residual + self.dropout1(attend(inputs), training=training))
             ffn_out = self.ffn(x, training=training)
             out = self.layernorm2(x + self.dropout2(ffn_out, training=training))
         if return_attention_scores:
