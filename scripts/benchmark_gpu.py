@@ -4,8 +4,8 @@
         [--steps 20] [--vs-pytorch] [--json-out FILE]
 
 Times ``SpectrogramTransformer`` (features in, logits out; the shapes below) with
-Keras' ``train_on_batch`` (Adam, XLA) and ``predict_on_batch`` under each Keras dtype
-policy, and, with ``--vs-pytorch``, ``ASTForAudioClassification`` of the same
+Keras' ``train_on_batch`` (Adam, XLA) and ``predict_on_batch`` on a batch already on
+the device, under each Keras dtype policy, and, with ``--vs-pytorch``, ``ASTForAudioClassification`` of the same
 dimensions (float32, or ``torch.autocast`` to bfloat16 / float16 for the mixed
 policies; its default SDPA attention). Medians of ``--steps`` steps after warm-up.
 
@@ -92,6 +92,9 @@ def time_keras(shape, precision, steps, jit=True, fused=False):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape["batch"], shape["frames"], shape["mels"])).astype("float32")
     y = rng.integers(0, CLASSES, shape["batch"]).astype("int32")
+    # The batch as a backend tensor (on the GPU where there is one), as PyTorch's below:
+    # the steps then time the model, not a host-to-device copy per step.
+    x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
     start = time.perf_counter()
     first_loss = float(np.asarray(model.train_on_batch(x, y)).ravel()[0])
     compile_train = time.perf_counter() - start
