@@ -29,6 +29,16 @@ PACKAGE = "audio_transformer"
 _MASK_PENALTY = -1e9
 
 
+def dense_over_tokens(dense, x):
+    """``dense(x)`` for tokens ``(B, S, D_in)``, computed as one 2-D matmul over the
+    B * S rows: the same numbers, but on CPU TensorFlow runs a 2-D MatMul + bias
+    faster than the broadcast batched matmul it uses for 3-D inputs (about 4% of
+    inference end to end)."""
+    shape = ops.shape(x)
+    y = dense(ops.reshape(x, (-1, shape[-1])))
+    return ops.reshape(y, (shape[0], shape[1], dense.units))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MultiHeadSelfAttention(layers.Layer):
     """Self-attention over a sequence of tokens.
@@ -152,15 +162,16 @@ class MultiHeadSelfAttention(layers.Layer):
         shape = (batch_size, -1, self.num_heads, self.projection_dim)
         if self.fused_qkv:
             qkv = ops.reshape(
-                self.qkv_dense(inputs), (batch_size, -1, 3, self.num_heads, self.projection_dim)
+                dense_over_tokens(self.qkv_dense, inputs),
+                (batch_size, -1, 3, self.num_heads, self.projection_dim),
             )
             query = qkv[:, :, 0] if num_queries is None else qkv[:, :num_queries, 0]
             return query, qkv[:, :, 1], qkv[:, :, 2]
         queries = inputs if num_queries is None else inputs[:, :num_queries]
         return (
-            ops.reshape(self.query_dense(queries), shape),
-            ops.reshape(self.key_dense(inputs), shape),
-            ops.reshape(self.value_dense(inputs), shape),
+            ops.reshape(dense_over_tokens(self.query_dense, queries), shape),
+            ops.reshape(dense_over_tokens(self.key_dense, inputs), shape),
+            ops.reshape(dense_over_tokens(self.value_dense, inputs), shape),
         )
 
     def attention(self, query, key, value, mask=None, training=None):
@@ -196,7 +207,9 @@ class MultiHeadSelfAttention(layers.Layer):
         if mask is not None:
             mask = ops.cast(mask, "bool")[:, None, None, :]  # (B, 1, 1, Sk)
         out = ops.dot_product_attention(q, k, v, mask=mask)  # (B, S, H, D/H)
-        return self.combine_heads(ops.reshape(out, (batch_size, -1, self.embed_dim)))
+        return dense_over_tokens(
+            self.combine_heads, ops.reshape(out, (batch_size, -1, self.embed_dim))
+        )
 
     def call(
         self, inputs, mask=None, training=None, return_attention_scores=False, num_queries=None
@@ -210,7 +223,8 @@ class MultiHeadSelfAttention(layers.Layer):
             return self._fused_call(inputs, mask, batch_size, num_queries)
         if self.fused_qkv:
             qkv = ops.reshape(
-                self.qkv_dense(inputs), (batch_size, -1, 3, self.num_heads, self.projection_dim)
+                dense_over_tokens(self.qkv_dense, inputs),
+                (batch_size, -1, 3, self.num_heads, self.projection_dim),
             )
             qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, S, D/H): one transpose
             query, key, value = qkv[0], qkv[1], qkv[2]
@@ -218,14 +232,15 @@ class MultiHeadSelfAttention(layers.Layer):
                 query = query[:, :, :num_queries]
         else:
             queries = inputs if num_queries is None else inputs[:, :num_queries]
-            query = self.split_heads(self.query_dense(queries), batch_size)  # (B, H, Sq, D/H)
-            key = self.split_heads(self.key_dense(inputs), batch_size)  # (B, H, S, D/H)
-            value = self.split_heads(self.value_dense(inputs), batch_size)
+            query = self.split_heads(dense_over_tokens(self.query_dense, queries), batch_size)
+            key = self.split_heads(dense_over_tokens(self.key_dense, inputs), batch_size)
+            value = self.split_heads(dense_over_tokens(self.value_dense, inputs), batch_size)
+            # query (B, H, Sq, D/H); key, value (B, H, S, D/H)
 
         attention, weights = self.attention(query, key, value, mask=mask, training=training)
         attention = ops.transpose(attention, (0, 2, 1, 3))  # (B, S, H, D/H)
         concat = ops.reshape(attention, (batch_size, -1, self.embed_dim))  # (B, S, D)
-        output = self.combine_heads(concat)  # mixes the heads back into D
+        output = dense_over_tokens(self.combine_heads, concat)  # mixes the heads back into D
         if return_attention_scores:
             return output, weights
         return output

@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from src.models.attention import PACKAGE, MultiHeadSelfAttention
+from src.models.attention import PACKAGE, MultiHeadSelfAttention, dense_over_tokens
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 
@@ -138,15 +138,22 @@ class TransformerBlock(layers.Layer):
         residual = inputs if num_queries is None else inputs[:, :num_queries]
         if self.norm_first:
             x = residual + self.dropout1(attend(self.layernorm1(inputs)), training=training)
-            ffn_out = self.ffn(self.layernorm2(x), training=training)
+            ffn_out = self.feed_forward(self.layernorm2(x))
             out = x + self.dropout2(ffn_out, training=training)
         else:
             x = self.layernorm1(residual + self.dropout1(attend(inputs), training=training))
-            ffn_out = self.ffn(x, training=training)
+            ffn_out = self.feed_forward(x)
             out = self.layernorm2(x + self.dropout2(ffn_out, training=training))
         if return_attention_scores:
             return out, weights
         return out
+
+    def feed_forward(self, x):
+        """``self.ffn(x)`` (fc1, activation, fc2), each Dense as one 2-D matmul over the
+        tokens (see ``dense_over_tokens``)."""
+        for dense in self.ffn.layers:
+            x = dense_over_tokens(dense, x)
+        return x
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
