@@ -228,6 +228,14 @@ def bench_model(args):
     return out
 
 
+def hf_ast_config(config_cls, embed, layers, heads, ff, mels, frames, stride, classes):
+    """Hugging Face's ``ASTConfig`` with our benchmark's dimensions, dropout 0."""
+    return config_cls(hidden_size=embed, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=ff, num_mel_bins=mels, max_length=frames,
+                      frequency_stride=stride, time_stride=stride, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, num_labels=classes)
+
+
 def _pytorch_ast(args):
     """Hugging Face's AST with the same dimensions: a train step and an inference call."""
     try:
@@ -237,13 +245,9 @@ def _pytorch_ast(args):
         raise SystemExit(f"--vs-pytorch needs torch and transformers ({err}); "
                          "pip install torch transformers") from None
     torch.manual_seed(0)
-    config = ASTConfig(hidden_size=args.embed, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, intermediate_size=args.ff,
-                       num_mel_bins=args.mels, max_length=args.frames,
-                       frequency_stride=args.stride, time_stride=args.stride,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                       num_labels=args.classes)
-    model = ASTForAudioClassification(config)
+    model = ASTForAudioClassification(hf_ast_config(
+        ASTConfig, args.embed, args.layers, args.heads, args.ff, args.mels, args.frames,
+        args.stride, args.classes))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(args.batch, args.frames, args.mels)
     y = torch.randint(0, args.classes, (args.batch,))

@@ -34,6 +34,8 @@ import time
 import types
 from pathlib import Path
 
+from scripts.benchmark import _timed, hf_ast_config
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +62,7 @@ def _import_backbone():
 
 
 def _median_time(fn, steps):
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = sorted(_timed(fn) for _ in range(steps))
     return times[len(times) // 2]
 
 
@@ -126,12 +123,8 @@ def time_pytorch(shape, precision, steps):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    config = ASTConfig(hidden_size=shape["embed"], num_hidden_layers=shape["layers"],
-                       num_attention_heads=shape["heads"], intermediate_size=shape["ff"],
-                       num_mel_bins=shape["mels"], max_length=shape["frames"],
-                       frequency_stride=shape["stride"], time_stride=shape["stride"],
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                       num_labels=CLASSES)
+    config = hf_ast_config(ASTConfig, shape["embed"], shape["layers"], shape["heads"],
+                           shape["ff"], shape["mels"], shape["frames"], shape["stride"], CLASSES)
     model = ASTForAudioClassification(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(shape["batch"], shape["frames"], shape["mels"], device=device)
