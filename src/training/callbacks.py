@@ -11,18 +11,30 @@ import keras
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds ``learning_rate`` (the value used in the last step) to the epoch logs.
+    """Adds ``learning_rate``, the rate the epoch trained with, to the epoch logs.
 
-    Put it first in the callback list so CSVLogger and W&B see the value.
+    A schedule (such as the per-epoch `src.training.optim.EpochSchedule`) is
+    evaluated at the epoch's first step (``optimizer.iterations`` when the epoch
+    began); a constant learning rate is logged as it is. Put it first in the
+    callback list so CSVLogger and W&B see the value.
     """
+
+    def __init__(self):
+        super().__init__()
+        self._first_step = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._first_step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         opt = self.model.optimizer
-        lr = opt.learning_rate
-        if isinstance(opt._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-            lr = opt._learning_rate(max(int(opt.iterations.numpy()) - 1, 0))
+        lr = getattr(opt, "_learning_rate", None)
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            lr = lr(self._first_step)
+        else:
+            lr = opt.learning_rate
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
 
 
