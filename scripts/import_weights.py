@@ -54,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         "--weights-dir", type=Path, default=Path("weights"),
         help="default output directory for --known (default: weights)",
     )
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--multi-label", dest="multi_label", action="store_const", const=True, default=None,
+        help="hf-ast: sigmoid outputs (default: the checkpoint's problem_type, else "
+             "multi-label for AudioSet's 527 classes)",
+    )
+    kind.add_argument(
+        "--single-label", dest="multi_label", action="store_const", const=False,
+        help="hf-ast: softmax outputs",
+    )
     return parser
 
 
@@ -73,7 +83,8 @@ def run(args) -> Path:
         fmt, source, out = args.fmt, args.source, args.out
     if out.suffix != ".keras":
         raise ValueError(f"--out {out}: the file name must end in .keras.")
-    model = import_weights(fmt, source, cache_dir=args.cache_dir)
+    model = import_weights(fmt, source, cache_dir=args.cache_dir,
+                           multi_label=getattr(args, "multi_label", None))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.keras")
     model.save(tmp)
@@ -96,6 +107,7 @@ def run(args) -> Path:
         f"{h['embed_dim']} wide, {h['num_layers']} layers, {h['num_heads']} heads, "
         f"patch grid {grid[0]}x{grid[1]} ({h['num_mels']} x {h['num_frames']} input), "
         f"{h['num_classes']} classes"
+        + (f", {getattr(model, 'output_activation', 'softmax')} outputs" if fmt == "hf-ast" else "")
     )
     return out
 

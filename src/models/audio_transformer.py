@@ -16,9 +16,10 @@ import keras
 from keras import layers, ops
 
 from src.models.attention import PACKAGE
-from src.models.patch import PatchEmbedding
+from src.models.patch import PatchEmbedding, patchout_config
 from src.models.spec import Normalize, SpecAugment
 from src.models.transformer import TransformerBlock
+from src.models.waveform import preprocess_waveform
 
 POOLINGS = ("cls", "mean", "cls_dist")
 
@@ -35,6 +36,15 @@ class SpectrogramTransformer(keras.Model):
     token). The logits and gradients are those of the full computation (the other
     rows never reach the head), for about a fifth less work in a 4-block model.
     Attention maps (``return_attention_scores``) and :meth:`encode` compute every row.
+
+    ``pos_embedding``: "grid" (one learned vector per patch, as AST; the input must
+    have ``num_frames`` frames) or "disentangled" (a frequency plus a time embedding,
+    as PaSST; inputs of any length up to ``num_frames`` frames, longer ones must be
+    cut into windows). ``patchout`` (``{"time": t, "freq": f, "random": r}``, all 0 by
+    default): in training, drop ``t`` time columns and ``f`` frequency rows of the
+    patch grid and then ``r`` random patches, the same ones for the whole batch (see
+    :class:`~src.models.patch.PatchEmbedding`); inference and attention maps use every
+    patch.
     """
 
     def __init__(
@@ -69,6 +79,8 @@ class SpectrogramTransformer(keras.Model):
         qkv_bias=True,
         fused_qkv=False,
         pooled_last_block=True,
+        pos_embedding="grid",
+        patchout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -109,6 +121,8 @@ class SpectrogramTransformer(keras.Model):
             qkv_bias=bool(qkv_bias),
             fused_qkv=bool(fused_qkv),
             pooled_last_block=bool(pooled_last_block),
+            pos_embedding=str(pos_embedding),
+            patchout=patchout_config(patchout),
         )
         h = self.hparams
         # Sub-layers take this model's dtype policy (set by the global policy when built
@@ -137,6 +151,8 @@ class SpectrogramTransformer(keras.Model):
             num_frames=h["num_frames"],
             distillation_token=self.pooling == "cls_dist",
             dropout_rate=h["embedding_dropout"],
+            pos_embedding=h["pos_embedding"],
+            patchout=h["patchout"],
             name="patch_embed",
         )
         # Validates embed_dim % num_heads before anything is built.
@@ -199,11 +215,24 @@ class SpectrogramTransformer(keras.Model):
         """Features -> token sequence after the blocks (and per-block attention).
 
         ``last_rows``: the last block computes the first ``last_rows`` tokens only
-        (see ``pooled_last_block``); ``None``: every token.
+        (see ``pooled_last_block``); ``None``: every token. With ``training`` the
+        patch tokens are those left by patchout (``patch_embed.num_train_patches``);
+        with ``return_attention_scores`` every patch, so the maps cover the grid.
         """
         x = self.normalize(features)
         x = self.specaugment(x, training=training)
-        x = self.patch_embed(x, training=training)  # (B, N + prefix, D)
+        # (B, prefix + N, D); N' < N patches in training with patchout
+        x = self.patch_embed(x, training=training, patchout=not return_attention_scores)
+        return self.encode_tokens(
+            x, training=training, return_attention_scores=return_attention_scores,
+            last_rows=last_rows,
+        )
+
+    def encode_tokens(self, x, training=None, return_attention_scores=False, last_rows=None):
+        """The blocks (and the final norm) over a token sequence ``(B, prefix + N, D)``
+        from :class:`~src.models.patch.PatchEmbedding`: ``(tokens, attention weights)``.
+        :meth:`encode` is normalise -> SpecAugment -> patch embedding -> this; masked
+        patch pretraining (:mod:`src.models.ssast`) builds the tokens itself."""
         weights = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -268,15 +297,20 @@ class SpectrogramTransformer(keras.Model):
 
 def fit_frames(features, target_frames):
     """Zero-pad or crop ``(batch, frames, n_mels)`` features to ``target_frames`` frames
-    (AST pads its fbank with zeros to 512 frames). ``None`` leaves them unchanged."""
+    (AST pads its fbank with zeros to 512 frames). ``None`` leaves them unchanged. Works
+    with an unknown number of frames (a traced function over clips of any length)."""
     if target_frames is None:
         return features
+    target_frames = int(target_frames)
     frames = features.shape[1]
-    if frames is None:
-        raise ValueError("fit_frames needs a static number of frames")
-    if frames >= target_frames:
-        return features[:, :target_frames]
-    return ops.pad(features, ((0, 0), (0, target_frames - frames), (0, 0)))
+    if frames is not None:
+        if frames >= target_frames:
+            return features[:, :target_frames]
+        return ops.pad(features, ((0, 0), (0, target_frames - frames), (0, 0)))
+    features = features[:, :target_frames]
+    missing = target_frames - ops.shape(features)[1]
+    out = ops.pad(features, [[0, 0], [0, missing], [0, 0]])
+    return ops.reshape(out, (-1, target_frames, features.shape[-1]))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -284,11 +318,16 @@ class AudioTransformer(keras.Model):
     """Raw waveform ``(batch, samples)`` -> logits ``(batch, num_classes)``.
 
     ``frontend`` and ``backbone`` are layer instances (or their serialized
-    configs, when loading a ``.keras`` file).
+    configs, when loading a ``.keras`` file). The waveform is preprocessed as in training
+    (:func:`src.models.waveform.preprocess_waveform`: the clip's mean removed when
+    ``remove_mean``, samples clipped to [-1, 1]), so the saved model, its exports and
+    ``src.predict`` need nothing from the run's config. ``multi_label``: the logits are
+    independent sigmoids (tagging) rather than a softmax.
     """
 
     def __init__(
-        self, frontend, backbone, clip_samples, class_names=None, target_frames=None, **kwargs
+        self, frontend, backbone, clip_samples, class_names=None, target_frames=None,
+        multi_label=False, remove_mean=True, **kwargs
     ):
         super().__init__(**kwargs)
         if isinstance(frontend, dict):
@@ -300,6 +339,12 @@ class AudioTransformer(keras.Model):
         self.clip_samples = int(clip_samples)
         self.target_frames = None if target_frames is None else int(target_frames)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.multi_label = bool(multi_label)
+        self.remove_mean = bool(remove_mean)
+
+    @property
+    def output_activation(self) -> str:
+        return "sigmoid" if self.multi_label else "softmax"
 
     def build(self, input_shape):
         # input_shape: (batch, samples)
@@ -317,7 +362,8 @@ class AudioTransformer(keras.Model):
 
     def features(self, waveform):
         """Waveform -> the backbone's input ``(B, frames, n_mels)``."""
-        return fit_frames(self.frontend(waveform), self.target_frames)
+        x = preprocess_waveform(waveform, self.remove_mean)
+        return fit_frames(self.frontend(x), self.target_frames)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.backbone.hparams["num_classes"])
@@ -336,5 +382,7 @@ class AudioTransformer(keras.Model):
             clip_samples=self.clip_samples,
             class_names=self.class_names,
             target_frames=self.target_frames,
+            multi_label=self.multi_label,
+            remove_mean=self.remove_mean,
         )
         return config

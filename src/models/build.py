@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 
 from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
@@ -10,12 +11,18 @@ from src.models.baseline import PooledStatsClassifier
 from src.models.frontend import LogMel
 from src.models.kaldi import KaldiFbank
 
+log = logging.getLogger(__name__)
+
 FRONTENDS = {"logmel": LogMel, "kaldi_fbank": KaldiFbank}
 BACKBONES = {"transformer": SpectrogramTransformer, "linear": PooledStatsClassifier}
 
 # Keys of the config groups that describe the run, not the layer
 # (model.pretrained* are applied after building: src.models.pretrained).
 _META_KEYS = {"name", "type", "pretrained", "pretrained_adapt"}
+# Keys about patches (position embedding, patchout): a backbone without patches
+# (model.type=linear) has no use for them, so an experiment that sets them (e.g.
+# experiment=esc50_passt) still runs with any model.
+_PATCH_KEYS = ("pos_embedding", "patchout")
 
 
 def _kwargs(cls, cfg: Mapping, group: str) -> dict:
@@ -56,10 +63,14 @@ def build_model(
     norm_std: float = 1.0,
     class_names=None,
     target_frames: int | None = None,
+    multi_label: bool = False,
+    remove_mean: bool = True,
 ) -> AudioTransformer:
     """Waveform model for clips of ``clip_samples`` samples, built and ready.
 
     ``target_frames``: zero-pad / crop the features to this many frames (AST: 512).
+    ``multi_label``: sigmoid outputs (tagging); ``remove_mean``: the model subtracts each
+    clip's mean (as the training features were computed).
     """
     frontend = build_frontend(frontend_cfg)
     num_frames = frontend.num_frames(clip_samples) if target_frames is None else int(target_frames)
@@ -73,9 +84,17 @@ def build_model(
         raise ValueError(f"unknown model.type={kind!r}; choose one of {sorted(BACKBONES)}.")
     cls = BACKBONES[kind]
     model_cfg = dict(model_cfg)
+    # model.stride is the one source of both strides (conf/model/small.yaml interpolates
+    # f_stride and t_stride from it); a per-axis value given explicitly wins.
     stride = model_cfg.pop("stride", None)
-    if stride is not None:  # one value for both axes (AST's patch-overlap ablation)
-        model_cfg["f_stride"] = model_cfg["t_stride"] = int(stride)
+    if stride is not None:
+        model_cfg.setdefault("f_stride", int(stride))
+        model_cfg.setdefault("t_stride", int(stride))
+    params = inspect.signature(cls.__init__).parameters
+    for key in _PATCH_KEYS:
+        if key in model_cfg and key not in params:
+            log.debug("model.%s does not apply to model.type=%s; ignored", key, kind)
+            del model_cfg[key]
     kwargs = _kwargs(cls, model_cfg, "model")
     aug = dict(augment_cfg or {})
     for key in ("freq_mask_param", "time_mask_param", "freq_masks", "time_masks"):
@@ -92,8 +111,8 @@ def build_model(
     )
     model = AudioTransformer(
         frontend, backbone, clip_samples=clip_samples, class_names=class_names,
-        target_frames=target_frames, name="audio_model",
-        dtype="float32",  # no weights of its own; keeps the waveform in float32
+        target_frames=target_frames, multi_label=multi_label, remove_mean=remove_mean,
+        name="audio_model", dtype="float32",  # no weights of its own; keeps the waveform in float32
     )
     model.build((None, clip_samples))
     return model

@@ -285,8 +285,23 @@ def _assign_backbone(backbone, canon: dict, source: Path, *, rgb_to_mono: bool) 
     return [k for k in canon if k not in used]
 
 
-def import_hf_ast(directory: str | os.PathLike):
-    """An ``AudioTransformer`` (waveform in, logits out) from an AST checkpoint directory."""
+# AudioSet's 527 classes: AST's AudioSet checkpoints were trained as independent sigmoids.
+AUDIOSET_CLASSES = 527
+
+
+def is_multi_label(config: dict, num_classes: int) -> bool:
+    """Whether an AST checkpoint's outputs are sigmoids: its ``problem_type`` when given,
+    else an AudioSet head (527 classes)."""
+    problem = config.get("problem_type")
+    if problem:
+        return problem == "multi_label_classification"
+    return num_classes == AUDIOSET_CLASSES
+
+
+def import_hf_ast(directory: str | os.PathLike, multi_label: bool | None = None):
+    """An ``AudioTransformer`` (waveform in, logits out) from an AST checkpoint directory.
+
+    ``multi_label``: sigmoid outputs (None: :func:`is_multi_label` of the checkpoint)."""
     from src.models.audio_transformer import AudioTransformer, SpectrogramTransformer
     from src.models.kaldi import KaldiFbank
 
@@ -321,9 +336,12 @@ def import_hf_ast(directory: str | os.PathLike):
         **_architecture(config, directory),
     )
     clip_samples = frontend.win_samples + (frames - 1) * frontend.hop_samples
+    if multi_label is None:
+        multi_label = is_multi_label(config, num_classes)
     model = AudioTransformer(
         frontend, backbone, clip_samples=clip_samples, class_names=class_names,
-        target_frames=frames, name="audio_model",
+        target_frames=frames, multi_label=bool(multi_label), remove_mean=True,
+        name="audio_model",
     )
     model.build((None, clip_samples))
     _assign_backbone(backbone, canon, directory, rgb_to_mono=False)
@@ -381,9 +399,13 @@ def import_hf_deit(directory: str | os.PathLike):
     return backbone
 
 
-def import_weights(fmt: str, source, cache_dir=".cache/hub", progress: bool = True):
-    """Import ``source`` (directory or hub id) as ``fmt`` ('hf-ast' or 'hf-deit')."""
+def import_weights(fmt: str, source, cache_dir=".cache/hub", progress: bool = True,
+                   multi_label: bool | None = None):
+    """Import ``source`` (directory or hub id) as ``fmt`` ('hf-ast' or 'hf-deit');
+    ``multi_label`` overrides an AST head's output type (see :func:`is_multi_label`)."""
     if fmt not in FORMATS:
         raise WeightImportError(f"unknown format {fmt!r}; use one of {FORMATS}.")
     directory = fetch_checkpoint(source, cache_dir, progress=progress)
-    return import_hf_ast(directory) if fmt == "hf-ast" else import_hf_deit(directory)
+    if fmt == "hf-ast":
+        return import_hf_ast(directory, multi_label=multi_label)
+    return import_hf_deit(directory)

@@ -147,6 +147,11 @@ class KaldiFbank(keras.layers.Layer):
     number of filters.
     """
 
+    # Part of the feature store's key: bump it whenever this layer's output changes for
+    # the same config, so that features computed by the old code are never reused.
+    feature_version = 1
+
+
     def __init__(
         self,
         sample_rate=16000,

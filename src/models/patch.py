@@ -1,11 +1,17 @@
-"""AST-style patch embedding over the (freq, time) plane."""
+"""AST-style patch embedding over the (freq, time) plane, position embeddings and
+PaSST's patchout (Koutini et al. 2022)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import keras
 from keras import layers, ops
 
 from src.models.attention import PACKAGE
+
+POS_EMBEDDINGS = ("grid", "disentangled")
+PATCHOUT_KEYS = ("time", "freq", "random")
 
 
 def grid_size(n_mels, frames, patch_size, f_stride, t_stride):
@@ -15,16 +21,66 @@ def grid_size(n_mels, frames, patch_size, f_stride, t_stride):
     return f_dim, t_dim
 
 
+def patchout_config(value) -> dict:
+    """``model.patchout`` as ``{"time": int, "freq": int, "random": int}`` (missing keys 0).
+
+    ``None`` (or an empty mapping) is no patchout. Unknown keys, non-integers and
+    negative counts raise a ValueError naming the key.
+    """
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"model.patchout must be a mapping like {{time: 0, freq: 0, random: 0}}, got {value!r}."
+        )
+    unknown = sorted(str(k) for k in value if k not in PATCHOUT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown key model.patchout.{unknown[0]}; valid keys: {list(PATCHOUT_KEYS)}."
+        )
+    out = {}
+    for key in PATCHOUT_KEYS:
+        raw = value.get(key, 0)
+        raw = 0 if raw is None else raw
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or int(raw) != raw:
+            raise ValueError(f"model.patchout.{key} must be a whole number, got {raw!r}.")
+        if raw < 0:
+            raise ValueError(f"model.patchout.{key} must be >= 0 (0: off), got {raw}.")
+        out[key] = int(raw)
+    return out
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PatchEmbedding(layers.Layer):
     """Split a spectrogram into (overlapping) patches and embed them.
 
     Input ``(batch, frames, n_mels)`` -> transposed to ``(batch, n_mels, frames, 1)``
     -> Conv2D(embed_dim, kernel patch_size, strides (f_stride, t_stride))
-    -> ``(batch, f_dim * t_dim, embed_dim)`` (frequency-major, as AST), then the
-    [CLS] token (and optionally a distillation token) is prepended and a
-    learned position embedding added. Output ``(batch, num_tokens, embed_dim)``
-    with ``num_tokens = f_dim * t_dim + num_prefix_tokens``.
+    -> ``(batch, f_dim, t_dim, embed_dim)`` -> + position embedding -> patchout
+    (training only) -> flattened frequency-major, as AST -> the [CLS] token (and
+    optionally a distillation token) prepended, each with its own position
+    embedding. Output ``(batch, num_tokens, embed_dim)`` with ``num_tokens =
+    f_dim * t_dim + num_prefix_tokens`` (fewer patches in training with patchout).
+
+    ``pos_embedding``:
+
+    * ``"grid"`` (AST): one learned vector per token, ``position_embedding``
+      ``(1, prefix + f_dim * t_dim, D)``. The input must have exactly
+      ``num_frames`` frames.
+    * ``"disentangled"`` (PaSST): ``freq_embedding`` ``(f_dim, D)`` plus
+      ``time_embedding`` ``(t_dim, D)``, broadcast over the grid, and
+      ``prefix_embedding`` ``(1, prefix, D)`` for the [CLS]/[DIST] tokens. Any
+      input from one patch (``patch_size`` frames) to ``num_frames`` frames: a
+      shorter one reads the first ``t`` time positions (at a random offset in
+      training); a longer one must be cut into windows by the caller.
+
+    ``patchout`` (``{"time": t, "freq": f, "random": r}``; training only): drop ``t``
+    whole time columns and ``f`` whole frequency rows of the patch grid, then ``r``
+    of the remaining patches, after the position embedding is added. The indices
+    are drawn anew at every call and shared by the whole batch, so the tokens stay
+    a dense ``(batch, prefix + (f_dim - f) * (t_dim - t) - r, D)`` tensor with a
+    static shape. The prefix tokens are never dropped. ``call(..., patchout=False)``
+    turns it off (attention maps read the whole grid).
     """
 
     def __init__(
@@ -37,6 +93,8 @@ class PatchEmbedding(layers.Layer):
         num_frames=512,
         distillation_token=False,
         dropout_rate=0.0,
+        pos_embedding="grid",
+        patchout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -48,6 +106,12 @@ class PatchEmbedding(layers.Layer):
         self.num_frames = int(num_frames)
         self.distillation_token = bool(distillation_token)
         self.dropout_rate = float(dropout_rate)
+        self.pos_embedding = str(pos_embedding)
+        self.patchout = patchout_config(patchout)
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ValueError(
+                f"model.pos_embedding must be one of {POS_EMBEDDINGS}, got {pos_embedding!r}."
+            )
         for key in ("patch_size", "f_stride", "t_stride"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}.")
@@ -69,6 +133,12 @@ class PatchEmbedding(layers.Layer):
         self.num_patches = self.f_dim * self.t_dim
         self.num_prefix_tokens = 2 if self.distillation_token else 1
         self.num_tokens = self.num_patches + self.num_prefix_tokens
+        self._check_patchout()
+        po = self.patchout
+        # Tokens in training: the grid less the dropped rows/columns, less the random ones.
+        self.num_train_patches = (
+            (self.f_dim - po["freq"]) * (self.t_dim - po["time"]) - po["random"]
+        )
 
         self.projection = layers.Conv2D(
             self.embed_dim,
@@ -78,17 +148,104 @@ class PatchEmbedding(layers.Layer):
             name="projection",
         )
         self.dropout = layers.Dropout(self.dropout_rate)
+        # Random patchout indices / time offsets; only where they are used, so a model
+        # without them keeps the variables it always had.
+        needs_random = any(po.values()) or self.pos_embedding == "disentangled"
+        self.seed_generator = keras.random.SeedGenerator() if needs_random else None
+
+    def _grid_text(self):
+        return (f"{self.f_dim} x {self.t_dim} for {self.num_mels} mel bins x "
+                f"{self.num_frames} frames")
+
+    def _check_patchout(self):
+        po = self.patchout
+        for key, size, what in (("time", self.t_dim, "time columns"),
+                                ("freq", self.f_dim, "frequency rows")):
+            if po[key] > size:
+                raise ValueError(
+                    f"model.patchout.{key}={po[key]} drops more {what} than the patch grid has "
+                    f"({self._grid_text()}); use at most {size - 1}."
+                )
+            if po[key] == size:
+                raise ValueError(
+                    f"model.patchout.{key}={po[key]} drops all {size} {what} of the patch grid "
+                    f"({self._grid_text()}), leaving no patches; use at most {size - 1}."
+                )
+        left = (self.f_dim - po["freq"]) * (self.t_dim - po["time"])
+        if po["random"] >= left:
+            raise ValueError(
+                f"model.patchout.random={po['random']} drops "
+                f"{'more than' if po['random'] > left else 'all of'} the {left} patches left "
+                f"after model.patchout.time={po['time']} and model.patchout.freq={po['freq']} "
+                f"(patch grid {self._grid_text()}), leaving no patches; use at most {left - 1}."
+            )
+
+    def _check_frames(self, frames):
+        """Raise when a static frame count does not fit the position embedding."""
+        if frames is None:
+            return
+        frames = int(frames)
+        if self.pos_embedding == "grid":
+            if frames != self.num_frames:
+                raise ValueError(
+                    f"got {frames} frames: a grid position embedding fixes the input to "
+                    f"{self.num_frames} frames; pad/crop or window the input, or use "
+                    "model.pos_embedding=disentangled."
+                )
+            return
+        if frames > self.num_frames:
+            raise ValueError(
+                f"got {frames} frames, more than the {self.num_frames} frames the time position "
+                f"embedding covers ({self.t_dim} patch columns); cut the input into windows of at "
+                f"most {self.num_frames} frames and combine their outputs."
+            )
+        if frames < self.patch_size:
+            raise ValueError(
+                f"got {frames} frames, fewer than one patch ({self.patch_size} frames); pad the "
+                "input."
+            )
+
+    def _assert_frames(self, features):
+        """The same check for a frame count known only at run time (a traced function
+        over inputs of any length): ``features``, once the check has passed."""
+        import tensorflow as tf
+
+        frames = tf.shape(features)[1]
+        with tf.control_dependencies(self._frame_assertions(frames)):
+            return tf.identity(features)
+
+    def _frame_assertions(self, frames):
+        import tensorflow as tf
+
+        if self.pos_embedding == "grid":
+            return [tf.debugging.assert_equal(
+                frames, self.num_frames,
+                message=f"a grid position embedding fixes the input to {self.num_frames} "
+                        "frames; pad/crop or window the input, or use "
+                        "model.pos_embedding=disentangled",
+            )]
+        return [
+            tf.debugging.assert_less_equal(
+                frames, self.num_frames,
+                message=f"input longer than the {self.num_frames} frames the time position "
+                        f"embedding covers; cut it into windows of at most {self.num_frames} "
+                        "frames",
+            ),
+            tf.debugging.assert_greater_equal(
+                frames, self.patch_size,
+                message=f"input shorter than one patch ({self.patch_size} frames)",
+            ),
+        ]
 
     def build(self, input_shape):
-        # input_shape: (batch, frames, n_mels)
+        # input_shape: (batch, frames, n_mels); frames may be None (any length)
         frames, mels = input_shape[1], input_shape[2]
-        if (frames is not None and frames != self.num_frames) or (
-            mels is not None and mels != self.num_mels
-        ):
+        if mels is not None and mels != self.num_mels:
             raise ValueError(
-                f"PatchEmbedding built for {self.num_frames} frames x {self.num_mels} mel bins, "
-                f"got input {tuple(input_shape)}."
+                f"PatchEmbedding built for {self.num_mels} mel bins, got input "
+                f"{tuple(input_shape)}."
             )
+        self._check_frames(frames)
         self.projection.build((None, self.num_mels, self.num_frames, 1))
         init = keras.initializers.TruncatedNormal(stddev=0.02)
         self.cls_token = self.add_weight(
@@ -98,28 +255,106 @@ class PatchEmbedding(layers.Layer):
             self.dist_token = self.add_weight(
                 shape=(1, 1, self.embed_dim), initializer=init, name="dist_token"
             )
-        self.position_embedding = self.add_weight(
-            shape=(1, self.num_tokens, self.embed_dim), initializer=init, name="position_embedding"
-        )
+        if self.pos_embedding == "grid":
+            self.position_embedding = self.add_weight(
+                shape=(1, self.num_tokens, self.embed_dim), initializer=init,
+                name="position_embedding",
+            )
+        else:
+            self.prefix_embedding = self.add_weight(
+                shape=(1, self.num_prefix_tokens, self.embed_dim), initializer=init,
+                name="prefix_embedding",
+            )
+            self.freq_embedding = self.add_weight(
+                shape=(self.f_dim, self.embed_dim), initializer=init, name="freq_embedding"
+            )
+            self.time_embedding = self.add_weight(
+                shape=(self.t_dim, self.embed_dim), initializer=init, name="time_embedding"
+            )
         self.built = True
 
-    def call(self, features, training=None):
+    def _time_positions(self, t_dim, dtype, training):
+        """The time embedding's rows for ``t_dim`` patch columns ``(t_dim, D)``: all of
+        them, the first ``t_dim`` (inference) or ``t_dim`` from a random offset
+        (training)."""
+        time = ops.cast(self.time_embedding, dtype)
+        if isinstance(t_dim, int) and t_dim == self.t_dim:
+            return time
+        if training:
+            span = ops.cast(self.t_dim - t_dim + 1, "float32")
+            u = keras.random.uniform((), seed=self.seed_generator)
+            offset = ops.minimum(ops.cast(ops.floor(u * span), "int32"),
+                                 ops.cast(self.t_dim - t_dim, "int32"))
+            return ops.slice(time, (offset, 0), (t_dim, self.embed_dim))
+        return time[:t_dim]
+
+    def _keep(self, size, drop):
+        """``size - drop`` of ``range(size)``, drawn without replacement, ascending."""
+        scores = keras.random.uniform((size,), seed=self.seed_generator)
+        _, keep = ops.top_k(scores, size - drop, sorted=False)
+        return ops.sort(keep)
+
+    def call(self, features, training=None, patchout=True):
+        return self.tokens_from_grid(
+            self.patch_grid(features), training=training, patchout=patchout
+        )
+
+    def patch_grid(self, features):
+        """The patch embeddings before anything is added: ``(B, T, F)`` features ->
+        ``(B, f_dim, t_dim, D)``. :meth:`call` is ``tokens_from_grid(patch_grid(x))``;
+        masked patch pretraining (:mod:`src.models.ssast`) replaces some of these
+        embeddings with a mask token in between."""
+        frames = features.shape[1]
+        self._check_frames(frames)
+        if frames is None:
+            features = self._assert_frames(features)
         # features: (B, T, F) -> (B, F, T, 1): frequency on the first image axis, as AST
         x = ops.expand_dims(ops.transpose(features, (0, 2, 1)), -1)
-        x = self.projection(x)  # (B, f_dim, t_dim, D)
-        batch = ops.shape(x)[0]
-        x = ops.reshape(x, (batch, self.num_patches, self.embed_dim))  # (B, N, D)
-        prefix = [ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.embed_dim))]
+        return self.projection(x)  # (B, f_dim, t_dim, D)
+
+    def tokens_from_grid(self, x, training=None, patchout=True):
+        """``(B, f_dim, t_dim, D)`` patch embeddings -> the token sequence
+        ``(B, prefix + N', D)``: position embedding, patchout (training only), prefix
+        tokens, dropout."""
+        shape = ops.shape(x)
+        batch, t_dim = shape[0], shape[2]
+        dim = self.embed_dim
+        if self.pos_embedding == "grid":
+            pos = ops.cast(self.position_embedding, x.dtype)
+            prefix_pos = pos[:, : self.num_prefix_tokens]  # (1, prefix, D)
+            x = x + ops.reshape(pos[:, self.num_prefix_tokens:], (1, self.f_dim, self.t_dim, dim))
+        else:
+            prefix_pos = ops.cast(self.prefix_embedding, x.dtype)
+            freq = ops.cast(self.freq_embedding, x.dtype)  # (f_dim, D)
+            time = self._time_positions(t_dim, x.dtype, training)  # (t_dim, D)
+            x = x + freq[None, :, None, :] + time[None, None, :, :]
+        po = self.patchout if (training and patchout) else dict.fromkeys(PATCHOUT_KEYS, 0)
+        # Structured patchout: whole time columns, then whole frequency rows.
+        if po["time"]:
+            x = ops.take(x, self._keep(t_dim, po["time"]), axis=2)
+        if po["freq"]:
+            x = ops.take(x, self._keep(self.f_dim, po["freq"]), axis=1)
+        # (B, f', t', D) -> (B, f' * t', D), frequency-major; static when the shape is
+        f_keep, t_keep = x.shape[1], x.shape[2]
+        n = f_keep * t_keep if f_keep is not None and t_keep is not None else -1
+        x = ops.reshape(x, (batch, n, dim))
+        if po["random"]:  # unstructured patchout: any of the remaining patches
+            size = n if n != -1 else ops.shape(x)[1]
+            x = ops.take(x, self._keep(size, po["random"]), axis=1)
+        prefix = [ops.cast(self.cls_token, x.dtype) + prefix_pos[:, :1]]
         if self.distillation_token:
-            prefix.append(
-                ops.broadcast_to(ops.cast(self.dist_token, x.dtype), (batch, 1, self.embed_dim))
-            )
-        x = ops.concatenate(prefix + [x], axis=1)  # (B, N + prefix, D)
-        x = x + ops.cast(self.position_embedding, x.dtype)
+            prefix.append(ops.cast(self.dist_token, x.dtype) + prefix_pos[:, 1:2])
+        prefix = [ops.broadcast_to(p, (batch, 1, dim)) for p in prefix]
+        x = ops.concatenate(prefix + [x], axis=1)  # (B, prefix + N', D)
         return self.dropout(x, training=training)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.num_tokens, self.embed_dim)
+        frames = input_shape[1]
+        if frames is None:
+            return (input_shape[0], None, self.embed_dim)
+        _, t_dim = grid_size(self.num_mels, int(frames), self.patch_size, self.f_stride,
+                             self.t_stride)
+        return (input_shape[0], self.f_dim * t_dim + self.num_prefix_tokens, self.embed_dim)
 
     def get_config(self):
         config = super().get_config()
@@ -132,5 +367,7 @@ class PatchEmbedding(layers.Layer):
             num_frames=self.num_frames,
             distillation_token=self.distillation_token,
             dropout_rate=self.dropout_rate,
+            pos_embedding=self.pos_embedding,
+            patchout=dict(self.patchout),
         )
         return config

@@ -9,7 +9,17 @@ input size is copied as is; the rest is adapted:
   per axis, as AST does: cut from the middle when the new axis is shorter,
   linear interpolation (``torch.nn.functional.interpolate(mode="bilinear")``,
   half-pixel centres) when it is longer; ``adapt="bilinear"`` interpolates in
-  both cases;
+  both cases. Between the two kinds (``model.pos_embedding``):
+
+  - grid -> disentangled (as PaSST from DeiT): the grid is adapted as above, then
+    averaged over time for the frequency embedding and over frequency for the
+    time embedding;
+  - disentangled -> disentangled: each 1-D embedding is resized on its own (the
+    time embedding cut to its first positions, as the model reads a shorter
+    clip; the frequency embedding cut from the middle; interpolated when longer
+    or with ``adapt="bilinear"``);
+  - disentangled -> grid: frequency + time broadcast to a grid, then adapted as
+    a grid;
 * prefix tokens: [CLS] always; the distillation token when the new model has one;
 * classifier head (LayerNorm + Dense): copied when the number of classes (and
   the head's layout) match, otherwise left freshly initialised, as AST does
@@ -136,6 +146,96 @@ def adapt_position_embedding(
     return np.concatenate([prefix, grid.reshape(1, df * dt, dim)], axis=1)
 
 
+def _mean_over(x: np.ndarray, axis: int) -> np.ndarray:
+    return x.astype(np.float64).mean(axis=axis).astype(x.dtype)
+
+
+def grid_to_disentangled(
+    pos: np.ndarray,
+    src_grid: tuple[int, int],
+    dst_grid: tuple[int, int],
+    src_prefix: int,
+    dst_prefix: int,
+    method: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A grid embedding ``(1, src_prefix + f*t, D)`` -> ``(prefix (1, dst_prefix, D),
+    freq (f', D), time (t', D))``: the grid adapted to ``dst_grid``
+    (:func:`adapt_position_embedding`), then averaged over time (frequency embedding)
+    and over frequency (time embedding), as PaSST starts from DeiT."""
+    adapted = adapt_position_embedding(pos, src_grid, dst_grid, src_prefix, dst_prefix, method)
+    df, dt = dst_grid
+    grid = adapted[0, dst_prefix:].reshape(df, dt, adapted.shape[-1])  # (f', t', D)
+    return adapted[:, :dst_prefix], _mean_over(grid, 1), _mean_over(grid, 0)
+
+
+def disentangled_to_grid(
+    prefix: np.ndarray,
+    freq: np.ndarray,
+    time: np.ndarray,
+    dst_grid: tuple[int, int],
+    dst_prefix: int,
+    method: str = "auto",
+) -> np.ndarray:
+    """``prefix (1, p, D)``, ``freq (f, D)``, ``time (t, D)`` -> a grid embedding
+    ``(1, dst_prefix + f'*t', D)``: ``freq[i] + time[j]`` at grid cell (i, j) (what the
+    disentangled model adds there), then adapted as a grid."""
+    f, t, dim = freq.shape[0], time.shape[0], freq.shape[-1]
+    grid = (freq[:, None, :] + time[None, :, :]).reshape(1, f * t, dim)
+    pos = np.concatenate([prefix, grid.astype(prefix.dtype)], axis=1)
+    return adapt_position_embedding(pos, (f, t), dst_grid, prefix.shape[1], dst_prefix, method)
+
+
+def resize_disentangled(
+    prefix: np.ndarray,
+    freq: np.ndarray,
+    time: np.ndarray,
+    dst_grid: tuple[int, int],
+    dst_prefix: int,
+    method: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disentangled -> disentangled: each 1-D embedding resized on its own. With
+    ``"auto"`` a shorter time axis keeps its first positions (what the pretrained
+    model itself uses for a shorter clip) and a shorter frequency axis is cut from
+    the middle (:func:`resize_axis`); a longer axis, or ``"bilinear"``, is
+    interpolated."""
+    if dst_prefix > prefix.shape[1]:
+        raise PretrainedError(
+            "the model has a distillation token (model.pooling=cls_dist) but the pretrained "
+            "weights have none; use model.pooling=cls or mean."
+        )
+    df, dt = dst_grid
+    if method == "auto" and dt < time.shape[0]:
+        time = time[:dt]
+    else:
+        time = resize_axis(time, 0, dt, method)
+    return prefix[:, :dst_prefix], resize_axis(freq, 0, df, method), time
+
+
+def adapt_patch_positions(dst, src, method: str = "auto") -> tuple[dict, list]:
+    """The position weights of the built ``PatchEmbedding`` ``dst`` from those of ``src``,
+    whichever kind each has: ``({weight name: array}, notes)``."""
+    src_grid, dst_grid = (src.f_dim, src.t_dim), (dst.f_dim, dst.t_dim)
+    sp, dp = src.num_prefix_tokens, dst.num_prefix_tokens
+    notes = []
+    if src.pos_embedding == "grid":
+        pos = src.position_embedding.numpy()
+        if dst.pos_embedding == "grid":
+            return {"position_embedding": adapt_position_embedding(
+                pos, src_grid, dst_grid, sp, dp, method)}, notes
+        prefix, freq, time = grid_to_disentangled(pos, src_grid, dst_grid, sp, dp, method)
+        notes.append("grid position embedding split into frequency and time embeddings "
+                     "(means over time / frequency)")
+    else:
+        parts = (src.prefix_embedding.numpy(), src.freq_embedding.numpy(),
+                 src.time_embedding.numpy())
+        if dst.pos_embedding == "grid":
+            notes.append("frequency and time embeddings summed into a grid position embedding")
+            return {"position_embedding": disentangled_to_grid(
+                *parts, dst_grid, dp, method)}, notes
+        prefix, freq, time = resize_disentangled(*parts, dst_grid, dp, method)
+    return {"prefix_embedding": prefix, "freq_embedding": freq, "time_embedding": time}, notes
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_pretrained` did, for the log and results.json."""
@@ -231,16 +331,11 @@ def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> Loa
         report.copied += 1
     elif spe.distillation_token:
         report.notes.append("distillation token dropped (model.pooling is not cls_dist)")
-    pos = adapt_position_embedding(
-        spe.position_embedding.numpy(),
-        (spe.f_dim, spe.t_dim),
-        (dpe.f_dim, dpe.t_dim),
-        spe.num_prefix_tokens,
-        dpe.num_prefix_tokens,
-        adapt,
-    )
-    dpe.position_embedding.assign(pos)
-    report.copied += 1
+    positions, notes = adapt_patch_positions(dpe, spe, adapt)
+    for weight, value in positions.items():
+        getattr(dpe, weight).assign(value)
+        report.copied += 1
+    report.notes.extend(notes)
     report.position_grid = ((spe.f_dim, spe.t_dim), (dpe.f_dim, dpe.t_dim))
 
     for dst_block, src_block in zip(backbone.blocks, src.blocks):
