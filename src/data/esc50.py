@@ -12,10 +12,11 @@ when the input pipeline is built.
 from __future__ import annotations
 
 import csv
-import dataclasses
+import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
+
+from src.data.index import DatasetError, DatasetIndex, Record
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -29,48 +30,7 @@ REQUIRED_COLUMNS = ("filename", "fold", "target", "category")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
 
-
-class DatasetError(RuntimeError):
-    """The dataset is missing or its metadata is malformed; the message says how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    path: str  # absolute path of the audio file
-    label: int  # 0..num_classes-1
-    fold: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetIndex:
-    records: tuple[Record, ...]
-    class_names: tuple[str, ...]  # index = label
-    root: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def folds(self) -> list[int]:
-        return sorted({r.fold for r in self.records})
-
-    def split(self, test_folds: Sequence[int]) -> tuple[list[Record], list[Record]]:
-        """Return ``(train, test)``: records in ``test_folds`` vs. all other records."""
-        if isinstance(test_folds, int):
-            test_folds = [test_folds]
-        wanted = {int(f) for f in test_folds}
-        if not wanted:
-            raise DatasetError("split() needs at least one test fold")
-        available = self.folds()
-        missing = sorted(wanted - set(available))
-        if missing:
-            raise DatasetError(
-                f"Requested test fold(s) {missing} have no records in the dataset at "
-                f"{self.root}; available folds: {available}"
-            )
-        train = [r for r in self.records if r.fold not in wanted]
-        test = [r for r in self.records if r.fold in wanted]
-        return train, test
+log = logging.getLogger(__name__)
 
 
 def _parse_int(value: str | None, column: str, row_no: int, row: dict, csv_path: Path) -> int:
@@ -178,17 +138,36 @@ def read_esc50(
                 "every category must map to one target"
             )
 
+    # Labels are 0..K-1 in the order of the csv's targets. A subset of the classes (the
+    # ESC-10 rows, or a user's csv with only some targets) is remapped; the mapping goes
+    # to the index's info and from there to results.json.
     original = sorted(names)
-    if esc10_only:
-        remap = {t: i for i, t in enumerate(original)}
-    else:
-        if original != list(range(len(original))):
-            raise DatasetError(f"{csv_file}: targets must be contiguous 0..K-1, found {original}")
-        remap = {t: t for t in original}
+    remap = {t: i for i, t in enumerate(original)}
+    info = {}
+    if original != list(range(len(original))):
+        info["target_remap"] = {str(t): i for t, i in remap.items()}
+        if not esc10_only:
+            log.info(
+                "%s: targets %s are not contiguous 0..%d; remapped to 0..%d in order "
+                "(the mapping is written to results.json as target_remap)",
+                csv_file, _ranges(original), len(original) - 1, len(original) - 1,
+            )
 
     records = tuple(
         Record(path=str(audio / filename), label=remap[target], fold=fold)
         for _row_no, filename, fold, target, _category in rows
     )
     class_names = tuple(names[t] for t in original)
-    return DatasetIndex(records=records, class_names=class_names, root=str(root))
+    return DatasetIndex(records=records, class_names=class_names, root=str(root), info=info)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (short enough for a log line)."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)

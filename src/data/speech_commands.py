@@ -8,8 +8,9 @@ Layout of the release (``speech_commands_v0.02.tar.gz``)::
     ROOT/_background_noise_/*.wav # long noise recordings, not a word
 
 The official split is expressed as folds: 1 = train (every clip in neither list),
-2 = validation (``validation_list.txt``), 3 = test (``testing_list.txt``). Train on fold 1
-and evaluate on fold 3 with ``data.train_folds=[1] data.folds=[3]``.
+2 = validation (``validation_list.txt``), 3 = test (``testing_list.txt``). Train on fold 1,
+select on fold 2 and report on fold 3: ``data.train_folds=[1] data.val_folds=[2]
+data.folds=[3]`` (conf/data/speech_commands.yaml).
 """
 
 from __future__ import annotations
@@ -139,4 +140,7 @@ def read_speech_commands(
         records += [
             Record(path=str(background / name), label=len(words), fold=TRAIN_FOLD) for name in noise
         ]
-    return DatasetIndex(records=tuple(records), class_names=tuple(class_names), root=str(root))
+    return DatasetIndex(
+        records=tuple(records), class_names=tuple(class_names), root=str(root),
+        fold_names={TRAIN_FOLD: "train", VALIDATION_FOLD: "validation", TEST_FOLD: "test"},
+    )

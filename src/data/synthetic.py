@@ -37,8 +37,11 @@ __all__ = [
     "ESC10_CLASSES",
     "GENERATOR_VERSION",
     "MARKER_NAME",
+    "coloured_noise",
     "ensure_dataset",
     "generate_dataset",
+    "synthesize_clip",
+    "synthesize_event",
 ]
 
 # Bump whenever the generated audio or layout changes, so cached trees are regenerated.
@@ -101,7 +104,7 @@ def _fmax(sr: int) -> float:
     return 0.45 * sr
 
 
-def _coloured_noise(
+def coloured_noise(
     rng: np.random.Generator, n: int, sr: int, exponent: float, f_floor: float = 30.0
 ) -> np.ndarray:
     """Unit-RMS noise with power spectrum ~ 1/f**exponent (0 white, 1 pink, 2 brown).
@@ -207,13 +210,13 @@ def _knock(rng, sr, clip_s):
 
 def _white_noise_burst(rng, sr, clip_s):
     n = _event_len(rng, 0.3, 1.2, sr, clip_s)
-    return _fade(_coloured_noise(rng, n, sr, exponent=0.0), sr)
+    return _fade(coloured_noise(rng, n, sr, exponent=0.0), sr)
 
 
 def _brown_noise_burst(rng, sr, clip_s):
     n = _event_len(rng, 0.3, 1.2, sr, clip_s)
     # flat up to 150 Hz so the burst's energy is not all below the lowest mel bands
-    return _fade(_coloured_noise(rng, n, sr, exponent=2.0, f_floor=150.0), sr)
+    return _fade(coloured_noise(rng, n, sr, exponent=2.0, f_floor=150.0), sr)
 
 
 def _dual_tone(rng, sr, clip_s):
@@ -279,11 +282,19 @@ assert tuple(_EVENTS) == CLASSES
 # --------------------------------------------------------------------------------- clips
 
 
+def synthesize_event(
+    target: int, rng: np.random.Generator, sample_rate: int, clip_seconds: float
+) -> np.ndarray:
+    """One sound event of class ``target`` (float64, unnormalised, no background), drawn
+    from ``rng``; at most ``0.8 * clip_seconds`` long."""
+    return _EVENTS[CLASSES[target]](rng, sample_rate, clip_seconds)
+
+
 def synthesize_clip(target: int, index: int, *, seed: int, sample_rate: int, duration: float):
     """Return one clip (float64, mono, peak < 1) of class ``target``; pure in its arguments."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, target, index]))
     n = int(round(duration * sample_rate))
-    event = _EVENTS[CLASSES[target]](rng, sample_rate, duration)[:n]
+    event = synthesize_event(target, rng, sample_rate, duration)[:n]
 
     onset = int(rng.integers(0, n - len(event) + 1))
     clip_event = np.zeros(n)
@@ -292,7 +303,7 @@ def synthesize_clip(target: int, index: int, *, seed: int, sample_rate: int, dur
     event_rms = np.sqrt(np.mean(event**2))
     snr_db = rng.uniform(*_SNR_DB)
     colour = rng.choice((0.0, 1.0))  # white or pink background
-    background = _coloured_noise(rng, n, sample_rate, exponent=colour)
+    background = coloured_noise(rng, n, sample_rate, exponent=colour)
     background *= event_rms * 10.0 ** (-snr_db / 20.0)
 
     clip = clip_event + background
