@@ -2,8 +2,10 @@
 
     python -m scripts.benchmark model [--embed 192 --layers 4 --heads 4 --ff 768 --mels 128
         --frames 512 --stride 10 --batch 32] [--jit] [--fused] [--fused-qkv]
-        [--full-last-block] [--precision float32|mixed_bfloat16|mixed_float16] [--vs-pytorch] [--json]
-    python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100] [--json]
+        [--full-last-block] [--precision float32|mixed_bfloat16|mixed_float16]
+        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--json]
+    python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
+        [--tfio-clips 48] [--soxr-recipes] [--json]
 
 ``model``: training throughput (clips/s, steady state after compilation, Adam,
 dropout 0), inference throughput (batch) and single-clip latency (waveform in,
@@ -14,22 +16,46 @@ fraction of the device's measured peak (a 4096 x 4096 matmul with XLA in the mod
 dtype: float32, or bfloat16 / float16 under ``--precision``). With
 ``--vs-pytorch`` (needs torch and transformers) it times Hugging Face's
 ``ASTForAudioClassification`` of the same dimensions in the same process,
-alternating with ours, and prints our/theirs ratios.
+alternating with ours, and prints our/theirs ratios. With ``--patchout T,F[,R]``
+(``model.patchout``: T time columns, F frequency rows, then R random patches dropped
+in training) it also times the same model without patchout, alternating, and
+prints the with/without ratios; FLOPs are then given for a training step's forward
+pass over the patches left as well. ``--passt-audioset``: PaSST's AudioSet shape, a
+10 s clip of 128 mel bins x 998 frames, stride 10 (a 12 x 99 grid), with its
+structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
+says otherwise.
 
-``pipeline``: input pipeline throughput on generated clips in ESC-50 layout
-(5 s at 44.1 kHz by default, like ESC-50): decode + resample to 16 kHz alone,
-decode + resample + log-mel features (what the first epoch costs), loading
-the cached features from disk, and an epoch over cached features (shuffle +
-batch + prefetch, what every later epoch costs). Clips per second, best of
-``--repeats`` runs.
+``pipeline``: input pipeline throughput on generated 16-bit WAV clips in ESC-50
+layout (5 s at 44.1 kHz by default, like ESC-50), resampled to 16 kHz: decode
+only (``decode_audio`` at the file's rate, and ``tf.audio.decode_wav`` for
+comparison); decode + resample with the previous
+decoder (``tf.audio.decode_wav`` + tensorflow-io's resampler, on the first
+``--tfio-clips`` clips, one run: it is slow); decode + resample with
+``src.data.audio`` (``read_audio`` on one thread and on a pool of one thread per
+core; ``decode_audio`` in ``tf.data``, sequential and with
+``num_parallel_calls=AUTOTUNE``); building the feature store from scratch (decode +
+resample + log-mel features + TFRecord shards, every file decoded once, all cores: what
+the first run on a dataset costs); checking an up-to-date store (what every later run
+costs); reading the stored features back from the shards; and a training epoch over
+the store (shuffle buffer, targets, batch, prefetch), streamed and from the in-memory
+cache. Clips per second, best of
+``--repeats`` runs, and for the decode stages the cores kept busy (process CPU
+time / wall time) and, on Linux, the cores other processes kept busy meanwhile
+(on a shared machine a stage cannot use a core a neighbour holds). Cores: those this process may run on (its affinity mask;
+``os.cpu_count()`` where there is none). ``--soxr-recipes`` instead compares
+libsoxr's quality recipes: the worst error of single tones up to 0.9 x the lower
+Nyquist frequency against the tone computed at the target rate (float64), per
+rate pair, and the CPU time to resample a 5 s 44.1 kHz clip to 16 kHz.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -47,10 +73,43 @@ def _best(fn, repeats):
     return min(times)
 
 
-def bench_pipeline(clips, seconds, rate, n_mels, batch, repeats, workdir):
-    import numpy as np
+def _cores():
+    """CPU cores this process may run on (``os.cpu_count()`` without an affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
-    from src.data.pipeline import compute_features, training_dataset, waveform_dataset
+
+def _tfio_waveform_dataset(paths, sample_rate, clip_samples):
+    """The previous decoder, kept measurable: ``tf.audio.decode_wav`` + tensorflow-io's
+    resampler in the graph, mean removal, crop/pad, ``num_parallel_calls=AUTOTUNE``."""
+    import tensorflow as tf
+    import tensorflow_io as tfio
+
+    def decode(path):
+        audio, rate = tf.audio.decode_wav(tf.io.read_file(path))
+        audio = tfio.audio.resample(tf.reduce_mean(audio, axis=-1, keepdims=True),
+                                    rate_in=tf.cast(rate, tf.int64),
+                                    rate_out=tf.constant(sample_rate, tf.int64))[:, 0]
+        audio = audio - tf.reduce_mean(audio)
+        audio = audio[:clip_samples]
+        audio = tf.pad(audio, [[0, clip_samples - tf.shape(audio)[0]]])
+        return tf.clip_by_value(audio, -1.0, 1.0)
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def bench_pipeline(clips, seconds, rate, n_mels, batch, repeats, workdir, tfio_clips=48):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tensorflow as tf
+
+    from src.data.audio import decode_audio, read_audio
+    from src.data.esc50 import read_esc50
+    from src.data.pipeline import LabelTable, training_dataset
+    from src.data.store import build_store
     from src.data.synthetic import CLASSES, generate_dataset
     from src.models.frontend import LogMel
 
@@ -61,56 +120,209 @@ def bench_pipeline(clips, seconds, rate, n_mels, batch, repeats, workdir):
     paths = sorted(str(p) for p in (root / "audio").glob("*.wav"))[:clips]
     sr, clip_samples = 16000, int(16000 * seconds)
     frontend = LogMel(sample_rate=sr, n_mels=n_mels)
-
-    def decode():
-        for _ in waveform_dataset(paths, sr, clip_samples, remove_mean=True).batch(batch):
-            pass
-
-    def features(cache_dir=None):
-        return compute_features(frontend, paths, sample_rate=sr, clip_samples=clip_samples,
-                                remove_mean=True, batch_size=batch, cache_dir=cache_dir)
-
-    decode()  # warm up: graph tracing, tfio kernels
-    t_decode = _best(decode, repeats)
-    t_features = _best(features, repeats)
-    cache = Path(workdir) / "cache"
-    feats = features(cache)  # writes the cache
-    t_load = _best(lambda: features(cache), repeats)
-    labels = np.zeros(len(paths), dtype=np.int32)
-
-    def epoch():
-        for _ in training_dataset(feats, labels, batch, seed=0):
-            pass
-
-    epoch()
-    t_epoch = _best(epoch, repeats)
+    cores = _cores()
     n = len(paths)
-    return {
-        "clips": n,
-        "clip_seconds": seconds,
-        "file_rate": rate,
-        "model_rate": sr,
-        "n_mels": n_mels,
-        "feature_shape": list(feats.shape[1:]),
-        "decode_resample_clips_per_s": n / t_decode,
-        "first_epoch_features_clips_per_s": n / t_features,
-        "cache_load_clips_per_s": n / t_load,
-        "cached_epoch_clips_per_s": n / t_epoch,
-        "cpu_count": os.cpu_count(),
+
+    def drain(ds, items=n):
+        for _ in ds.take(items).batch(batch):
+            pass
+
+    def graph(sample_rate, samples, parallel):
+        ds = tf.data.Dataset.from_tensor_slices(paths)
+        return ds.map(lambda p: decode_audio(p, sample_rate, samples, remove_mean=True),
+                      num_parallel_calls=parallel, deterministic=True if parallel else None)
+
+    def decode_only():  # the same reader at the file's own rate: no resampling
+        drain(graph(rate, int(rate * seconds), tf.data.AUTOTUNE))
+
+    def decode_wav_only():  # TensorFlow's WAV decoder, for comparison
+        def decode(path):
+            audio, _ = tf.audio.decode_wav(tf.io.read_file(path))
+            return tf.reduce_mean(audio, axis=-1)
+
+        ds = tf.data.Dataset.from_tensor_slices(paths)
+        drain(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+
+    def tfio_path():
+        drain(_tfio_waveform_dataset(paths, sr, clip_samples), tfio_clips)
+
+    def read(path):
+        return read_audio(path, sr, clip_samples=clip_samples, remove_mean=True)
+
+    def one_thread():
+        for p in paths:
+            read(p)
+
+    pool = ThreadPoolExecutor(cores)
+
+    def all_cores():
+        for _ in pool.map(read, paths):
+            pass
+
+    def in_graph():
+        drain(graph(sr, clip_samples, tf.data.AUTOTUNE))
+
+    def in_graph_sequential():
+        drain(graph(sr, clip_samples, None))
+
+    index = read_esc50(root)
+    keep = set(paths)
+    index = dataclasses.replace(index, records=tuple(r for r in index.records if r.path in keep))
+    store_dir = Path(workdir) / "store"
+
+    def build(fresh=True):  # decode + resample + features + shards, all cores
+        if fresh:
+            shutil.rmtree(store_dir, ignore_errors=True)
+        return build_store(index, frontend, sample_rate=sr, clip_samples=clip_samples,
+                           cache_dir=store_dir, name="bench", remove_mean=True,
+                           progress=False)
+
+    def timed(key, fn, items=n, reps=repeats):
+        fn()  # warm up: graph tracing, kernels, page cache
+        wall, busy, others = _best_with_cpu(fn, reps)
+        out[f"{key}_clips_per_s"], out[f"{key}_cpu_cores"] = items / wall, busy
+        out[f"{key}_other_processes_cpu_cores"] = others
+
+    out = {"clips": n, "clip_seconds": seconds, "file_rate": rate, "model_rate": sr,
+           "n_mels": n_mels, "cpu_count": cores}
+    stages = {
+        "decode_only": decode_only,
+        "decode_wav_only": decode_wav_only,
+        "one_thread": one_thread,
+        "all_cores": all_cores,
+        "graph_sequential": in_graph_sequential,
+        "decode_resample": in_graph,
     }
+    for key, fn in stages.items():
+        timed(key, fn)
+    pool.shutdown()
+    out["tfio_clips"] = min(tfio_clips, n)
+    timed("tfio_resample", tfio_path, out["tfio_clips"], 1)
+    out["first_epoch_features_clips_per_s"] = n / _best(build, repeats)
+    store = build()
+    out["store_check_clips_per_s"] = n / _best(lambda: build(fresh=False), repeats)
+    out["feature_shape"] = [store.clip_frames, store.n_mels]
+
+    def read_shards():
+        for _ in store.records(store.shards).batch(batch).prefetch(tf.data.AUTOTUNE):
+            pass
+
+    read_shards()
+    out["cache_load_clips_per_s"] = n / _best(read_shards, repeats)
+    rows = range(len(index.records))
+    labels = LabelTable(index)
+
+    def epoch(cache_mb):  # the training stream: shuffle buffer, crop, targets, batch
+        ds = training_dataset(store, index, rows, labels, batch_size=batch, seed=0,
+                              memory_cache_mb=cache_mb)
+        return lambda: [None for _ in ds]
+
+    streamed, cached = epoch(0), epoch(1e6)
+    streamed()
+    cached()  # the first pass fills the cache
+    out["cached_epoch_clips_per_s"] = n / _best(cached, repeats)
+    out["streamed_epoch_clips_per_s"] = n / _best(streamed, repeats)
+    return out
+
+
+def _system_busy_s():
+    """CPU seconds all processes of the machine have run (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _best_with_cpu(fn, repeats):
+    """Best wall time of ``repeats`` runs, the cores that run kept busy on average
+    (process CPU time, all threads, / wall time) and the cores other processes kept busy
+    meanwhile (None where /proc/stat is not available): on a shared machine, a stage whose
+    neighbours took a core could not use it."""
+    best = None
+    for _ in range(repeats):
+        system = _system_busy_s()
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall = max(wall, 1e-9)
+        others = None
+        if system is not None:
+            others = max(0.0, (_system_busy_s() - system - cpu) / wall)
+        if best is None or wall < best[0]:
+            best = (wall, cpu / wall, others)
+    return best
+
+
+# libsoxr quality recipes (soxr.h) compared by ``pipeline --soxr-recipes``.
+SOXR_RECIPES = {"MQ": 0x02, "HQ": 0x04, "VHQ": 0x06, "16_BITQ|STEEP": 0x43,
+                "HQ|STEEP": 0x44, "VHQ|STEEP": 0x46}
+RESAMPLE_PAIRS = [(44100, 16000), (48000, 16000), (22050, 16000), (8000, 16000),
+                  (32000, 16000)]
+
+
+def _tone_error_db(resampler, rate_in, rate_out, freq, seconds=0.5):
+    """Error / signal (dB) of a resampled tone against the tone computed at ``rate_out``
+    in float64, on the middle half of the signal."""
+    import numpy as np
+
+    def tone(rate):
+        return 0.5 * np.sin(2 * np.pi * freq * np.arange(round(rate * seconds)) / rate + 0.3)
+
+    y = np.asarray(resampler(tone(rate_in).astype(np.float32), rate_in, rate_out), np.float64)
+    ref = tone(rate_out)
+    n = min(len(y), len(ref))
+    mid = slice(n // 4, n - n // 4)
+    return 10 * np.log10(np.sum((y[mid] - ref[mid]) ** 2) / np.sum(ref[mid] ** 2))
+
+
+def bench_soxr_recipes(repeats, tones=90, seconds=5.0):
+    """Per libsoxr recipe: the worst error of single tones up to 0.9 x the lower Nyquist
+    frequency for each rate pair, and the CPU time to resample a ``seconds`` clip from
+    44.1 kHz to 16 kHz (best of ``repeats`` x 10 calls)."""
+    import numpy as np
+
+    from src.data.audio import SOXR_RECIPE, resample
+
+    clip = np.random.default_rng(0).uniform(-0.5, 0.5, round(44100 * seconds))
+    clip = clip.astype(np.float32)
+    out = {"used": next(k for k, v in SOXR_RECIPES.items() if v == SOXR_RECIPE),
+           "pairs": [f"{a}->{b}" for a, b in RESAMPLE_PAIRS], "recipes": {}}
+    for name, recipe in SOXR_RECIPES.items():
+        def run(x, rate_in, rate_out, recipe=recipe):
+            return resample(x, rate_in, rate_out, recipe=recipe)
+
+        worst = []
+        for rate_in, rate_out in RESAMPLE_PAIRS:
+            top = 0.9 * min(rate_in, rate_out) / 2
+            worst.append(max(_tone_error_db(run, rate_in, rate_out, f)
+                             for f in np.linspace(top / tones, top, tones)))
+        best = math.inf
+        for _ in range(repeats):
+            cpu = time.process_time()
+            for _ in range(10):
+                run(clip, 44100, 16000)
+            best = min(best, (time.process_time() - cpu) / 10)
+        out["recipes"][name] = {"recipe": recipe, "worst_error_db": worst,
+                                "cpu_ms_per_clip": 1000 * best}
+    return out
 
 
 def model_flops(embed, layers, ff, mels, frames, patch, f_stride, t_stride, classes,
-                prefix=2, last_rows=None):
+                prefix=2, last_rows=None, patchout=(0, 0, 0)):
     """Forward FLOPs per clip (2 per multiply-add) of the transformer backbone, and the
     number of patches. ``prefix``: [CLS] (+ [DIST]) tokens. ``last_rows``: rows the last
     block computes (``pooled_last_block``: queries, attention, output projection and
     MLP for those rows only; keys and values for all; with ``--fused-qkv`` the one q/k/v
     matmul also computes the other rows' queries, 2 * n * embed^2 more); ``None``: every
-    row."""
+    row. ``patchout``: (time columns, frequency rows, random patches) dropped after the
+    patch convolution (a training step): the blocks see the patches left."""
     f_dim = (mels - patch) // f_stride + 1
     t_dim = (frames - patch) // t_stride + 1
-    n = f_dim * t_dim + prefix
+    drop_t, drop_f, drop_r = patchout
+    n = (f_dim - drop_f) * (t_dim - drop_t) - drop_r + prefix
 
     def block(rows):
         kv = 2 * 2 * n * embed * embed
@@ -123,6 +335,18 @@ def model_flops(embed, layers, ff, mels, frames, patch, f_stride, t_stride, clas
     blocks = (layers - 1) * block(n) + block(n if last_rows is None else last_rows)
     head = 2 * embed * classes
     return conv + blocks + head, f_dim * t_dim
+
+
+def _patchout_counts(text):
+    """``"T,F"`` or ``"T,F,R"`` -> (time columns, frequency rows, random patches)."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) not in (2, 3) or min(counts) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--patchout takes T,F or T,F,R (non-negative whole numbers), got {text!r}")
+    return tuple(counts + [0] * (3 - len(counts)))
 
 
 def measured_peak_gflops(size=4096, repeats=5, dtype="float32"):
@@ -154,25 +378,34 @@ def bench_model(args):
     clip_samples = (args.frames - 1) * hop + 400  # exactly `frames` frames
     if args.precision != "float32":
         keras.mixed_precision.set_global_policy(args.precision)
+    patchout = dict(zip(("time", "freq", "random"), args.patchout))
     # AST's block and head (as Hugging Face's ASTForAudioClassification below).
     cfg = dict(embed_dim=args.embed, num_layers=args.layers, num_heads=args.heads,
                ff_dim=args.ff, f_stride=args.stride, t_stride=args.stride,
                dropout_rate=0.0, norm_first=True, activation="gelu", pooling="cls_dist",
                fused_attention=args.fused, fused_qkv=args.fused_qkv,
-               pooled_last_block=not args.full_last_block)
-    model = build_model(cfg, dict(n_mels=args.mels), num_classes=args.classes,
-                        clip_samples=clip_samples)
-    backbone = model.backbone
-    backbone.compile(optimizer=keras.optimizers.Adam(1e-4),
-                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                     jit_compile=args.jit)
+               pooled_last_block=not args.full_last_block, patchout=patchout)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.frames, args.mels)).astype("float32")
     y = rng.integers(0, args.classes, args.batch).astype("int32")
-    for _ in range(2):  # compile + warm up
-        backbone.train_on_batch(x, y)
-    infer = tf.function(lambda v: backbone(v, training=False), jit_compile=args.jit)
-    infer(x).numpy()
+
+    def compiled(model_cfg):
+        """(waveform model, its backbone compiled and warmed up, jitted inference)"""
+        model = build_model(model_cfg, dict(n_mels=args.mels), num_classes=args.classes,
+                            clip_samples=clip_samples)
+        backbone = model.backbone
+        backbone.compile(optimizer=keras.optimizers.Adam(1e-4),
+                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                         jit_compile=args.jit)
+        for _ in range(2):  # compile + warm up
+            backbone.train_on_batch(x, y)
+        infer = tf.function(lambda v: backbone(v, training=False), jit_compile=args.jit)
+        infer(x).numpy()
+        return model, backbone, infer
+
+    model, backbone, infer = compiled(cfg)
+    # The same model without patchout, timed alternately with it.
+    plain = compiled(dict(cfg, patchout=None)) if any(args.patchout) else None
     wave = rng.standard_normal((1, clip_samples)).astype("float32") * 0.1
     single = tf.function(lambda v: model(v, training=False), jit_compile=args.jit)
     single(wave).numpy()
@@ -187,9 +420,18 @@ def bench_model(args):
         if torch_step is not None:
             theirs["train"].append(args.batch / _timed(torch_step["train"]))
             theirs["infer"].append(args.batch / _timed(torch_step["infer"]))
+        if plain is not None:
+            ours.setdefault("train_plain", []).append(
+                args.batch / _timed(lambda: plain[1].train_on_batch(x, y)))
+            ours.setdefault("infer_plain", []).append(
+                args.batch / _timed(lambda: plain[2](x).numpy()))
     flops, patches = model_flops(args.embed, args.layers, args.ff, args.mels, args.frames, 16,
                                  args.stride, args.stride, args.classes,
                                  last_rows=None if args.full_last_block else 2)
+    train_flops, _ = model_flops(args.embed, args.layers, args.ff, args.mels, args.frames, 16,
+                                 args.stride, args.stride, args.classes,
+                                 last_rows=None if args.full_last_block else 2,
+                                 patchout=args.patchout)
     full_flops, _ = model_flops(args.embed, args.layers, args.ff, args.mels, args.frames, 16,
                                 args.stride, args.stride, args.classes)
     train_cps = float(np.median(ours["train"]))
@@ -203,6 +445,9 @@ def bench_model(args):
         "shape": dict(embed=args.embed, layers=args.layers, heads=args.heads, ff=args.ff,
                       mels=args.mels, frames=args.frames, stride=args.stride,
                       patches=patches, batch=args.batch),
+        "grid": list(backbone.grid),
+        "patchout": patchout,
+        "train_patches": int(backbone.patch_embed.num_train_patches),
         "jit_compile": args.jit,
         "fused_attention": args.fused,
         "fused_qkv": args.fused_qkv,
@@ -211,15 +456,22 @@ def bench_model(args):
         "parameters": int(backbone.count_params()),
         "gflops_per_clip_forward": flops / 1e9,
         "gflops_per_clip_forward_all_rows": full_flops / 1e9,
+        "gflops_per_clip_train_forward": train_flops / 1e9,
         "train_clips_per_s": train_cps,
         "infer_clips_per_s": infer_cps,
         "latency_ms": float(np.median(ours["latency"])),
-        "train_gflops_per_s": 3 * flops * train_cps / 1e9,
+        "train_gflops_per_s": 3 * train_flops * train_cps / 1e9,
         "infer_gflops_per_s": flops * infer_cps / 1e9,
         "peak_gflops_per_s": peak,
     }
     out["train_fraction_of_peak"] = out["train_gflops_per_s"] / peak
     out["infer_fraction_of_peak"] = out["infer_gflops_per_s"] / peak
+    if plain is not None:
+        out["train_clips_per_s_without_patchout"] = float(np.median(ours["train_plain"]))
+        out["infer_clips_per_s_without_patchout"] = float(np.median(ours["infer_plain"]))
+        out["patchout_train_speedup"] = train_cps / out["train_clips_per_s_without_patchout"]
+        out["patchout_infer_ratio"] = infer_cps / out["infer_clips_per_s_without_patchout"]
+        out["patchout_train_flops_ratio"] = flops / train_flops
     if theirs is not None:
         out["pytorch_train_clips_per_s"] = float(np.median(theirs["train"]))
         out["pytorch_infer_clips_per_s"] = float(np.median(theirs["infer"]))
@@ -289,6 +541,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-mels", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tfio-clips", type=int, default=48,
+                   help="clips for the (slow) tensorflow-io resampler stage")
+    p.add_argument("--soxr-recipes", action="store_true",
+                   help="only compare libsoxr quality recipes: accuracy and speed")
     p.add_argument("--json", action="store_true")
     m = sub.add_parser("model", help="training / inference throughput of the transformer")
     m.add_argument("--embed", type=int, default=192)
@@ -310,9 +566,22 @@ def main(argv=None) -> int:
     m.add_argument("--precision", default="float32",
                    choices=["float32", "mixed_bfloat16", "mixed_float16"],
                    help="Keras dtype policy (mixed_float16 needs a GPU)")
+    m.add_argument("--patchout", type=_patchout_counts, default=None, metavar="T,F[,R]",
+                   help="model.patchout in training: T time columns and F frequency rows of "
+                        "the patch grid, then R random patches dropped; also times the model "
+                        "without patchout")
+    m.add_argument("--passt-audioset", action="store_true",
+                   help="PaSST's AudioSet shape: 128 mels x 998 frames (10 s), stride 10 "
+                        "(12 x 99 patches), patchout 40,4 unless --patchout is given")
     m.add_argument("--vs-pytorch", action="store_true")
     m.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.what == "model":
+        if args.passt_audioset:
+            args.mels, args.frames, args.stride = 128, 998, 10
+            if args.patchout is None:
+                args.patchout = (40, 4, 0)
+        args.patchout = args.patchout or (0, 0, 0)
 
     if args.what == "model":
         r = bench_model(args)
@@ -329,6 +598,12 @@ def main(argv=None) -> int:
         print(f"  parameters {r['parameters']:,}; {r['gflops_per_clip_forward']:.2f} GFLOP/clip "
               f"forward ({r['gflops_per_clip_forward_all_rows']:.2f} when every row of the "
               f"last block is computed); measured peak {r['peak_gflops_per_s']:.0f} GFLOP/s")
+        if "patchout_train_speedup" in r:
+            po, (f_dim, t_dim) = r["patchout"], r["grid"]
+            print(f"  patchout time={po['time']} freq={po['freq']} random={po['random']}: "
+                  f"{f_dim} x {t_dim} = {f_dim * t_dim} patches -> {r['train_patches']} in "
+                  f"training; {r['gflops_per_clip_train_forward']:.2f} GFLOP/clip training "
+                  f"forward ({r['patchout_train_flops_ratio']:.2f}x fewer)")
         print(f"  training   {r['train_clips_per_s']:8.2f} clips/s  "
               f"({r['train_gflops_per_s']:.0f} GFLOP/s, {100 * r['train_fraction_of_peak']:.0f}%"
               " of peak)")
@@ -336,30 +611,64 @@ def main(argv=None) -> int:
               f"({r['infer_gflops_per_s']:.0f} GFLOP/s, {100 * r['infer_fraction_of_peak']:.0f}%"
               " of peak)")
         print(f"  latency    {r['latency_ms']:8.1f} ms for one clip (waveform in)")
+        if "patchout_train_speedup" in r:
+            print(f"  without patchout: training {r['train_clips_per_s_without_patchout']:.2f} "
+                  f"clips/s, inference {r['infer_clips_per_s_without_patchout']:.2f} clips/s; "
+                  f"patchout {r['patchout_train_speedup']:.2f}x training throughput, "
+                  f"{r['patchout_infer_ratio']:.2f}x inference")
         if "train_ratio" in r:
             print(f"  PyTorch AST: training {r['pytorch_train_clips_per_s']:.2f} clips/s, "
                   f"inference {r['pytorch_infer_clips_per_s']:.2f} clips/s; ours/theirs "
                   f"{r['train_ratio']:.2f}x training, {r['infer_ratio']:.2f}x inference")
         return 0
 
+    if args.soxr_recipes:
+        r = bench_soxr_recipes(args.repeats)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print("libsoxr recipes: worst error of single tones up to 0.9 x the lower Nyquist "
+              "frequency (dB re signal), CPU ms to resample 5 s 44.1 kHz -> 16 kHz")
+        print(f"  {'recipe':<16}" + "".join(f"{p:>13}" for p in r["pairs"]) + "    ms/clip")
+        for name, v in r["recipes"].items():
+            used = "  <- used" if name == r["used"] else ""
+            print(f"  {name:<16}" + "".join(f"{e:13.1f}" for e in v["worst_error_db"])
+                  + f"{v['cpu_ms_per_clip']:11.2f}{used}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         r = bench_pipeline(args.clips, args.seconds, args.rate, args.n_mels, args.batch,
-                           args.repeats, workdir)
+                           args.repeats, workdir, tfio_clips=args.tfio_clips)
     if args.json:
         print(json.dumps(r))
         return 0
     print(f"input pipeline: {r['clips']} clips of {r['clip_seconds']} s at {r['file_rate']} Hz "
           f"-> {r['model_rate']} Hz, log-mel {tuple(r['feature_shape'])}, "
-          f"{r['cpu_count']} CPU(s)")
+          f"{r['cpu_count']} CPU core(s)")
+    cores = r["cpu_count"]
     rows = [
-        ("decode + resample", r["decode_resample_clips_per_s"]),
-        ("decode + resample + features (first epoch)", r["first_epoch_features_clips_per_s"]),
-        ("load cached features from disk", r["cache_load_clips_per_s"]),
-        ("epoch over cached features (shuffle, batch)", r["cached_epoch_clips_per_s"]),
+        ("decode only, decode_audio at the file's rate (tf.data AUTOTUNE)", "decode_only"),
+        ("decode only, tf.audio.decode_wav (tf.data AUTOTUNE)", "decode_wav_only"),
+        (f"decode + resample, tensorflow-io (previous; {r['tfio_clips']} clips, 1 run)",
+         "tfio_resample"),
+        ("decode + resample, read_audio, 1 thread", "one_thread"),
+        (f"decode + resample, read_audio, {cores} thread(s)", "all_cores"),
+        ("decode + resample, decode_audio in tf.data, sequential", "graph_sequential"),
+        ("decode + resample, decode_audio in tf.data AUTOTUNE", "decode_resample"),
+        ("feature store from scratch (decode, resample, features, shards)",
+         "first_epoch_features"),
+        ("feature store up to date (check only)", "store_check"),
+        ("read features from the shards", "cache_load"),
+        ("training epoch over the store, streamed", "streamed_epoch"),
+        ("training epoch over the store, in-memory cache", "cached_epoch"),
     ]
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v:10.1f} clips/s")
+    for label, key in rows:
+        busy, others = r.get(f"{key}_cpu_cores"), r.get(f"{key}_other_processes_cpu_cores")
+        note = f"  ({busy:.2f} cores busy" if busy is not None else ""
+        if others is not None:
+            note += f"; other processes {others:.2f}"
+        note += ")" if note else ""
+        print(f"  {label:<{width}}  {r[f'{key}_clips_per_s']:10.1f} clips/s{note}")
     return 0
 
 

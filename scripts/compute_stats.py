@@ -1,11 +1,15 @@
-"""Dataset mean/std of the frontend's log-mel features (AST's normalisation).
+"""Dataset mean/std of the model's log-mel input (AST's normalisation), over the training
+split only.
 
-    python -m scripts.compute_stats data=esc50 [frontend.n_mels=...] [--folds 1,2,3,4]
+    python -m scripts.compute_stats data=esc50 [frontend.n_mels=...] [--fold K] [--json]
 
-Prints the values to put into ``data.norm_mean`` / ``data.norm_std`` (by
-default training derives them from the training folds of each run). Uses the
-same config composition, reader, decoder and frontend as training, and the
-same feature cache.
+Prints the values to put into ``data.norm_mean`` / ``data.norm_std``. By default
+training derives them from each run's own training split; fixing them makes runs on
+different test folds share one normalisation, which is only honest if the numbers come
+from data that no test fold contains: here, the training split of test fold ``K``
+(default: the first of ``data.folds``; validation and test clips excluded), after the
+padding / cropping to ``data.target_frames`` that the model applies. Uses the same
+config composition, reader, feature store and splits as training.
 """
 
 from __future__ import annotations
@@ -32,49 +36,43 @@ def compose(overrides):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=esc50")
-    parser.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
+    parser.add_argument("--fold", type=int, default=None,
+                        help="the test fold whose training split is used (default: the first "
+                             "of data.folds)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
 
-    import numpy as np
-
+    from src.config import ConfigError
     from src.data.datasets import load_index
-    from src.data.esc50 import DatasetError
-    from src.data.pipeline import compute_features, feature_stats
-    from src.models.build import build_frontend
+    from src.data.index import DatasetError
+    from src.data.pipeline import feature_stats
+    from src.data.splits import check_split_config, make_splits
+    from src.train import build_features
 
     cfg = compose(args.overrides)
+    fold = int(args.fold if args.fold is not None else cfg.data.folds[0])
     try:
+        check_split_config(cfg.data)
         index = load_index(cfg.data)
-    except DatasetError as err:
+        if fold not in index.folds():
+            raise ConfigError(f"--fold {fold} is not a fold of the dataset ({index.folds()})")
+        store, index, _skipped = build_features(cfg, index)
+        splits = make_splits(index, fold, cfg.data)
+    except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    records = index.records
-    if args.folds:
-        wanted = {int(f) for f in args.folds.split(",")}
-        records = [r for r in records if r.fold in wanted]
-        if not records:
-            print(f"error: no clips in folds {sorted(wanted)} (dataset folds: {index.folds()})",
-                  file=sys.stderr)
-            return 2
-    frontend = build_frontend(cfg.frontend)
-    clip_samples = int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
-    feats = compute_features(
-        frontend,
-        [r.path for r in records],
-        sample_rate=int(cfg.data.sample_rate),
-        clip_samples=clip_samples,
-        remove_mean=bool(cfg.data.remove_mean),
-        cache_dir=Path(cfg.paths.cache_dir) / "features" if cfg.data.feature_cache else None,
-    )
-    mean, std = feature_stats(feats)
-    out = {"dataset": cfg.data.name, "clips": len(records), "norm_mean": mean, "norm_std": std,
-           "frames": int(feats.shape[1]), "n_mels": int(feats.shape[2]),
-           "finite": bool(np.isfinite(feats).all())}
+    target_frames = cfg.data.get("target_frames")
+    mean, std = feature_stats(store, index, splits.train, target_frames=target_frames,
+                              max_clips=cfg.data.get("stats_max_clips"),
+                              seed=int(cfg.data.get("split_seed", 0)))
+    frames = int(target_frames or store.clip_frames)
+    out = {"dataset": cfg.data.name, "test_fold": fold, "clips": int(len(splits.train)),
+           "norm_mean": mean, "norm_std": std, "frames": frames, "n_mels": store.n_mels}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{cfg.data.name}: {len(records)} clips, features {feats.shape[1:]}")
+        print(f"{cfg.data.name}: training split of test fold {fold}: {len(splits.train)} clips, "
+              f"features ({frames}, {store.n_mels})")
         print(f"data.norm_mean={mean:.7g} data.norm_std={std:.7g}")
     return 0
 

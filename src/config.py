@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-DATA_FORMATS = ("synthetic", "esc50", "speech_commands", "urbansound8k")
+DATA_FORMATS = ("synthetic", "esc50", "speech_commands", "urbansound8k", "audioset", "fsd50k",
+                "folder", "synthetic_tagging")
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,35 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.format={cfg.data.get('format')!r} is unknown; use one of {DATA_FORMATS}."
         )
     if not cfg.data.get("folds"):
-        raise ConfigError("data.folds is empty; list the held-out folds to run, e.g. [1].")
+        raise ConfigError("data.folds is empty; list the test folds to run, e.g. [1].")
+    from src.data.splits import check_split_config
+
+    check_split_config(cfg.data)
+    verify = (cfg.data.get("store") or {}).get("verify", "auto")
+    if verify not in ("auto", "always", "never"):
+        raise ConfigError(f"data.store.verify={verify!r} is unknown; use auto, always or never.")
+    epochs = int(cfg.trainer.epochs) if cfg.trainer.get("epochs") else 0
+    for key in ("average_epochs", "ensemble_epochs"):
+        value = cfg.trainer.get(key)
+        if value is None:
+            continue
+        try:
+            a, b = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"trainer.{key}={value!r}: expected [first, last] epochs, e.g. [1, 5]."
+            ) from None
+        if not 1 <= a <= b <= epochs:
+            raise ConfigError(
+                f"trainer.{key}=[{a}, {b}] must satisfy 1 <= first <= last <= "
+                f"trainer.epochs={epochs}."
+            )
+    patience = cfg.trainer.get("early_stopping_patience")
+    if patience is not None and (isinstance(patience, bool) or int(patience) < 1):
+        raise ConfigError(
+            f"trainer.early_stopping_patience={patience!r}: use a positive number of epochs "
+            "or null (off)."
+        )
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
                 "data.sample_rate"):
         _positive(cfg, key)

@@ -1,21 +1,21 @@
 """Train and evaluate: ``python -m src.train [experiment=...] [key=value ...]``.
 
-compose config -> validate -> dataset index -> features (once, cached)
--> for each held-out fold: fresh model -> fit -> evaluate -> fold results.json
--> aggregate over folds -> run results.json (+ W&B).
+compose config -> validate -> dataset index -> feature store (each file decoded once;
+bad files listed) -> for each test fold: train / validation / test splits -> fresh
+model -> fit (validation every epoch: checkpoint choice, early stopping) -> test, once,
+for the last-epoch model (and the validation-chosen, averaged or ensembled checkpoints)
+-> fold_<k>/results.json -> run summary over every finished fold -> results.json (+ W&B).
 
-Returns the cross-validated accuracy (mean over folds) for Hydra sweepers.
+Returns the mean validation metric over the folds (what a Hydra sweeper maximises: the
+test split chooses nothing).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,34 +27,19 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from src.config import ConfigError, validate_config  # noqa: E402
-from src.data.esc50 import DatasetError  # noqa: E402
+from src.data.index import DatasetError  # noqa: E402
+from src.training.rundir import run_dirname  # noqa: E402
 
 log = logging.getLogger("src.train")
 
-# Keys that may differ between the attempts of one run (they do not change what
-# a fold computes): a resumed run checks that everything else is unchanged.
-_RESUME_IGNORED = ("data.folds", "trainer.verbose", "trainer.resume", "logger", "paths", "tags")
 
-
-def run_dirname(overrides) -> str:
-    """A directory name for a set of overrides: readable, filesystem-safe, bounded."""
-    if not isinstance(overrides, str):  # hydra:overrides.task is a list
-        overrides = ",".join(str(o) for o in overrides)
-    text = str(overrides or "") or "default"
-    safe = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]+", "_", text)
-    if len(safe) > 100:
-        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-        safe = f"{safe[:80]}-{digest}"
-    return safe
-
-
-def sweep_dirname() -> str:
+def _sweep_dirname(invariant=None) -> str:
     """Directory name of a multirun: the command line's overrides (same command, same dir)."""
-    return run_dirname([a for a in sys.argv[1:] if not a.startswith("-")])
+    return run_dirname([a for a in sys.argv[1:] if not a.startswith("-")], invariant)
 
 
 OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)
-OmegaConf.register_new_resolver("sweep_dirname", sweep_dirname, replace=True)
+OmegaConf.register_new_resolver("sweep_dirname", _sweep_dirname, replace=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -88,14 +73,14 @@ def _wandb_group(cfg: DictConfig) -> str:
     return f"{cfg.name}-{','.join(parts)}" if parts else str(cfg.name)
 
 
-def _make_logger(cfg: DictConfig, fold: int | None, job_type: str, resolved: dict):
+def _make_logger(cfg: DictConfig, name: str, job_type: str, resolved: dict, id_file: Path):
+    """A W&B run (or None with logger=none); a rerun with the same ``id_file`` continues
+    the same W&B run."""
     if cfg.logger.name != "wandb":
         return None
-    from src.training.wandb_logger import WandbLogger
+    from src.training.wandb_logger import WandbLogger, run_id_for
 
     dir_ = Path(cfg.logger.dir or ".")
-    dir_.mkdir(parents=True, exist_ok=True)
-    name = f"{cfg.name}-fold{fold}" if fold is not None else f"{cfg.name}-cv"
     logger = WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.get("entity"),
@@ -107,239 +92,27 @@ def _make_logger(cfg: DictConfig, fold: int | None, job_type: str, resolved: dic
         dir=str(dir_),
         config=resolved,
         notes=cfg.logger.get("notes"),
+        run_id=run_id_for(id_file),
     )
     logger.start()
     return logger
 
 
-def train_fold(cfg: DictConfig, index, features, labels, fold: int, run_dir: Path, resolved):
-    """Train a fresh model with ``fold`` held out; returns the fold's results."""
-    import keras
+def _clip_samples(cfg: DictConfig) -> int:
+    return int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
 
-    from src.data.pipeline import eval_dataset, feature_stats, training_dataset
-    from src.evaluation.metrics import classification_report
-    from src.models.build import build_model
-    from src.training.callbacks import (
-        AtomicBackupAndRestore,
-        LearningRateLogger,
-        backup_epoch,
-        truncate_csv_log,
+
+def _pretrained_path(cfg: DictConfig) -> Path:
+    """``model.pretrained`` as a file (a known name is imported on first use)."""
+    from src.models.pretrained import resolve_pretrained
+
+    return resolve_pretrained(
+        cfg.model.pretrained, cfg.paths.weights_dir, Path(cfg.paths.cache_dir) / "hub"
     )
-    from src.training.mixup import apply_mixup
-    from src.training.optim import build_optimizer, build_schedule
-
-    fold_dir = run_dir / f"fold_{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    done = fold_dir / "results.json"
-    if done.exists():
-        log.info("fold %d already complete (%s), skipping", fold, done)
-        return json.loads(done.read_text())
-
-    folds = np.array([r.fold for r in index.records])
-    train_folds = cfg.data.get("train_folds")
-    if train_folds:  # fixed splits (e.g. Speech Commands: train=1, validation=2, test=3)
-        train_idx = np.flatnonzero(np.isin(folds, [int(f) for f in train_folds]))
-    else:  # cross-validation: every other fold trains
-        train_idx = np.flatnonzero(folds != fold)
-    test_idx = np.flatnonzero(folds == fold)
-    x_train, y_train = features[train_idx], labels[train_idx]
-    x_test, y_test = features[test_idx], labels[test_idx]
-
-    if cfg.data.norm_mean is None or cfg.data.norm_std is None:
-        mean, std = feature_stats(x_train)  # training folds only: no test leakage
-    else:
-        mean, std = float(cfg.data.norm_mean), float(cfg.data.norm_std)
-
-    keras.utils.set_random_seed(int(cfg.seed))
-    from src.training.distribute import enter_strategy, exit_strategy, jit_compile
-
-    enter_strategy(cfg.trainer)  # trainer.strategy/mixed_precision until exit_strategy()
-    model = build_model(
-        cfg.model,
-        cfg.frontend,
-        num_classes=len(index.class_names),
-        clip_samples=_clip_samples(cfg),
-        augment_cfg=cfg.augment,
-        norm_mean=mean,
-        norm_std=std,
-        class_names=index.class_names,
-        target_frames=cfg.data.get("target_frames"),
-    )
-    backbone = model.backbone
-    pretrained = None
-    if cfg.model.get("pretrained"):
-        from src.models.pretrained import load_pretrained
-
-        loaded = load_pretrained(
-            backbone, _pretrained_path(cfg), str(cfg.model.get("pretrained_adapt", "auto")),
-            frontend=model.frontend,
-        )
-        pretrained = loaded.summary()
-        log.info("fold %d: started from %s", fold, pretrained)
-        for note in loaded.notes:
-            log.info("fold %d: %s", fold, note)
-        for warning in loaded.warnings:
-            log.warning("fold %d: %s", fold, warning)
-    import tensorflow as tf
-
-    if backbone.count_params() > 20_000_000 and not tf.config.list_logical_devices("GPU"):
-        log.warning(
-            "fold %d: %.0f M parameters on a CPU; expect hours per epoch. Train models this "
-            "size on a GPU (README: Installation details, GPU).",
-            fold, backbone.count_params() / 1e6,
-        )
-    t = cfg.trainer
-    steps_per_epoch = math.ceil(len(train_idx) / int(t.batch_size))
-    schedule = build_schedule(t.schedule, float(t.optimizer.lr), steps_per_epoch, int(t.epochs))
-    backbone.compile(
-        optimizer=build_optimizer(t.optimizer, schedule),
-        loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=float(t.label_smoothing)
-        ),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        jit_compile=jit_compile(t),
-    )
-    exit_strategy()  # the model keeps its strategy; what follows runs as before
-    num_classes = len(index.class_names)
-
-    def one_hot(ds):
-        return ds.map(lambda x, y: (x, keras.ops.one_hot(y, num_classes)))
-
-    train_ds = one_hot(training_dataset(x_train, y_train, int(t.batch_size), int(cfg.seed)))
-    train_ds = apply_mixup(
-        train_ds,
-        prob=float(cfg.augment.get("mixup", 0.0)),
-        alpha=float(cfg.augment.get("mixup_alpha", 10.0)),
-        domain=str(cfg.augment.get("mixup_domain", "power")),
-        seed=int(cfg.seed),
-    )
-    test_ds = one_hot(eval_dataset(x_test, y_test, int(t.eval_batch_size)))
-
-    ckpt_dir = fold_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    # The backup says where training resumes; log rows of later epochs (written just
-    # before a kill) are dropped, as those epochs run again.
-    resumed = backup_epoch(fold_dir / "backup")
-    truncate_csv_log(fold_dir / "metrics.csv", resumed)
-    earlier = _full_history(fold_dir / "metrics.csv", {})  # epochs before an interruption
-    if resumed:
-        log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
-    callbacks = [
-        LearningRateLogger(),  # first: the loggers below record its value
-        keras.callbacks.ModelCheckpoint(
-            str(ckpt_dir / "best.weights.h5"),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=max(earlier["val_accuracy"]) if earlier.get("val_accuracy") else None,
-        ),
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
-        keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
-        # Resume: restores weights, optimizer state and epoch after a crash. Last, so an
-        # epoch in the backup is always in the log too.
-        AtomicBackupAndRestore(str(fold_dir / "backup")),
-    ]
-    logger = _make_logger(cfg, fold, f"fold{fold}", resolved)
-    if logger is not None:
-        callbacks.append(logger.keras_callback())
-
-    log.info(
-        "fold %d: %d train / %d test clips, %d parameters",
-        fold, len(train_idx), len(test_idx), model.count_params(),
-    )
-    start = time.time()
-    exit_code = 1
-    try:
-        history = backbone.fit(
-            train_ds,
-            validation_data=test_ds,
-            epochs=int(t.epochs),
-            callbacks=callbacks,
-            verbose=int(t.verbose),
-            shuffle=False,  # the tf.data pipeline shuffles
-        )
-        train_time = time.time() - start
-        eval_start = time.time()
-        logits = backbone.predict(x_test, batch_size=int(t.eval_batch_size), verbose=0)
-        eval_time = time.time() - eval_start
-        report = classification_report(y_test, logits, index.class_names)
-        hist = _full_history(fold_dir / "metrics.csv", history.history)
-        result = {
-            "fold": fold,
-            **report,
-            "loss": float(
-                keras.losses.CategoricalCrossentropy(from_logits=True)(
-                    keras.ops.one_hot(y_test, num_classes), logits
-                )
-            ),
-            "best_epoch": int(np.argmax(hist["val_accuracy"]) + 1) if hist.get("val_accuracy") else None,
-            "best_val_accuracy": float(max(hist["val_accuracy"])) if hist.get("val_accuracy") else None,
-            "epochs": len(hist.get("loss", [])),
-            "history": hist,
-            "num_train": int(len(train_idx)),
-            "num_test": int(len(test_idx)),
-            "norm_mean": mean,
-            "norm_std": std,
-            "parameters": int(model.count_params()),
-            "pretrained": pretrained,
-            "train_time_s": train_time,
-            # clips per second over this attempt's epochs (compilation included)
-            "train_clips_per_s": len(train_idx) * max(len(history.history.get("loss", [])), 1)
-            / max(train_time, 1e-9),
-            "eval_clips_per_s": len(test_idx) / max(eval_time, 1e-9),
-        }
-        if t.save_model:
-            model.save(fold_dir / "model.keras")
-        _write_json(done, result)
-        maps = save_fold_attention_maps(
-            cfg, model, ckpt_dir / "best.weights.h5", x_test, y_test, index.class_names,
-            fold_dir / "attention",
-        )
-        if logger is not None:
-            for path in maps:
-                logger.log_image(f"attention/{path.stem}", str(path))
-            logger.log_summary(
-                {"test/accuracy": result["accuracy"], "test/loss": result["loss"],
-                 "parameters": result["parameters"], "train_time_s": train_time}
-            )
-            logger.log_confusion_matrix(report["confusion_matrix"], list(index.class_names))
-        exit_code = 0
-        log.info("fold %d: accuracy %.4f", fold, result["accuracy"])
-        return result
-    finally:
-        if logger is not None:
-            logger.finish(exit_code=exit_code)
 
 
-def save_fold_attention_maps(cfg, model, best_weights, x_test, y_test, class_names, out_dir):
-    """Attention rollout PNGs of the fold's best model for a few held-out clips (one per
-    class, ``trainer.attention_maps`` of them). A plot never fails a run."""
-    count = int(cfg.trainer.get("attention_maps", 0) or 0)
-    backbone = model.backbone
-    if count <= 0 or not hasattr(backbone, "patch_embed") or len(y_test) == 0:
-        return []
-    try:
-        from src.evaluation.attention_maps import save_attention_maps
-
-        if best_weights.exists():
-            backbone.load_weights(best_weights)  # model.keras already holds the last epoch
-        picked, seen = [], set()
-        for i, label in enumerate(y_test):
-            if int(label) not in seen:
-                seen.add(int(label))
-                picked.append(i)
-            if len(picked) == count:
-                break
-        hop = getattr(model.frontend, "hop_samples", None)
-        rate = model.frontend.sample_rate / hop if hop else None
-        return save_attention_maps(
-            backbone, x_test[picked], y_test[picked], list(class_names), out_dir,
-            frame_rate=rate, prefix="best",
-        )
-    except Exception as err:  # noqa: BLE001
-        log.warning("attention maps were not written: %s", err)
-        return []
+def _primary(index) -> str:
+    return "mAP" if index.multi_label else "accuracy"
 
 
 def _full_history(csv_path: Path, fallback: dict) -> dict:
@@ -361,16 +134,378 @@ def _full_history(csv_path: Path, fallback: dict) -> dict:
     return {k: [float(v) for v in vals] for k, vals in fallback.items()}
 
 
-def check_data(cfg: DictConfig, index):
-    """Check every clip once (cached) before any training; stop or skip bad ones."""
-    from src.data.check import check_records, filter_records
+def _epoch_range(value) -> list[int]:
+    """``[a, b]`` (1-based, inclusive; checked by validate_config) as a list of epochs."""
+    return [] if value is None else list(range(int(value[0]), int(value[1]) + 1))
 
-    report = check_records(
-        index.records,
-        sample_rate=int(cfg.data.sample_rate),
-        clip_samples=_clip_samples(cfg),
-        cache_dir=Path(cfg.paths.cache_dir),
+
+def _subset_report(report: dict, primary: str) -> dict:
+    """The scalar part of a metrics report (what a checkpoint variant's test adds)."""
+    keep = {k: v for k, v in report.items() if isinstance(v, int | float) or v is None}
+    keep.setdefault(primary, report.get(primary))
+    return keep
+
+
+def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved: dict):
+    """Train a fresh model with ``fold`` as the test split; returns the fold's results."""
+    import keras
+    import tensorflow as tf
+
+    from src.data.pipeline import LabelTable, eval_dataset, feature_stats, training_dataset
+    from src.data.splits import make_splits
+    from src.evaluation.evaluate import evaluate, score_clips, targets
+    from src.models.build import build_model
+    from src.training.callbacks import (
+        AtomicBackupAndRestore,
+        LearningRateLogger,
+        backup_epoch,
+        truncate_csv_log,
     )
+    from src.training.distribute import enter_strategy, exit_strategy, jit_compile
+    from src.training.mixup import apply_mixup
+    from src.training.optim import build_optimizer, build_schedule
+    from src.training.provenance import git_info, package_versions
+    from src.training.validation import (
+        EpochWeights,
+        PaperProtocolCurve,
+        PatienceStop,
+        ValidationMetrics,
+        average_weights,
+    )
+
+    fold_dir = run_dir / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    done = fold_dir / "results.json"
+    if done.exists():
+        log.info("fold %d already complete (%s), skipping", fold, done)
+        return json.loads(done.read_text())
+
+    t = cfg.trainer
+    primary = _primary(index)
+    splits = make_splits(index, fold, cfg.data)
+    log.info(
+        "fold %d: %d train / %d validation (%s) / %d test clips",
+        fold, len(splits.train), len(splits.val), splits.val_source, len(splits.test),
+    )
+    target_frames = cfg.data.get("target_frames")
+    if cfg.data.norm_mean is None or cfg.data.norm_std is None:
+        mean, std = feature_stats(  # the training split only: nothing of val or test
+            store, index, splits.train, target_frames=target_frames,
+            max_clips=cfg.data.get("stats_max_clips"), seed=int(cfg.data.get("split_seed", 0)),
+        )
+    else:
+        mean, std = float(cfg.data.norm_mean), float(cfg.data.norm_std)
+
+    keras.utils.set_random_seed(int(cfg.seed))
+    enter_strategy(t)  # trainer.strategy/mixed_precision until exit_strategy()
+    model = build_model(
+        cfg.model,
+        cfg.frontend,
+        num_classes=index.num_classes,
+        clip_samples=_clip_samples(cfg),
+        augment_cfg=cfg.augment,
+        norm_mean=mean,
+        norm_std=std,
+        class_names=index.class_names,
+        target_frames=target_frames,
+        multi_label=index.multi_label,
+        remove_mean=bool(cfg.data.remove_mean),
+    )
+    backbone = model.backbone
+    pretrained = None
+    if cfg.model.get("pretrained"):
+        from src.models.pretrained import load_pretrained
+
+        loaded = load_pretrained(
+            backbone, _pretrained_path(cfg), str(cfg.model.get("pretrained_adapt", "auto")),
+            frontend=model.frontend,
+        )
+        pretrained = loaded.summary()
+        log.info("fold %d: started from %s", fold, pretrained)
+        for note in loaded.notes:
+            log.info("fold %d: %s", fold, note)
+        for warning in loaded.warnings:
+            log.warning("fold %d: %s", fold, warning)
+    if backbone.count_params() > 20_000_000 and not tf.config.list_logical_devices("GPU"):
+        log.warning(
+            "fold %d: %.0f M parameters on a CPU; expect hours per epoch. Train models this "
+            "size on a GPU (README: Installation details, GPU).",
+            fold, backbone.count_params() / 1e6,
+        )
+    batch = int(t.batch_size)
+    balanced = bool(cfg.data.get("balanced_sampling", False))
+    samples = int(cfg.data.get("samples_per_epoch") or len(splits.train))
+    steps_per_epoch = math.ceil((samples if balanced else len(splits.train)) / batch)
+    schedule = build_schedule(t.schedule, float(t.optimizer.lr), steps_per_epoch, int(t.epochs))
+    smoothing = float(t.label_smoothing)
+    if index.multi_label:
+        # Targets y become y * (1 - e) + e / 2 per class (Keras' binary label smoothing).
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing)
+        train_metrics = []
+    else:
+        # One-hot targets become (1 - e) * y + e / K.
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)
+        train_metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    backbone.compile(
+        optimizer=build_optimizer(t.optimizer, schedule),
+        loss=loss,
+        metrics=train_metrics,
+        jit_compile=jit_compile(t),
+    )
+    exit_strategy()  # the model keeps its strategy; what follows runs as before
+
+    labels = LabelTable(index)
+    d = cfg.data
+    train_ds = training_dataset(
+        store, index, splits.train, labels, batch_size=batch, seed=int(cfg.seed),
+        target_frames=target_frames, shuffle_buffer=int(d.get("shuffle_buffer", 2048)),
+        memory_cache_mb=float(d.get("memory_cache_mb", 1024)), balanced=balanced,
+        samples_per_epoch=samples if balanced else None, repeat=balanced,
+        shard_by_file=str(t.get("strategy", "default")) == "multi_worker",
+    )
+    train_ds = apply_mixup(
+        train_ds,
+        prob=float(cfg.augment.get("mixup", 0.0)),
+        alpha=float(cfg.augment.get("mixup_alpha", 10.0)),
+        domain=str(cfg.augment.get("mixup_domain", "power")),
+    )
+    eval_batch = int(t.eval_batch_size)
+
+    def split_ds(rows):
+        return eval_dataset(store, index, rows, batch_size=eval_batch,
+                            target_frames=target_frames)
+
+    val_ds, test_ds = split_ds(splits.val), split_ds(splits.test)
+
+    ckpt_dir = fold_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    # The backup says where training resumes; log rows of later epochs (written just
+    # before a kill) are dropped, as those epochs run again.
+    resumed = backup_epoch(fold_dir / "backup")
+    truncate_csv_log(fold_dir / "metrics.csv", resumed)
+    earlier = _full_history(fold_dir / "metrics.csv", {})  # epochs before an interruption
+    if resumed:
+        log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
+    monitor = f"val_{primary}"
+    validation = ValidationMetrics(lambda: evaluate(backbone, val_ds, index)[0], index.label_type)
+    callbacks = [
+        LearningRateLogger(),  # first: the loggers below record its value
+        validation,  # then val_*: everything after it may read them
+        keras.callbacks.ModelCheckpoint(
+            str(ckpt_dir / "best.weights.h5"),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=max(earlier[monitor]) if earlier.get(monitor) else None,
+        ),
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
+    ]
+    epochs = int(t.epochs)
+    avg_epochs = _epoch_range(t.get("average_epochs"))
+    ens_epochs = _epoch_range(t.get("ensemble_epochs"))
+    keep = EpochWeights(ckpt_dir / "epochs", sorted(set(avg_epochs) | set(ens_epochs)))
+    if keep.epochs:
+        callbacks.append(keep)
+    stopper = None
+    if t.get("early_stopping_patience"):
+        stopper = PatienceStop(monitor, int(t.early_stopping_patience), earlier.get(monitor, []))
+        callbacks.append(stopper)
+    paper = None
+    if t.get("paper_protocol", False):
+        paper = PaperProtocolCurve(
+            lambda: evaluate(backbone, test_ds, index)[0], primary,
+            fold_dir / "paper_protocol_test_curve.json", resumed_epochs=resumed,
+        )
+        callbacks.append(paper)
+    callbacks += [
+        keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
+        # Resume: restores weights, optimizer state and epoch after a crash. Last, so an
+        # epoch in the backup is always in the log too.
+        AtomicBackupAndRestore(str(fold_dir / "backup")),
+    ]
+    logger = _make_logger(cfg, f"{cfg.name}-fold{fold}", f"fold{fold}", resolved,
+                          fold_dir / "wandb_run_id")
+    if logger is not None:  # after the validation metrics and the CSV log, before the backup
+        callbacks.insert(len(callbacks) - 1, logger.keras_callback())
+
+    log.info("fold %d: %d parameters", fold, model.count_params())
+    start = time.time()
+    exit_code = 1
+    try:
+        history = backbone.fit(
+            train_ds,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch if balanced else None,
+            callbacks=callbacks,
+            verbose=int(t.verbose),
+            shuffle=False,  # the tf.data pipeline shuffles
+        )
+        train_time = time.time() - start
+        hist = _full_history(fold_dir / "metrics.csv", history.history)
+        done_epochs = len(hist.get("loss", []))
+        # Validation of the final model (the last epoch's report) and the test split, read
+        # once per model variant, to report.
+        eval_start = time.time()
+        last_val = validation.last_report or evaluate(backbone, val_ds, index)[0]
+        report, scores = evaluate(backbone, test_ds, index)
+        eval_time = time.time() - eval_start
+        pred_dir = fold_dir / "predictions"
+        scores.save(pred_dir / "test_last.npz", index)
+        if t.save_model:
+            model.save(fold_dir / "model.keras")
+        result = {
+            "fold": fold,
+            "label_type": index.label_type,
+            "primary_metric": primary,
+            **{f"test_{k}": v for k, v in report.items() if isinstance(v, int | float)},
+            "test_report": report,
+            **{f"val_{k}": v for k, v in last_val.items() if isinstance(v, int | float)},
+            "splits": splits.summary(),
+        }
+        vals = hist.get(monitor) or []
+        if vals:
+            best = int(np.nanargmax(vals))
+            result["best_epoch"] = best + 1
+            result[f"best_val_{primary}"] = float(vals[best])
+        best_file = ckpt_dir / "best.weights.h5"
+        if best_file.exists():
+            backbone.load_weights(best_file)
+            rep, sc = evaluate(backbone, test_ds, index)
+            sc.save(pred_dir / "test_best_val.npz", index)
+            result["test_best_val"] = {"epoch": result.get("best_epoch"),
+                                       **_subset_report(rep, primary)}
+        kept = [e for e in avg_epochs if keep.path(e).exists()]
+        if kept:
+            average_weights(backbone, [keep.path(e) for e in kept])
+            backbone.save_weights(ckpt_dir / "averaged.weights.h5")
+            rep, sc = evaluate(backbone, test_ds, index)
+            sc.save(pred_dir / "test_averaged.npz", index)
+            result["test_averaged"] = {"epochs": kept, **_subset_report(rep, primary)}
+        members = [e for e in ens_epochs if keep.path(e).exists()]
+        if members:
+            probs = None
+            for e in members:
+                backbone.load_weights(keep.path(e))
+                sc = score_clips(backbone, test_ds, index.multi_label)
+                probs = sc.probs if probs is None else probs + sc.probs
+            sc.probs = probs / len(members)
+            from src.evaluation.metrics import evaluation_report
+
+            rep = evaluation_report(index.label_type, targets(index, sc.rows), sc.probs,
+                                    list(index.class_names))
+            sc.save(pred_dir / "test_ensemble.npz", index)
+            result["test_ensemble"] = {"epochs": members, **_subset_report(rep, primary)}
+        result.update({
+            "epochs": done_epochs,
+            "early_stopped_at": stopper.stopped_epoch if stopper else None,
+            "history": hist,
+            "num_train": int(len(splits.train)),
+            "num_val": int(len(splits.val)),
+            "num_test": int(len(splits.test)),
+            "norm_mean": mean,
+            "norm_std": std,
+            "parameters": int(model.count_params()),
+            "pretrained": pretrained,
+            "train_time_s": train_time,
+            # clips per second over this attempt's epochs (compilation included)
+            "train_clips_per_s": (samples if balanced else len(splits.train))
+            * max(len(history.history.get("loss", [])), 1) / max(train_time, 1e-9),
+            "eval_clips_per_s": len(splits.test) / max(eval_time, 1e-9),
+            "git": git_info(),
+            "versions": package_versions(),
+        })
+        if paper is not None:
+            result["paper_protocol"] = {f"test_{primary}": paper.values}
+        _write_json(done, result)
+        maps = save_fold_attention_maps(
+            cfg, model, best_file, test_ds, index, fold_dir / "attention",
+        )
+        if logger is not None:
+            for path in maps:
+                logger.log_image(f"attention/{path.stem}", str(path))
+            logger.log_summary(
+                {f"test/{k}": v for k, v in report.items() if isinstance(v, int | float)}
+                | {"parameters": result["parameters"], "train_time_s": train_time}
+            )
+            if index.multi_label:
+                logger.log_table(
+                    "test/per_class_ap", ["class", "AP", "AUC"],
+                    [[n, report["per_class_ap"][n], report["per_class_auc"][n]]
+                     for n in index.class_names],
+                )
+            else:
+                logger.log_confusion_matrix(report["confusion_matrix"], list(index.class_names))
+        exit_code = 0
+        log.info("fold %d: test %s %.4f (last epoch)", fold, primary, result[f"test_{primary}"])
+        return result
+    except tf.errors.DataLossError as err:  # a shard failed its CRC while being read
+        from src.data.pipeline import corrupt_shard_error
+
+        raise corrupt_shard_error([s.path for s in store.shards], err) from None
+    finally:
+        if logger is not None:
+            logger.finish(exit_code=exit_code)
+
+
+def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir):
+    """Attention rollout PNGs of the fold's validation-chosen model for a few test clips
+    (one per class, ``trainer.attention_maps`` of them). A plot never fails a run."""
+    count = int(cfg.trainer.get("attention_maps", 0) or 0)
+    backbone = model.backbone
+    if count <= 0 or not hasattr(backbone, "patch_embed"):
+        return []
+    try:
+        from src.evaluation.attention_maps import save_attention_maps
+
+        if best_weights.exists():
+            backbone.load_weights(best_weights)  # model.keras already holds the last epoch
+        picked, labels, seen = [], [], set()
+        for x, rows, _w in test_ds:
+            for xi, row in zip(x.numpy(), rows.numpy()):
+                label = index.label_lists()[int(row)]
+                first = label[0] if label else -1
+                if first not in seen and int(row) not in {r for r, _ in picked}:
+                    seen.add(first)
+                    picked.append((int(row), xi))
+                    labels.append(max(first, 0))
+                if len(picked) == count:
+                    break
+            if len(picked) == count:
+                break
+        if not picked:
+            return []
+        hop = getattr(model.frontend, "hop_samples", None)
+        rate = model.frontend.sample_rate / hop if hop else None
+        return save_attention_maps(
+            backbone, np.stack([x for _, x in picked]), np.array(labels),
+            list(index.class_names), out_dir, frame_rate=rate, prefix="best",
+        )
+    except Exception as err:  # noqa: BLE001
+        log.warning("attention maps were not written: %s", err)
+        return []
+
+
+def build_features(cfg: DictConfig, index):
+    """The dataset's feature store, each file decoded once; bad files stop the run (with
+    the list) unless ``data.skip_bad_files``. Returns ``(store, index without the bad
+    files, skipped files)``."""
+    import dataclasses
+
+    from src.data.check import CheckReport
+    from src.data.store import build_store
+    from src.models.build import build_frontend
+
+    frontend = build_frontend(cfg.frontend)
+    st = cfg.data.get("store") or {}
+    store = build_store(
+        index, frontend, sample_rate=int(cfg.data.sample_rate), clip_samples=_clip_samples(cfg),
+        cache_dir=Path(cfg.paths.cache_dir) / "features", name=str(cfg.data.name),
+        remove_mean=bool(cfg.data.remove_mean),
+        variable_length=bool(cfg.data.get("variable_length", False)),
+        shard_clips=int(st.get("shard_clips", 512)), verify=str(st.get("verify", "auto")),
+    )
+    report = CheckReport(problems=store.problems, num_files=len({r.path for r in index.records}))
     notes = report.notes()
     if notes:
         kinds = {}
@@ -379,88 +514,40 @@ def check_data(cfg: DictConfig, index):
         log.info("audio notes (handled): %s", ", ".join(f"{n} {k}" for k, n in kinds.items()))
     fatal = report.fatal()
     if not fatal:
-        return index, []
+        return store, index, []
+    sources = {r.path: r.source for r in index.records if r.source}
     if not cfg.data.get("skip_bad_files", False):
-        fatal_report = type(report)(problems=fatal, num_files=report.num_files)
+        fatal = [
+            dataclasses.replace(p, message=f"{p.message} ({sources[p.path]})")
+            if p.path in sources else p
+            for p in fatal
+        ]
+        fatal_report = CheckReport(problems=fatal, num_files=report.num_files,
+                                   num_checked=report.num_files)
         raise DatasetError(
             f"{len(fatal)} of {report.num_files} audio file(s) under {index.root} cannot be "
-            f"decoded:\n{fatal_report.summary()}\nFix or remove them, or run with "
+            f"used:\n{fatal_report.summary()}\nFix or remove them, or run with "
             "data.skip_bad_files=true to leave them out (they are listed in results.json). "
             f"Full report: python -m scripts.check_data data={cfg.data.name} "
             f"data.root={index.root}"
         )
-    index, dropped = filter_records(index, report)
+    bad = {p.path for p in fatal}
+    kept = tuple(r for r in index.records if r.path not in bad)
     log.warning(
         "data.skip_bad_files=true: leaving out %d file(s): %s",
-        len(dropped), ", ".join(p.path for p in dropped[:20]),
+        len(bad), ", ".join(sorted(bad)[:20]),
     )
-    return index, [{"path": p.path, "kind": p.kind, "message": p.message} for p in dropped]
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> None:
-    """Check an existing run dir before reusing it (resume) or move it aside."""
-    earlier = sorted(run_dir.glob("fold_*")) + [p for p in [run_dir / "results.json"] if p.exists()]
-    if not earlier:
-        return
-    if not resume:
-        dest = run_dir / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")
-        dest.mkdir(parents=True)
-        for p in earlier + [p for p in [run_dir / "config.yaml"] if p.exists()]:
-            shutil.move(str(p), dest / p.name)
-        log.warning("trainer.resume=false: moved the earlier results of %s to %s", run_dir, dest)
-        return
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-    new = _flatten(resolved)
-
-    def relevant(key):
-        return not any(key == k or key.startswith(k + ".") for k in _RESUME_IGNORED)
-
-    # Keys the earlier run did not have are new options at their defaults: not a change.
-    diff = sorted(k for k in old if relevant(k) and old.get(k) != new.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
-        raise ConfigError(
-            f"{run_dir} holds a run with a different config ({shown}). Run with "
-            f"trainer.resume=false to start over there (the earlier results are moved to "
-            f"{run_dir}/previous/), or change name=... to use another directory."
-        )
-    log.info("resuming the run in %s", run_dir)
-
-
-def _pretrained_path(cfg: DictConfig) -> Path:
-    """``model.pretrained`` as a file (a known name is imported on first use)."""
-    from src.models.pretrained import resolve_pretrained
-
-    return resolve_pretrained(
-        cfg.model.pretrained, cfg.paths.weights_dir, Path(cfg.paths.cache_dir) / "hub"
-    )
-
-
-def _clip_samples(cfg: DictConfig) -> int:
-    return int(round(float(cfg.data.clip_seconds) * int(cfg.data.sample_rate)))
+    skipped = [{"path": p.path, "kind": p.kind, "message": p.message,
+                "source": sources.get(p.path)} for p in fatal]
+    return store, dataclasses.replace(index, records=kept), skipped
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     from src.data.datasets import load_index
-    from src.data.pipeline import compute_features
-    from src.evaluation.metrics import aggregate_folds
-    from src.models.build import build_frontend
+    from src.evaluation.cv import aggregate
     from src.training import distribute
     from src.training.provenance import provenance
+    from src.training.rundir import RunLock, prepare_run_dir
 
     run_dir = distribute.setup(cfg, run_dir)  # devices first; a non-chief worker's own dir
     start = time.time()
@@ -469,97 +556,102 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
         tf.config.experimental.enable_op_determinism()  # same seed, same numbers
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    prepare_run_dir(run_dir, resolved, resume=bool(cfg.trainer.resume))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    invariant = list(cfg.get("run_invariant_keys") or [])
+    with RunLock(run_dir):
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        prepare_run_dir(run_dir, resolved, resume=bool(cfg.trainer.resume), invariant=invariant)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    index = load_index(cfg.data)
-    folds = [int(f) for f in cfg.data.folds]
-    available = index.folds()
-    missing = [f for f in folds if f not in available]
-    if missing:
-        raise ConfigError(
-            f"data.folds={folds} includes {missing}, which the dataset at {index.root} does not "
-            f"have (folds: {available}). Set data.folds to a subset of {available}."
+        index = load_index(cfg.data)
+        folds = [int(f) for f in cfg.data.folds]
+        available = index.folds()
+        missing = [f for f in folds if f not in available]
+        if missing:
+            raise ConfigError(
+                f"data.folds={folds} includes {missing}, which the dataset at {index.root} "
+                f"does not have (folds: {available}). Set data.folds to a subset of "
+                f"{available}."
+            )
+        if index.num_classes < 2:
+            raise ConfigError(
+                f"the dataset at {index.root} has {index.num_classes} class(es); training "
+                "a classifier needs at least two (unlabeled audio: python -m src.pretrain)."
+            )
+        log.info(
+            "%s: %d clips, %d classes (%s-label), folds %s; test folds in turn: %s",
+            cfg.data.name, len(index.records), index.num_classes, index.label_type,
+            available, folds,
         )
-    log.info(
-        "%s: %d clips, %d classes, folds %s; held out in turn: %s",
-        cfg.data.name, len(index.records), len(index.class_names), available, folds,
-    )
+        for key, value in index.info.items():
+            log.info("%s: %s", key, value if not isinstance(value, dict) or len(value) < 12
+                     else f"{len(value)} entries (in results.json)")
+        if cfg.model.get("pretrained"):  # fetch / import before the (long) feature pass
+            log.info("model.pretrained: %s", _pretrained_path(cfg))
 
-    index, skipped = check_data(cfg, index)
-    if cfg.model.get("pretrained"):  # fetch / import before the (long) feature pass
-        log.info("model.pretrained: %s", _pretrained_path(cfg))
+        t0 = time.time()
+        store, index, skipped = build_features(cfg, index)
+        feature_time = time.time() - t0
+        log.info("features ready in %.1fs (%s)", feature_time, store.directory)
 
-    frontend = build_frontend(cfg.frontend)
-    paths = [r.path for r in index.records]
-    labels = np.array([r.label for r in index.records], dtype=np.int32)
-    cache_dir = Path(cfg.paths.cache_dir) / "features" if cfg.data.feature_cache else None
-    t0 = time.time()
-    features = compute_features(
-        frontend,
-        paths,
-        sample_rate=int(cfg.data.sample_rate),
-        clip_samples=_clip_samples(cfg),
-        remove_mean=bool(cfg.data.remove_mean),
-        cache_dir=cache_dir,
-        desc=f"{cfg.data.name} features",
-    )
-    feature_time = time.time() - t0
-    target_frames = cfg.data.get("target_frames")
-    if target_frames is not None:  # the saved model does the same after its frontend
-        from src.models.audio_transformer import fit_frames
+        for fold in folds:
+            train_fold(cfg, index, store, fold, run_dir, resolved)
 
-        features = np.asarray(fit_frames(features, int(target_frames)))
-    if not np.isfinite(features).all():
-        bad = sorted({paths[i] for i in np.flatnonzero(~np.isfinite(features).all(axis=(1, 2)))})
-        raise DatasetError(f"non-finite features for {len(bad)} clip(s): {bad[:10]}")
-    log.info("features %s in %.1fs", features.shape, feature_time)
+        primary = _primary(index)
+        summary, fold_results = aggregate(run_dir, primary)
+        key = f"test_{primary}"
+        results = {
+            "experiment": cfg.name,
+            "dataset": cfg.data.name,
+            "label_type": index.label_type,
+            "primary_metric": primary,
+            key: summary["last_epoch"]["mean"],
+            f"{key}_std": summary["last_epoch"]["std"],
+            f"val_{primary}": float(np.mean([r[f"val_{primary}"] for r in fold_results])),
+            "cv": summary,
+            "per_fold": [
+                {k: v for k, v in r.items() if k not in ("history", "test_report")}
+                for r in fold_results
+            ],
+            "history": {r["fold"]: r["history"] for r in fold_results},
+            "class_names": list(index.class_names),
+            "dataset_info": index.info,
+            "skipped_files": skipped,
+            "parameters": fold_results[0]["parameters"],
+            "epochs": int(cfg.trainer.epochs),
+            "feature_time_s": feature_time,
+            "feature_store": str(store.directory),
+            "train_time_s": sum(r["train_time_s"] for r in fold_results),
+            "wall_time_s": time.time() - start,
+            "config": resolved,
+            **provenance(),
+        }
+        _write_json(run_dir / "results.json", results)
 
-    fold_results = []
-    for fold in folds:
-        fold_results.append(train_fold(cfg, index, features, labels, fold, run_dir, resolved))
+        if len(fold_results) > 1 and cfg.logger.name == "wandb":
+            logger = _make_logger(cfg, f"{cfg.name}-cv", "cv_summary", resolved,
+                                  run_dir / "wandb_cv_run_id")
+            if logger is not None:
+                cv = {f"cv/{key}_mean": summary["last_epoch"]["mean"],
+                      f"cv/{key}_std": summary["last_epoch"]["std"],
+                      "cv/num_folds": summary["num_folds"]}
+                if "paper_protocol_best_mean_epoch" in summary:
+                    b = summary["paper_protocol_best_mean_epoch"]
+                    cv.update({"cv/paper_protocol_epoch": b["epoch"],
+                               f"cv/paper_protocol_{key}_mean": b["mean"],
+                               f"cv/paper_protocol_{key}_std": b["std"]})
+                logger.log_summary(cv)
+                logger.finish()
 
-    summary = aggregate_folds(fold_results)
-    results = {
-        "experiment": cfg.name,
-        "dataset": cfg.data.name,
-        "accuracy": summary["last_epoch"]["mean"],
-        "accuracy_std": summary["last_epoch"]["std"],
-        "cv": summary,
-        "per_fold": [{k: v for k, v in r.items() if k != "history"} for r in fold_results],
-        "history": {r["fold"]: r["history"] for r in fold_results},
-        "class_names": list(index.class_names),
-        "skipped_files": skipped,
-        "parameters": fold_results[0]["parameters"],
-        "epochs": int(cfg.trainer.epochs),
-        "feature_time_s": feature_time,
-        "train_time_s": sum(r["train_time_s"] for r in fold_results),
-        "wall_time_s": time.time() - start,
-        "config": resolved,
-        **provenance(),
-    }
-    _write_json(run_dir / "results.json", results)
-
-    if len(folds) > 1 and cfg.logger.name == "wandb":
-        logger = _make_logger(cfg, None, "cv_summary", resolved)
-        if logger is not None:
-            cv = {"cv/accuracy_mean": results["accuracy"], "cv/accuracy_std": results["accuracy_std"]}
-            if "best_mean_epoch" in summary:
-                b = summary["best_mean_epoch"]
-                cv.update({"cv/best_epoch": b["epoch"], "cv/best_epoch_accuracy_mean": b["mean"],
-                           "cv/best_epoch_accuracy_std": b["std"]})
-            logger.log_summary(cv)
-            logger.finish()
-
+    n = summary["num_folds"]
     msg = (
-        f"{cfg.name}: accuracy {results['accuracy']:.4f} +- {results['accuracy_std']:.4f} "
-        f"(last epoch, {len(folds)} fold(s)); wall time {results['wall_time_s']:.0f}s; "
-        f"results in {run_dir / 'results.json'}"
+        f"{cfg.name}: test {primary} {results[key]:.4f} +- {results[f'{key}_std']:.4f} "
+        f"(last epoch, {n} fold(s): {summary['folds']}); wall time "
+        f"{results['wall_time_s']:.0f}s; results in {run_dir / 'results.json'}"
     )
     log.info(msg)
     print(msg, flush=True)
-    return float(results["accuracy"])
+    # What a hyper-parameter search maximises: validation, never test.
+    return float(results[f"val_{primary}"])
 
 
 def _quiet_tensorflow() -> None:

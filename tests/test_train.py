@@ -43,25 +43,38 @@ def run_results(tmp):
 def test_quickstart_writes_results(quickstart_run):
     _, run_dir, r = quickstart_run
     assert r["experiment"] == "quickstart"
-    assert 0.0 <= r["accuracy"] <= 1.0
-    assert r["cv"]["folds"] == [5]
+    assert r["label_type"] == "single" and r["primary_metric"] == "accuracy"
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["cv"]["folds"] == [5] and r["cv"]["last_epoch"]["metric"] == "test_accuracy"
     fold = r["per_fold"][0]
-    assert fold["num_test"] == 12 and fold["num_train"] == 48
-    m = np.array(fold["confusion_matrix"])
+    # 12 classes x 5 clips; fold 5 tests (12); 10% of the other 48, one per class, validate
+    assert (fold["num_train"], fold["num_val"], fold["num_test"]) == (36, 12, 12)
+    assert "carved from the training folds" in fold["splits"]["val_source"]
+    full = json.loads((run_dir / "fold_5" / "results.json").read_text())
+    m = np.array(full["test_report"]["confusion_matrix"])
     assert m.shape == (12, 12) and m.sum() == 12
-    assert np.isclose(np.trace(m) / m.sum(), fold["accuracy"])
-    assert set(fold["per_class_accuracy"]) == set(r["class_names"])
-    assert len(r["history"]["5"]["val_accuracy"]) == 2 == r["epochs"]
+    assert np.isclose(np.trace(m) / m.sum(), fold["test_accuracy"])
+    assert set(full["test_report"]["per_class_accuracy"]) == set(r["class_names"])
+    hist = r["history"]["5"]
+    assert len(hist["val_accuracy"]) == 2 == r["epochs"] and len(hist["val_loss"]) == 2
+    assert "test_accuracy" not in hist  # the test split is not read during training
+    assert fold["best_epoch"] == int(np.argmax(hist["val_accuracy"])) + 1
+    assert fold["best_val_accuracy"] == max(hist["val_accuracy"])
+    assert fold["test_best_val"]["epoch"] == fold["best_epoch"]
     assert r["parameters"] > 0 and r["wall_time_s"] > 0
     assert r["config"]["model"]["embed_dim"] == 16
     assert r["versions"]["tensorflow"].startswith("2.17")
     assert "commit" in r["git"] and "dirty" in r["git"]
+    assert "commit" in fold["git"] and fold["versions"]["tensorflow"].startswith("2.17")
     assert (run_dir / "config.yaml").exists()
     for name in ("best.weights.h5", "last.weights.h5"):
         assert (run_dir / "fold_5" / "checkpoints" / name).stat().st_size > 0
     assert (run_dir / "fold_5" / "metrics.csv").read_text().count("\n") == 3
     maps = sorted((run_dir / "fold_5" / "attention").glob("best_*.png"))
     assert len(maps) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in maps)
+    saved = np.load(run_dir / "fold_5" / "predictions" / "test_last.npz")
+    assert saved["probs"].shape == (12, 12) and len(set(saved["keys"].tolist())) == 12
+    assert np.isclose((saved["probs"].argmax(1) == saved["targets"]).mean(), fold["test_accuracy"])
 
 
 def test_saved_model_takes_a_raw_waveform(quickstart_run, tmp_path):
@@ -77,12 +90,23 @@ def test_saved_model_takes_a_raw_waveform(quickstart_run, tmp_path):
     assert logits.shape == (2, 12) and np.isfinite(logits).all()
 
 
-def test_feature_cache_is_reused(quickstart_run):
-    tmp, _, _ = quickstart_run
-    cached = list((tmp / "cache" / "features").glob("*.npy"))
-    assert len(cached) == 1
-    feats = np.load(cached[0])
-    assert feats.shape[0] == 60 and feats.shape[2] == 32 and np.isfinite(feats).all()
+def test_feature_store_is_reused_and_follows_the_files(quickstart_run):
+    """A rerun reads the stored features; a changed clip recomputes only its shard."""
+    import os
+
+    tmp, run_dir, _ = quickstart_run
+    (store,) = list((tmp / "cache" / "features").glob("quickstart-*"))
+    manifests = sorted((store / "shards").glob("*.json"))
+    before = {p.name for p in manifests}
+    assert sum(json.loads(p.read_text())["count"] for p in manifests) == 60
+    clip = sorted((tmp / "cache" / "quickstart" / "audio").glob("*.wav"))[3]
+    st = clip.stat()
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    out = run_train(tmp, "experiment=quickstart", *TINY, "name=rerun")
+    logs = out.stdout + out.stderr
+    assert "1 computed now" in logs, logs[-2000:]
+    after = {p.name for p in (store / "shards").glob("*.json")}
+    assert len(after - before) == 1 and len(before - after) == 1
 
 
 @pytest.mark.slow  # the heads ablation script's smoke test covers multirun by default
@@ -137,7 +161,7 @@ def test_resampled_44k_dataset_trains(tmp_path):
 
 
 def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch):
-    from src.training.wandb_logger import read_offline_history, read_offline_summary
+    from tests.wandb_offline import read_offline_history, read_offline_summary
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # never the internet
@@ -149,12 +173,14 @@ def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch
     (run_dir,) = list((tmp_path / "runs").rglob("offline-run-*"))
     assert f"wandb sync {run_dir}" in out.stdout
     summary = read_offline_summary(run_dir)
-    assert summary["test/accuracy"] == pytest.approx(r["per_fold"][0]["accuracy"])
-    assert summary["confusion_matrix/matrix"] == r["per_fold"][0]["confusion_matrix"]
+    assert summary["test/accuracy"] == pytest.approx(r["per_fold"][0]["test_accuracy"])
+    fold = json.loads((res.parent / "fold_5" / "results.json").read_text())
+    assert summary["confusion_matrix/matrix"] == fold["test_report"]["confusion_matrix"]
     rows = [row for row in read_offline_history(run_dir) if "val_accuracy" in row]
     assert len(rows) == 2
     assert [row["val_accuracy"] for row in rows] == pytest.approx(r["history"]["5"]["val_accuracy"])
     assert all("learning_rate" in row for row in rows)
+    assert not any(k.startswith("test") for row in read_offline_history(run_dir) for k in row)
     logged = {k for row in read_offline_history(run_dir) for k in row}
     assert any(k.startswith("attention") for k in logged), sorted(logged)
 
@@ -210,6 +236,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     assert (run_dir / "fold_1" / "results.json").stat().st_mtime_ns == fold1_mtime
     r = json.loads((run_dir / "results.json").read_text())
     assert [f["fold"] for f in r["per_fold"]] == [1, 2]
+    assert r["cv"]["num_folds"] == 2
     hist = r["history"]["2"]
     assert len(hist["val_accuracy"]) == 40
     # The LR schedule continued from the saved optimizer step (cosine over 40 epochs):
@@ -233,23 +260,41 @@ def test_changed_config_in_the_same_run_dir_is_refused(tmp_path):
     assert len(list((run_dir / "previous").glob("*/fold_5/results.json"))) == 1
 
 
-def test_compute_stats_script_matches_numpy(tmp_path):
+def test_compute_stats_uses_the_training_split_only(tmp_path):
+    """The statistics of scripts.compute_stats are those of the training split of the test
+    fold (no validation or test clip), after the padding to data.target_frames."""
+    from src.data.esc50 import read_esc50
+    from src.data.splits import make_splits
     from src.data.synthetic import generate_dataset
 
     root = generate_dataset(tmp_path / "set", clips_per_class=5, duration=0.5, seed=1)
     out = subprocess.run(
         [sys.executable, "-m", "scripts.compute_stats", "data=esc50", f"data.root={root}",
-         "data.clip_seconds=0.5", "frontend.n_mels=32", f"paths.cache_dir={tmp_path / 'c'}",
-         "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+         "data.clip_seconds=0.5", "frontend.n_mels=32", "data.target_frames=64",
+         f"paths.cache_dir={tmp_path / 'c'}", "--fold", "2", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
-    (cached,) = list((tmp_path / "c" / "features").glob("*.npy"))
-    feats = np.load(cached).astype(np.float64)
-    assert stats["clips"] == 60 and stats["finite"]
-    assert stats["norm_mean"] == pytest.approx(feats.mean())
-    assert stats["norm_std"] == pytest.approx(feats.std())
+    index = read_esc50(root)
+    splits = make_splits(index, 2, {"val_fraction": 0.1, "split_seed": 0})
+    assert stats["clips"] == len(splits.train) == 36 and stats["frames"] == 64
+    import tensorflow as tf
+
+    (store,) = list((tmp_path / "c" / "features").glob("esc50-*"))
+    feats = {}
+    for f in sorted((store / "shards").glob("*.tfrecord")):
+        for rec in tf.data.TFRecordDataset(str(f)):
+            ex = tf.train.Example.FromString(rec.numpy()).features.feature
+            x = np.frombuffer(ex["features"].bytes_list.value[0], "<f4").reshape(-1, 32)
+            feats[ex["key"].bytes_list.value[0].decode()] = x
+    padded = []
+    for i in splits.train:
+        x = feats[index.records[i].path]
+        padded.append(np.concatenate([x, np.zeros((64 - len(x), 32), np.float32)]))
+    x = np.stack(padded).astype(np.float64)
+    assert stats["norm_mean"] == pytest.approx(x.mean(), rel=1e-6)
+    assert stats["norm_std"] == pytest.approx(x.std(), rel=1e-6)
 
 
 def test_bad_clip_stops_training_unless_skipped(tmp_path):
@@ -269,7 +314,8 @@ def test_bad_clip_stops_training_unless_skipped(tmp_path):
     (res,) = run_results(tmp_path)
     r = json.loads(res.read_text())
     assert [s["path"] for s in r["skipped_files"]] == [str(bad)]
-    assert r["per_fold"][0]["num_train"] + r["per_fold"][0]["num_test"] == 59
+    f = r["per_fold"][0]
+    assert f["num_train"] + f["num_val"] + f["num_test"] == 59
 
 
 def test_same_seed_gives_the_same_result(tmp_path):
@@ -281,4 +327,4 @@ def test_same_seed_gives_the_same_result(tmp_path):
         results.append(json.loads(res.read_text()))
     a, b = results
     assert a["history"]["5"]["loss"] == b["history"]["5"]["loss"]
-    assert a["per_fold"][0]["confusion_matrix"] == b["per_fold"][0]["confusion_matrix"]
+    assert a["per_fold"][0]["test_accuracy"] == b["per_fold"][0]["test_accuracy"]

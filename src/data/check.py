@@ -5,15 +5,14 @@ an error that does not say which file it was. :func:`check_records` finds such f
 and names them, together with non-fatal notes about what the pipeline will do to a file
 (resample, mix to mono, pad, crop).
 
-A problem is *fatal* exactly when the pipeline's own decoder
-(:func:`src.data.audio.decode_audio`, built on ``tf.audio.decode_wav``) fails on the file:
-every file is decoded once with it. As found with TensorFlow 2.17, ``tf.audio.decode_wav``
-accepts only uncompressed 16-bit PCM WAV with a plain (16 or 18 byte) format chunk, at any
-sample rate and channel count, including WAVs with extra chunks (LIST) and with zero
-frames. It rejects 8-, 24- and 32-bit integer PCM ("Can only read 16-bit WAV files"),
-float, A-law and mu-law WAV ("Expected 1 (PCM)"), WAVE_FORMAT_EXTENSIBLE even at 16 bit
-("Bad format chunk size"), FLAC, OGG and W64 ("Header mismatch: Expected RIFF") and any
-file whose data chunk is shorter than its header declares ("Data too short").
+A problem is *fatal* when the pipeline's decoder (:func:`src.data.audio.read_audio`:
+libsndfile via soundfile, then soxr) cannot read the file (missing, empty, not audio, a
+cut-off header), when a WAV file is truncated (its data chunk holds fewer bytes than its
+header declares: a failed copy or download, whose remains are never trained on), and,
+for datasets stored at their own length, when a clip is shorter than one analysis
+window. Every file is decoded once. The feature store (:mod:`src.data.store`) runs the
+same :func:`inspect_file` while it computes features, so training decodes each file
+once in all; ``python -m scripts.check_data`` runs it on its own.
 
 Results can be cached in ``cache_dir`` (one json file), keyed by path, size, mtime,
 sample rate and clip length, so a repeated check only decodes files that changed.
@@ -39,7 +38,6 @@ import soundfile as sf
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from src.data.audio import decode_audio
 from src.data.esc50 import DatasetIndex, Record
 
 __all__ = [
@@ -57,14 +55,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Kinds in the order the summary lists them.
-FATAL_KINDS = ("missing", "empty", "unreadable", "unsupported", "truncated")
+FATAL_KINDS = ("missing", "empty", "unreadable", "truncated", "too_short")
 NOTE_KINDS = ("resampled", "stereo", "short", "long", "silent")
 # A clip whose peak lies below this level counts as silent. One LSB of 16-bit PCM is
 # -90.3 dBFS, so a 16-bit file that never leaves +-1 LSB is silent.
 SILENCE_DBFS = -90.0
 CACHE_NAME = "data_check.json"
 # Bump whenever check_file's verdicts change, so cached results are not reused.
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +173,15 @@ def _wav_data_chunk(path: str, file_size: int) -> tuple[int, int, int] | None:
     return None
 
 
-def _decode(path: str, sample_rate: int, clip_samples: int):
+def _decode(path: str, sample_rate: int, clip_samples: int | None):
     """The pipeline's decoder on one file: ``(samples, None)`` or ``(None, error message)``."""
+    from src.data.audio import read_audio
+
     try:
-        return decode_audio(tf.constant(path), sample_rate, clip_samples).numpy(), None
+        return read_audio(path, sample_rate, clip_samples=clip_samples), None
     except tf.errors.OpError as err:
         return None, _tf_message(err)
-    except Exception as err:  # the soundfile path raises soundfile's own errors
+    except Exception as err:  # soundfile / soxr errors
         return None, _sf_message(err)
 
 
@@ -190,12 +190,31 @@ def check_file(
 ) -> list[FileProblem]:
     """Problems of one audio file as the pipeline would read it; ``[]`` when there are none.
 
+    See :func:`inspect_file`, which also returns the decoded samples.
+    """
+    return inspect_file(path, sample_rate=sample_rate, clip_samples=clip_samples)[1]
+
+
+def inspect_file(
+    path: str | os.PathLike,
+    *,
+    sample_rate: int,
+    clip_samples: int | None,
+    min_samples: int = 0,
+) -> tuple[np.ndarray | None, list[FileProblem]]:
+    """Decode one audio file once and say what is wrong with it: ``(samples, problems)``.
+
     The file is stat-ed, its header read with soundfile and its audio decoded once with
-    :func:`decode_audio` (the pipeline's decoder); a failure of that decode is what makes a
-    problem fatal. Non-fatal notes describe what the pipeline does to the file.
+    the pipeline's decoder (:func:`src.data.audio.read_audio`, mono at ``sample_rate``,
+    cropped / zero-padded to ``clip_samples``, or its whole length when that is None);
+    ``samples`` is None when a fatal problem makes it unusable. A decode failure, a
+    truncated file (its data chunk shorter than its header declares) and, when
+    ``min_samples`` is set, fewer samples than that are fatal; non-fatal notes describe
+    what the pipeline does to the file (resample, mix to mono, pad, crop, silence).
     """
     path = os.fspath(path)
-    sample_rate, clip_samples = int(sample_rate), int(clip_samples)
+    sample_rate = int(sample_rate)
+    clip_samples = None if clip_samples is None else int(clip_samples)
 
     def problem(kind: str, text: str, fatal: bool) -> FileProblem:
         return FileProblem(path=path, kind=kind, message=f"{path}: {text}", fatal=fatal)
@@ -203,70 +222,47 @@ def check_file(
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return [problem("missing", "file not found", True)]
+        return None, [problem("missing", "file not found", True)]
     except OSError as err:
-        return [problem("unreadable", f"cannot stat the file ({err.strerror})", True)]
+        return None, [problem("unreadable", f"cannot stat the file ({err.strerror})", True)]
     if not stat.S_ISREG(st.st_mode):
-        return [problem("unreadable", "not a regular file", True)]
+        return None, [problem("unreadable", "not a regular file", True)]
     if st.st_size == 0:
-        return [problem("empty", "file is empty (0 bytes)", True)]
+        return None, [problem("empty", "file is empty (0 bytes)", True)]
 
     try:
         info = sf.info(path)
         info_err = None
     except Exception as err:  # soundfile raises several types on garbage input
         info, info_err = None, _sf_message(err)
-    samples, decode_err = _decode(path, sample_rate, clip_samples)
 
     # soundfile does not flag a cut-off WAV: it reports (and reads) the frames that are
     # present. The declared size of the data chunk is compared with the bytes on disk.
-    truncated = None
     chunk = _wav_data_chunk(path, st.st_size)
     if chunk is not None and chunk[0] > chunk[1]:
         declared, available, align = chunk
         if align:
-            truncated = (
+            text = (
                 f"truncated: the header declares {declared // align} frames but the file "
                 f"holds only {available // align} ({available} of {declared} data bytes)"
             )
         else:
-            truncated = f"truncated: {available} of {declared} declared data bytes present"
+            text = f"truncated: {available} of {declared} declared data bytes present"
+        # A cut-off file is a failed copy or download: never train on its remains.
+        return None, [problem("truncated", f"{text}; re-copy or re-download it", True)]
 
+    samples, decode_err = _decode(path, sample_rate, clip_samples)
     if decode_err is not None:
-        # With TensorFlow 2.17 a truncated WAV always lands here: decode_wav needs the whole
-        # data chunk ("Data too short when trying to read string").
-        if truncated:
-            return [problem("truncated", f"{truncated}; re-copy or re-download it", True)]
-        read_err = None
-        if info is not None:
-            try:  # readable audio in a format the decoder does not take, or corrupt data?
-                sf.read(path, dtype="float32", always_2d=True)
-            except Exception as err:
-                read_err = _sf_message(err)
-        if info is None or read_err is not None:
-            return [
-                problem(
-                    "unreadable",
-                    "not a readable audio file (soundfile: "
-                    f"{info_err or read_err}; tf.audio.decode_wav: {decode_err}); "
-                    "replace it with an intact audio file",
-                    True,
-                )
-            ]
-        return [
+        return None, [
             problem(
-                "unsupported",
-                f"{info.format} {info.subtype} ({info.subtype_info}) is readable, but the "
-                "pipeline decodes only 16-bit PCM WAV (tf.audio.decode_wav: "
-                f"{decode_err}); convert it to 16-bit PCM WAV",
+                "unreadable",
+                "not a readable audio file (soundfile: "
+                f"{info_err or decode_err}); replace it with an intact audio file",
                 True,
             )
         ]
 
     problems = []
-    if truncated:  # decodable despite the short data chunk; not seen with TensorFlow 2.17
-        problems.append(problem("truncated", f"{truncated}; the missing part is zero-padded",
-                                False))
     if info is not None:
         rate, channels, frames = int(info.samplerate), int(info.channels), int(info.frames)
         if rate != sample_rate:
@@ -275,16 +271,28 @@ def check_file(
         if channels > 1:
             problems.append(problem("stereo", f"{channels} channels, averaged to mono", False))
         length = frames * sample_rate / rate  # samples after resampling
-        clip_s = clip_samples / sample_rate
-        if length < clip_samples - 1:
-            problems.append(
-                problem("short", f"{frames / rate:.3f} s, zero-padded to {clip_s:.3f} s", False)
-            )
-        elif length > clip_samples + 1:
-            problems.append(
-                problem("long", f"{frames / rate:.3f} s, cropped to its first {clip_s:.3f} s",
-                        False)
-            )
+        if min_samples and length < min_samples:
+            return None, problems + [
+                problem(
+                    "too_short",
+                    f"{frames / rate:.3f} s is shorter than the shortest usable clip "
+                    f"({min_samples / sample_rate:.3f} s: one analysis window); remove it "
+                    "or run with data.skip_bad_files=true",
+                    True,
+                )
+            ]
+        if clip_samples is not None:
+            clip_s = clip_samples / sample_rate
+            if length < clip_samples - 1:
+                problems.append(
+                    problem("short", f"{frames / rate:.3f} s, zero-padded to {clip_s:.3f} s",
+                            False)
+                )
+            elif length > clip_samples + 1:
+                problems.append(
+                    problem("long", f"{frames / rate:.3f} s, cropped to its first {clip_s:.3f} s",
+                            False)
+                )
     # Silence is judged on the decoded clip, i.e. what the model receives.
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak == 0.0:
@@ -293,7 +301,7 @@ def check_file(
         problems.append(
             problem("silent", f"silent (peak {20.0 * math.log10(peak):.1f} dBFS); kept", False)
         )
-    return problems
+    return samples, problems
 
 
 # ------------------------------------------------------------------------- many files
@@ -359,11 +367,11 @@ def check_records(
     clip_samples: int,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
-    workers: int = 2,
+    workers: int | None = None,
 ) -> CheckReport:
     """Run :func:`check_file` over the records' files (each distinct path once).
 
-    Files are checked by ``workers`` threads. With ``cache_dir``, results are kept in
+    Files are checked by ``workers`` threads (default: one per CPU core). With ``cache_dir``, results are kept in
     ``cache_dir/data_check.json`` and reused for files whose size and mtime are unchanged
     (a missing file is checked every time); ``num_checked`` of the report counts the files
     actually checked. Problems are listed in the order of ``records``.
@@ -399,7 +407,7 @@ def check_records(
         disable=not progress,
         leave=False,
         dynamic_ncols=True,
-    ) as bar, ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+    ) as bar, ThreadPoolExecutor(max_workers=max(1, int(workers or os.cpu_count() or 1))) as pool:
         for (path, stat_key), problems in zip(todo, pool.map(run, [p for p, _ in todo])):
             results[path] = problems
             if cache is not None and stat_key is not None:

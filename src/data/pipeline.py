@@ -1,131 +1,343 @@
-"""tf.data input pipeline.
+"""tf.data input pipelines over the feature store (:mod:`src.data.store`).
 
-    paths -> decode + resample + mono + crop/pad (in the graph, parallel)
-          -> frontend features, once per clip (batched, the model's own frontend)
-          -> cached (memory, and on disk keyed by files + frontend config)
-    then per epoch: shuffle -> batch -> prefetch.
+Training, per epoch::
+
+    shard files (shuffled) -> interleave TFRecord readers -> parse
+      -> keep the split's clips (a hash table: path -> record row)
+      -> [in-memory cache, when the split's features fit in data.memory_cache_mb]
+      -> [balanced sampling: each clip repeated ~ Poisson(its share of the epoch)]
+      -> bounded shuffle buffer -> random crop (clips longer than the model's input)
+         / pad (shorter) -> targets (one-hot or multi-hot) -> batch -> prefetch
+
+Evaluation: the split's clips in store order, each cut into windows of the model's
+input length (:mod:`src.data.windows`; one window for clips of that length), with the
+clip's row and the window's weight, so that scores are averaged per clip.
+
+Memory does not grow with the number of clips: only the shuffle buffer, the prefetched
+batches and (for small splits, by choice) the cache hold features. The same code serves
+small and large data: the cache is the only difference.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
-from src.data.audio import decode_audio
+from src.data.index import DatasetIndex
+from src.data.store import CorruptShardError, FeatureStore, invalidate
+from src.data.windows import window_starts_tf
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 
+__all__ = [
+    "LabelTable",
+    "balanced_weights",
+    "corrupt_shard_error",
+    "eval_dataset",
+    "feature_stats",
+    "fit_frames_np",
+    "training_dataset",
+]
 
-def waveform_dataset(
-    paths: Sequence[str], sample_rate: int, clip_samples: int, remove_mean: bool = False
-) -> tf.data.Dataset:
-    """Decoded mono waveforms ``(clip_samples,)`` in the order of ``paths``."""
-    ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    return ds.map(
-        lambda p: decode_audio(p, sample_rate, clip_samples, remove_mean=remove_mean),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=True,
+
+class LabelTable:
+    """Every record's targets as tensors, looked up by row in the graph."""
+
+    def __init__(self, index: DatasetIndex):
+        self.num_classes = index.num_classes
+        self.multi_label = index.multi_label
+        if self.multi_label:
+            lists = index.label_lists()
+            lengths = np.array([len(x) for x in lists], np.int64)
+            values = np.array([c for x in lists for c in x], np.int64)
+            self._ragged = tf.RaggedTensor.from_row_lengths(values, lengths)
+        else:
+            self._labels = tf.constant([int(r.label) for r in index.records], tf.int32)
+
+    def target(self, row):
+        """Float32 ``(num_classes,)``: one-hot (single-label) or multi-hot."""
+        k = self.num_classes
+        if self.multi_label:
+            labels = self._ragged[row]
+            hot = tf.reduce_sum(tf.one_hot(labels, k, dtype=tf.float32), axis=0)
+            return tf.minimum(hot, 1.0)
+        return tf.one_hot(self._labels[row], k, dtype=tf.float32)
+
+
+def _row_table(index: DatasetIndex, rows: Sequence[int]) -> tf.lookup.StaticHashTable:
+    """path -> record row for ``rows`` (the first row of a path listed twice)."""
+    keys, values, seen = [], [], set()
+    for r in rows:
+        path = index.records[int(r)].path
+        if path in seen:
+            continue
+        seen.add(path)
+        keys.append(path)
+        values.append(int(r))
+    init = tf.lookup.KeyValueTensorInitializer(
+        tf.constant(keys, tf.string), tf.constant(values, tf.int64)
     )
+    return tf.lookup.StaticHashTable(init, default_value=-1)
 
 
-def _cache_key(paths, frontend_config: Mapping, extra: Mapping) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(json.dumps(dict(frontend_config), sort_keys=True, default=str).encode())
-    h.update(json.dumps(dict(extra), sort_keys=True, default=str).encode())
-    return h.hexdigest()[:24]
+def _fit(feats, frames: int, pad_value: float):
+    """Crop (first frames) or pad ``(T, M)`` to ``(frames, M)``."""
+    feats = feats[:frames]
+    missing = frames - tf.shape(feats)[0]
+    feats = tf.pad(feats, [[0, missing], [0, 0]], constant_values=pad_value)
+    return tf.ensure_shape(feats, [frames, None])
 
 
-def compute_features(
-    frontend,
-    paths: Sequence[str],
-    *,
-    sample_rate: int,
-    clip_samples: int,
-    remove_mean: bool = False,
-    batch_size: int = 32,
-    cache_dir: str | os.PathLike | None = None,
-    desc: str = "features",
-) -> np.ndarray:
-    """Frontend features ``(len(paths), frames, n_mels)`` as float32, computed once.
+def fit_frames_np(feats: np.ndarray, frames: int | None, pad_value: float = 0.0) -> np.ndarray:
+    """NumPy version of the crop / pad of one clip's ``(T, M)`` features."""
+    if frames is None:
+        return feats
+    out = np.full((frames, feats.shape[1]), pad_value, np.float32)
+    n = min(frames, feats.shape[0])
+    out[:n] = feats[:n]
+    return out
 
-    With ``cache_dir``, features are stored as ``<key>.npy`` where the key
-    covers the files (path, size, mtime), the frontend config, the sample rate
-    and clip length; a later run with the same inputs loads them instead.
-    """
-    paths = [str(p) for p in paths]
-    cache_file = None
-    if cache_dir is not None:
-        frontend_config = {
-            k: v for k, v in frontend.get_config().items() if k not in ("name", "dtype", "trainable")
-        }
-        key = _cache_key(
-            paths,
-            frontend_config,
-            dict(sample_rate=sample_rate, clip_samples=clip_samples, remove_mean=remove_mean),
-        )
-        cache_file = Path(cache_dir) / f"{key}.npy"
-        if cache_file.exists():
-            try:
-                feats = np.load(cache_file)
-                if feats.shape[0] == len(paths):
-                    log.info("loaded cached features %s %s", cache_file, feats.shape)
-                    return feats
-            except (OSError, ValueError) as err:
-                log.warning("ignoring unreadable feature cache %s: %s", cache_file, err)
 
-    @tf.function(reduce_retracing=True)
-    def featurize(wave):
-        return frontend(wave)
+class _Shape:
+    """How a stored clip becomes the model's input ``(model_frames, n_mels)``.
 
-    ds = waveform_dataset(paths, sample_rate, clip_samples, remove_mean).batch(batch_size)
-    ds = ds.prefetch(AUTOTUNE)
-    out = []
-    with tqdm(total=len(paths), desc=desc, unit="clip", leave=False, dynamic_ncols=True) as bar:
-        for wave in ds:
-            out.append(featurize(wave).numpy())
-            bar.update(int(wave.shape[0]))
-    frames = frontend.num_frames(clip_samples)
-    feats = (
-        np.concatenate(out, axis=0)
-        if out
-        else np.zeros((0, frames, frontend.n_mels), dtype=np.float32)
+    ``clip_frames``: frames of data.clip_seconds (the crop of a longer clip; a shorter
+    clip is padded with the features of silence). ``target_frames`` (AST's 512 / 1024):
+    the crop is then zero-padded or cut to that many frames, as the saved model does
+    after its frontend."""
+
+    def __init__(self, store: FeatureStore, target_frames: int | None):
+        self.clip_frames = int(store.clip_frames)
+        self.target_frames = None if target_frames is None else int(target_frames)
+        self.silence = float(store.silence_value)
+        self.variable = bool(store.variable_length)
+
+    @property
+    def model_frames(self) -> int:
+        return self.target_frames or self.clip_frames
+
+    def finish(self, crop):
+        crop = _fit(crop, self.clip_frames, self.silence)
+        if self.target_frames is not None:
+            crop = _fit(crop, self.target_frames, 0.0)
+        return crop
+
+    def train_crop(self, feats):
+        if not self.variable:
+            return self.finish(feats)
+        extra = tf.maximum(tf.shape(feats)[0] - self.clip_frames, 0)
+        start = tf.random.uniform([], 0, extra + 1, dtype=tf.int32)
+        return self.finish(feats[start : start + self.clip_frames])
+
+
+def _records(store: FeatureStore, index: DatasetIndex, rows, *, shuffle_files: bool, seed: int):
+    """``(row, features)`` of the split's clips, streamed from the shards that hold them."""
+    paths = {index.records[int(r)].path for r in rows}
+    shards = store.shards_for(paths)
+    if not shards:
+        raise ValueError("none of the split's clips is in the feature store")
+    files = [s.path for s in shards]
+    table = _row_table(index, rows)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    parallel = {"num_parallel_calls": AUTOTUNE, "deterministic": True} if len(files) > 1 else {}
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1, **parallel
     )
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, feats)
-        os.replace(tmp, cache_file)  # atomic: a half-written cache is never read
-    return feats
+    n_mels = store.n_mels
+
+    def parse(serialized):
+        from src.data.store import parse_example
+
+        key, feats = parse_example(serialized, n_mels)
+        return table.lookup(key), feats
+
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+    ds = ds.filter(lambda row, feats: row >= 0)
+    return ds, files
 
 
-def feature_stats(features: np.ndarray) -> tuple[float, float]:
-    """Mean and std over all values (as AST's dataset normalisation)."""
-    x = features.astype(np.float64)
-    return float(x.mean()), float(x.std())
+def _cache_bytes(store: FeatureStore, index: DatasetIndex, rows) -> int:
+    frames = store.frames_of()
+    total = 0
+    for r in rows:
+        total += frames.get(index.records[int(r)].path, 0)
+    return total * store.n_mels * 4
+
+
+def balanced_weights(index: DatasetIndex, rows: Sequence[int]) -> np.ndarray:
+    """AST's balanced-sampling weight of each of ``rows``: the sum over its labels of
+    1000 / (the label's count in ``rows`` + 0.01)."""
+    rows = np.asarray(rows, np.int64)
+    counts = index.label_counts(rows).astype(np.float64)
+    class_w = 1000.0 / (counts + 0.01)
+    lists = index.label_lists()
+    return np.array([sum(class_w[c] for c in lists[r]) for r in rows], np.float64)
 
 
 def training_dataset(
-    features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
+    store: FeatureStore,
+    index: DatasetIndex,
+    rows: Sequence[int],
+    labels: LabelTable,
+    *,
+    batch_size: int,
+    seed: int,
+    target_frames: int | None = None,
+    shuffle_buffer: int = 2048,
+    memory_cache_mb: float = 1024,
+    balanced: bool = False,
+    samples_per_epoch: int | None = None,
+    repeat: bool = False,
+    shard_by_file: bool = False,
 ) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
-    ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    """Batches ``(features (B, frames, n_mels), targets (B, K))`` of one epoch (or, with
+    ``repeat``, an endless stream; the caller sets steps per epoch). ``shard_by_file``:
+    under a multi-worker strategy, tf.distribute gives each worker its own shard files
+    (the epoch then ends when the first worker runs out of clips)."""
+    rows = np.asarray(rows, np.int64)
+    shape = _Shape(store, target_frames)
+    ds, _files = _records(store, index, rows, shuffle_files=True, seed=seed)
+    nbytes = _cache_bytes(store, index, rows)
+    cached = nbytes <= float(memory_cache_mb) * 2**20
+    if cached:
+        ds = ds.cache()
+    if balanced:
+        weights = balanced_weights(index, rows)
+        n = int(samples_per_epoch or len(rows))
+        lam = np.zeros(len(index.records), np.float32)
+        lam[rows] = n * weights / weights.sum()
+        lam_t = tf.constant(lam)
+
+        def repeat_clip(row, feats):
+            k = tf.cast(tf.random.poisson([], lam_t[row]), tf.int64)
+            return tf.data.Dataset.from_tensors((row, feats)).repeat(k)
+
+        ds = ds.flat_map(repeat_clip)
+    # The shuffle buffer holds the split when it is cached (a full shuffle), else a
+    # bounded number of clips.
+    buffer = max(len(rows), 1) if cached else int(shuffle_buffer)
+    if balanced and cached:
+        buffer = int(samples_per_epoch or len(rows)) + len(rows)
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def example(row, feats):
+        return shape.train_crop(feats), labels.target(row)
+
+    # Random crops and draws use the stateful ops seeded by keras.utils.set_random_seed;
+    # the file list stays the pipeline's only source, so tf.distribute can shard it by
+    # file (each worker of trainer.strategy=multi_worker reads its own shards).
+    ds = ds.map(example, num_parallel_calls=AUTOTUNE)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(int(batch_size))
+    if shard_by_file:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.FILE
+        )
+        ds = ds.with_options(options)
+    elif not repeat:
+        # One pass over the split: its size is known (the clips of ``rows`` in the store),
+        # so fit shows a total and counts steps from the first epoch on.
+        clips = store.count(index.records[int(r)].path for r in rows)
+        batches = -(-clips // int(batch_size))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    return ds.prefetch(AUTOTUNE)
 
 
-def eval_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+def eval_dataset(
+    store: FeatureStore,
+    index: DatasetIndex,
+    rows: Sequence[int],
+    *,
+    batch_size: int,
+    target_frames: int | None = None,
+    hop_frames: int | None = None,
+) -> tf.data.Dataset:
+    """Batches ``(windows (B, frames, n_mels), rows (B,), weights (B,))``: every clip of
+    ``rows`` once, cut into windows of the model's input length every ``hop_frames``
+    (default: half a window) when it is longer; see :mod:`src.data.windows`."""
+    rows = np.asarray(rows, np.int64)
+    shape = _Shape(store, target_frames)
+    ds, _files = _records(store, index, rows, shuffle_files=False, seed=0)
+    window = shape.clip_frames
+    hop = int(hop_frames or max(1, window // 2))
+
+    if store.variable_length:
+
+        def windows(row, feats):
+            length = tf.shape(feats)[0]
+            starts = window_starts_tf(length, window, hop)
+            cover = tf.minimum(tf.cast(length, tf.int64) - starts, window)
+            weight = tf.cast(cover, tf.float32) / float(window)
+            crops = tf.map_fn(
+                lambda s: shape.finish(feats[s : s + window]),
+                starts,
+                fn_output_signature=tf.TensorSpec([shape.model_frames, None], tf.float32),
+            )
+            n = tf.shape(starts)[0]
+            return tf.data.Dataset.from_tensor_slices(
+                (crops, tf.fill([n], row), weight)
+            )
+
+        ds = ds.flat_map(windows)
+    else:
+        ds = ds.map(lambda row, feats: (shape.finish(feats), row, tf.constant(1.0)))
+    return ds.batch(int(batch_size)).prefetch(AUTOTUNE)
+
+
+def feature_stats(
+    store: FeatureStore,
+    index: DatasetIndex,
+    rows: Sequence[int],
+    *,
+    target_frames: int | None = None,
+    max_clips: int | None = 20000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Mean and std over every value of the model's inputs of ``rows`` (AST's dataset
+    normalisation), in float64, streamed. With more than ``max_clips`` clips, a random
+    subset of that many (drawn with ``seed``)."""
+    rows = np.asarray(rows, np.int64)
+    if max_clips and len(rows) > int(max_clips):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, int(max_clips), replace=False))
+    shape = _Shape(store, target_frames)
+    ds, files = _records(store, index, rows, shuffle_files=False, seed=0)
+    ds = ds.map(lambda row, feats: shape.finish(feats), num_parallel_calls=AUTOTUNE).batch(64)
+    total, total_sq, count = 0.0, 0.0, 0
+    try:
+        for batch in ds:
+            x = batch.numpy().astype(np.float64)
+            total += float(x.sum())
+            total_sq += float(np.square(x).sum())
+            count += x.size
+    except tf.errors.DataLossError as err:
+        raise corrupt_shard_error(files, err) from None
+    if count == 0:
+        raise ValueError("no features to compute statistics from")
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0)
+    return float(mean), float(np.sqrt(var))
+
+
+def corrupt_shard_error(files: Sequence[str], err: Exception) -> CorruptShardError:
+    """A readable error for a shard that failed TFRecord's CRC. The shards read are checked
+    against their manifests' SHA-256; the damaged ones are marked, so that the next run
+    rebuilds them (and only them)."""
+    from src.data.store import shard_is_intact
+
+    damaged = [f for f in files if not shard_is_intact(f)]
+    for f in damaged:
+        invalidate(f)
+    which = ", ".join(damaged) if damaged else f"one of {len(files)} shard(s)"
+    return CorruptShardError(
+        f"the feature store shard {which} is corrupt ({str(err).splitlines()[0]}); it has "
+        "been marked for rebuilding: run the same command again."
+    )

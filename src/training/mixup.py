@@ -16,24 +16,36 @@ import tensorflow as tf
 DOMAINS = ("power", "logmel")
 
 
-def _beta(shape, alpha, seed):
-    g1 = tf.random.stateless_gamma(shape, seed=seed, alpha=alpha)
-    g2 = tf.random.stateless_gamma(shape, seed=seed + [0, 1], alpha=alpha)
+def _beta(shape, alpha, seed=None):
+    if seed is None:
+        g1 = tf.random.gamma(shape, alpha)
+        g2 = tf.random.gamma(shape, alpha)
+    else:
+        g1 = tf.random.stateless_gamma(shape, seed=seed, alpha=alpha)
+        g2 = tf.random.stateless_gamma(shape, seed=seed + [0, 1], alpha=alpha)
     return g1 / (g1 + g2)
 
 
-def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed):
-    """Mix a batch ``x (B, T, F)`` log-mel, ``y (B, K)`` one-hot with a shuffled copy.
+def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed=None):
+    """Mix a batch ``x (B, T, F)`` log-mel, ``y (B, K)`` one-hot or multi-hot targets with
+    a shuffled copy of itself.
 
-    ``seed``: int32 tensor of shape (2,), a stateless seed for this batch.
+    ``seed``: an int32 tensor of shape (2,), a stateless seed for this batch; None uses
+    TensorFlow's stateful random ops (seeded by ``keras.utils.set_random_seed``), which
+    keeps the training pipeline's file list its only source (shardable by file).
     """
     if domain not in DOMAINS:
         raise ValueError(f"augment.mixup_domain must be one of {DOMAINS}, got {domain!r}.")
-    seed = tf.cast(seed, tf.int32)
     batch = tf.shape(x)[0]
-    perm = tf.random.experimental.stateless_shuffle(tf.range(batch), seed=seed + [0, 2])
-    lam = _beta([batch], float(alpha), seed)
-    apply = tf.random.stateless_uniform([batch], seed=seed + [0, 3]) < prob
+    if seed is None:
+        perm = tf.random.shuffle(tf.range(batch))
+        lam = _beta([batch], float(alpha))
+        apply = tf.random.uniform([batch]) < prob
+    else:
+        seed = tf.cast(seed, tf.int32)
+        perm = tf.random.experimental.stateless_shuffle(tf.range(batch), seed=seed + [0, 2])
+        lam = _beta([batch], float(alpha), seed)
+        apply = tf.random.stateless_uniform([batch], seed=seed + [0, 3]) < prob
     apply = apply & (perm != tf.range(batch))  # an example mixed with itself stays as it is
     lam = tf.where(apply, lam, tf.ones_like(lam))  # lam = 1: the example unchanged
     x2, y2 = tf.gather(x, perm), tf.gather(y, perm)
@@ -42,21 +54,21 @@ def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed):
         mixed = tf.math.log(lx**2 * tf.exp(x) + (1.0 - lx) ** 2 * tf.exp(x2))
     else:
         mixed = lx * x + (1.0 - lx) * x2
+    # An example that is not mixed keeps its exact values (log(exp(x)) is x only up to
+    # rounding).
+    mixed = tf.where(apply[:, None, None], mixed, x)
     ly = lam[:, None]
     return mixed, ly * y + (1.0 - ly) * tf.cast(y2, y.dtype)
 
 
-def apply_mixup(ds: tf.data.Dataset, *, prob: float, alpha: float, domain: str, seed: int):
-    """Map mixup over a batched ``(x, one_hot_y)`` dataset; no-op when prob is 0."""
+def apply_mixup(ds: tf.data.Dataset, *, prob: float, alpha: float, domain: str):
+    """Map mixup over a batched ``(x, targets)`` dataset; no-op when prob is 0. Multi-hot
+    targets are mixed with the same lam (soft targets for the binary cross-entropy)."""
     if prob <= 0.0:
         return ds
     if alpha <= 0.0:
         raise ValueError(f"augment.mixup_alpha must be positive, got {alpha}.")
-    counter = tf.data.Dataset.counter()  # a fresh stateless seed for every batch
-    return tf.data.Dataset.zip((ds, counter)).map(
-        lambda xy, i: mixup_batch(
-            xy[0], xy[1], prob=prob, alpha=alpha, domain=domain,
-            seed=tf.stack([tf.cast(seed, tf.int32), tf.cast(i, tf.int32)]),
-        ),
+    return ds.map(
+        lambda x, y: mixup_batch(x, y, prob=prob, alpha=alpha, domain=domain),
         num_parallel_calls=tf.data.AUTOTUNE,
     )

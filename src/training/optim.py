@@ -101,36 +101,50 @@ def build_schedule(schedule_cfg: Mapping, lr: float, steps_per_epoch: int, epoch
 
 
 def build_optimizer(optimizer_cfg: Mapping, schedule):
+    """The optimizer of ``trainer.optimizer``: every key does what it says (no hidden
+    defaults: ``weight_decay: 0.0`` is no decay for every optimizer, ``epsilon`` reaches
+    Adam and AdamW alike); a key the optimizer does not take is an error."""
     cfg = dict(optimizer_cfg)
     name = cfg.pop("name", "adam")
     cfg.pop("lr", None)
+    allowed = {
+        "adam": {"beta_1", "beta_2", "epsilon", "weight_decay", "clipnorm", "amsgrad"},
+        "adamw": {"beta_1", "beta_2", "epsilon", "weight_decay", "clipnorm", "amsgrad"},
+        "sgd": {"momentum", "nesterov", "weight_decay", "clipnorm", "beta_1", "beta_2",
+                "epsilon"},
+    }
+    if name not in allowed:
+        raise ValueError(f"trainer.optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
+    unknown = sorted(set(cfg) - allowed[name])
+    if unknown:
+        raise ValueError(
+            f"trainer.optimizer.{unknown[0]} is not an option of {name}; its options are "
+            f"{sorted(allowed[name] | {'name', 'lr'})}."
+        )
     common = {}
     if cfg.get("clipnorm") is not None:
         common["clipnorm"] = float(cfg["clipnorm"])
-    weight_decay = cfg.get("weight_decay") or None
-    if name == "adam":
-        return keras.optimizers.Adam(
+    decay = cfg.get("weight_decay")
+    decay = None if decay is None or float(decay) == 0.0 else float(decay)
+    if name in ("adam", "adamw"):
+        cls = keras.optimizers.Adam if name == "adam" else keras.optimizers.AdamW
+        kwargs = dict(
             learning_rate=schedule,
             beta_1=float(cfg.get("beta_1", 0.9)),
             beta_2=float(cfg.get("beta_2", 0.999)),
             epsilon=float(cfg.get("epsilon", 1e-7)),
-            weight_decay=weight_decay,
+            amsgrad=bool(cfg.get("amsgrad", False)),
             **common,
         )
-    if name == "adamw":
-        return keras.optimizers.AdamW(
-            learning_rate=schedule,
-            beta_1=float(cfg.get("beta_1", 0.9)),
-            beta_2=float(cfg.get("beta_2", 0.999)),
-            weight_decay=float(weight_decay or 0.01),
-            **common,
-        )
-    if name == "sgd":
-        return keras.optimizers.SGD(
-            learning_rate=schedule,
-            momentum=float(cfg.get("momentum", 0.9)),
-            nesterov=bool(cfg.get("nesterov", False)),
-            weight_decay=weight_decay,
-            **common,
-        )
-    raise ValueError(f"trainer.optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
+        # Adam: L2-style decay added to the gradient is not Keras' meaning of weight_decay
+        # either; both apply decoupled decay lr * wd * w, AdamW's default of 0.01 included
+        # only when asked for.
+        return cls(weight_decay=decay if name == "adam" else (decay or 0.0), **kwargs)
+    # SGD ignores Adam's keys if a shared trainer config carries them.
+    return keras.optimizers.SGD(
+        learning_rate=schedule,
+        momentum=float(cfg.get("momentum", 0.9)),
+        nesterov=bool(cfg.get("nesterov", False)),
+        weight_decay=decay,
+        **common,
+    )

@@ -1,0 +1,227 @@
+"""Train / validation / test splits of a dataset index, for one held-out fold.
+
+Every run has three disjoint splits. The test split is read once, to report; every
+choice (best epoch, early stopping, checkpoint, hyper-parameter search, "best fold")
+reads the validation split.
+
+* ``data.folds``: the test folds, held out in turn (one model each).
+* ``data.train_folds``: the training folds (null: every fold that is neither the test
+  fold nor a validation fold, i.e. cross-validation).
+* ``data.val_folds``: a fixed validation split where the dataset has one (Speech
+  Commands' validation list, FSD50K's val); null: a validation split is carved from the
+  training folds: ``data.val_fraction`` of them, stratified by class, drawn with
+  ``data.split_seed`` (the same for every model seed, so that seeds repeat a setting
+  on the same data).
+* ``data.train_per_class``: keep at most this many training clips per class (after the
+  validation split is taken; low-label experiments). null: all.
+
+Single-label data is stratified per class. Multi-label data is stratified greedily by
+each clip's rarest label (clips with rare labels are placed first), so every class with
+enough clips reaches the validation split in proportion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from src.config import ConfigError
+from src.data.index import DatasetIndex
+
+__all__ = ["Splits", "check_split_config", "make_splits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    train: np.ndarray  # positions in index.records
+    val: np.ndarray
+    test: np.ndarray
+    val_source: str  # how the validation split was made, for results.json and the log
+
+    def summary(self) -> dict:
+        return {
+            "num_train": int(len(self.train)),
+            "num_val": int(len(self.val)),
+            "num_test": int(len(self.test)),
+            "val_source": self.val_source,
+        }
+
+
+def _folds(value) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int | str):
+        value = [value]
+    return [int(f) for f in value]
+
+
+def check_split_config(data_cfg: Mapping) -> None:
+    """Config-time checks of the split keys (no data needed): disjoint folds, a
+    validation split of some kind. Raises :class:`ConfigError` naming the keys."""
+    test = _folds(data_cfg.get("folds")) or []
+    train = _folds(data_cfg.get("train_folds"))
+    val = _folds(data_cfg.get("val_folds"))
+    for name, a, b in (("data.train_folds", train, test), ("data.val_folds", val, test)):
+        overlap = sorted(set(a or []) & set(b))
+        if overlap:
+            raise ConfigError(
+                f"{name}={a} and data.folds={test} (the test folds) share fold(s) {overlap}: "
+                "a test fold must never train or select a model. Remove them from one of "
+                "the two lists."
+            )
+    overlap = sorted(set(train or []) & set(val or []))
+    if overlap:
+        raise ConfigError(
+            f"data.train_folds={train} and data.val_folds={val} share fold(s) {overlap}; "
+            "the validation split must be disjoint from the training split."
+        )
+    if val is None:
+        frac = data_cfg.get("val_fraction")
+        try:
+            frac = float(frac)
+        except (TypeError, ValueError):
+            frac = -1.0
+        if not 0.0 < frac < 1.0:
+            raise ConfigError(
+                f"data.val_fraction={data_cfg.get('val_fraction')!r}: with no fixed "
+                "validation folds (data.val_folds=null) a validation split is carved from "
+                "the training folds; set data.val_fraction in (0, 1), e.g. 0.1, or "
+                "data.val_folds=[...]."
+            )
+
+
+def _carve_single(labels: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions (into ``labels``) of a stratified ``frac`` sample: per class, round(frac *
+    n) clips (at least one from every class with two or more clips)."""
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = int(round(frac * len(members)))
+        if len(members) >= 2:
+            n = min(max(n, 1), len(members) - 1)  # keep one to train on
+        else:
+            n = 0
+        chosen.append(rng.permutation(members)[:n])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def _carve_multi(
+    label_lists: Sequence[tuple[int, ...]], num_classes: int, frac: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Greedy stratification for multi-label data: clips in the order of their rarest
+    label (random among equals) go to validation while that rarest label still needs
+    clips and the split is not full."""
+    n = len(label_lists)
+    target_total = int(round(frac * n))
+    counts = np.zeros(num_classes, np.int64)
+    for labels in label_lists:
+        for c in labels:
+            counts[c] += 1
+    need = np.floor(frac * counts + 0.5).astype(np.int64)
+    order = rng.permutation(n)
+    rarity = np.array(
+        [min((counts[c] for c in label_lists[i]), default=np.iinfo(np.int64).max)
+         for i in order]
+    )
+    order = order[np.argsort(rarity, kind="stable")]
+    taken = np.zeros(n, bool)
+    total = 0
+    for i in order:
+        if total >= target_total:
+            break
+        labels = label_lists[i]
+        if not labels:
+            continue
+        rarest = min(labels, key=lambda c: counts[c])
+        if need[rarest] <= 0:
+            continue
+        taken[i] = True
+        total += 1
+        for c in labels:
+            need[c] -= 1
+    # Unlabeled clips (or a shortfall) fill the split up to its size at random.
+    if total < target_total:
+        rest = rng.permutation(np.flatnonzero(~taken))[: target_total - total]
+        taken[rest] = True
+    return np.flatnonzero(taken)
+
+
+def _per_class(index: DatasetIndex, train: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """At most ``k`` training clips per class (a low-label experiment), drawn with ``seed``
+    (the same clips for every model seed)."""
+    if index.multi_label:
+        raise ConfigError(
+            "data.train_per_class needs single-label data (one class per clip); set it to "
+            "null for multi-label data."
+        )
+    rng = np.random.default_rng([seed, 1])
+    labels = np.array([int(index.records[i].label) for i in train])
+    keep = [rng.permutation(train[labels == c])[:k] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Splits:
+    """The three splits of ``index`` for the held-out ``test_fold``."""
+    folds = np.array([r.fold for r in index.records])
+    train_folds = _folds(data_cfg.get("train_folds"))
+    val_folds = _folds(data_cfg.get("val_folds"))
+    test = np.flatnonzero(folds == int(test_fold))
+    if train_folds is None:
+        excluded = {int(test_fold), *(val_folds or [])}
+        pool = np.flatnonzero(~np.isin(folds, sorted(excluded)))
+    else:
+        pool = np.flatnonzero(np.isin(folds, train_folds))
+    if val_folds is not None:
+        val = np.flatnonzero(np.isin(folds, val_folds))
+        train = pool
+        names = ", ".join(index.fold_name(f) for f in val_folds)
+        source = f"fixed: {names}"
+    else:
+        frac = float(data_cfg.get("val_fraction"))
+        seed = int(data_cfg.get("split_seed", 0) or 0)
+        # The carve depends on the test fold too, so that each CV fold draws its own.
+        rng = np.random.default_rng([seed, int(test_fold)])
+        if index.multi_label:
+            lists = index.label_lists()
+            picked = _carve_multi([lists[i] for i in pool], index.num_classes, frac, rng)
+        else:
+            labels = np.array([int(index.records[i].label) for i in pool])
+            picked = _carve_single(labels, frac, rng)
+        val = pool[picked]
+        train = np.setdiff1d(pool, val)
+        kind = "stratified by class" if not index.multi_label else "stratified by rarest label"
+        source = (
+            f"carved from the training folds: {frac:g} of them, {kind}, "
+            f"data.split_seed={seed}"
+        )
+    per_class = data_cfg.get("train_per_class")
+    if per_class:
+        train = _per_class(index, train, int(per_class), int(data_cfg.get("split_seed", 0) or 0))
+    if len(train) == 0:
+        raise ConfigError(
+            f"no training clips for test fold {test_fold} (data.train_folds={train_folds}, "
+            f"data.val_folds={val_folds}); the dataset's folds are {index.folds()}."
+        )
+    if len(val) == 0:
+        raise ConfigError(
+            f"the validation split for test fold {test_fold} is empty ({source}); raise "
+            "data.val_fraction or set data.val_folds."
+        )
+    if len(test) == 0:
+        raise ConfigError(
+            f"test fold {test_fold} has no clips; the dataset's folds are {index.folds()}."
+        )
+    paths = np.array([r.path for r in index.records])
+    for a, b, what in ((train, val, "training and validation"), (train, test, "training and test"),
+                       (val, test, "validation and test")):
+        shared = np.intersect1d(paths[a], paths[b])
+        if shared.size:
+            raise ConfigError(
+                f"the {what} splits of test fold {test_fold} share {shared.size} audio "
+                f"file(s), e.g. {shared[0]}: the metadata lists them in two splits. Remove "
+                "the duplicates from one split's metadata."
+            )
+    return Splits(train=np.sort(train), val=np.sort(val), test=np.sort(test), val_source=source)

@@ -1,0 +1,166 @@
+"""The run directory: its name, its lock, and what may differ between the commands that
+share it.
+
+The same command lands in the same directory (named after its overrides), so a killed
+run resumes. Keys that do not change what a fold computes (``run_invariant_keys`` in
+conf/train.yaml: where things are written, how a run is logged, which of the folds this
+command runs, ...) are left out of the name and out of the check that a resumed run has
+the same config. One list, in the config, serves both.
+
+Two processes never work in one run directory at a time: :class:`RunLock` holds an
+exclusive ``flock`` on ``<run dir>/.lock`` for the whole run. The operating system drops
+the lock when its process dies, so a lock left by a killed run never blocks the resume;
+a second live process is told which process holds the directory and exits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from src.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RunLock",
+    "RunLockedError",
+    "is_invariant",
+    "prepare_run_dir",
+    "run_dirname",
+]
+
+
+def is_invariant(key: str, invariant: Iterable[str]) -> bool:
+    """Whether dotted ``key`` is (under) one of the invariant keys. A config group's path
+    counts as its dotted key (``hydra/launcher=submitit_slurm`` is under ``hydra``)."""
+    key = key.lstrip("+~").replace("/", ".")
+    return any(key == k or key.startswith(k + ".") for k in invariant)
+
+
+def run_dirname(overrides, invariant: Sequence[str] | None = None) -> str:
+    """A directory name for a command's overrides: the overrides that change the run
+    (not those under ``invariant``), readable, filesystem-safe, bounded."""
+    if isinstance(overrides, str):
+        overrides = [o for o in overrides.split(",") if o] if overrides else []
+    kept = []
+    for o in overrides or []:
+        key = str(o).split("=", 1)[0]
+        if invariant is not None and is_invariant(key, invariant):
+            continue
+        kept.append(str(o))
+    text = ",".join(sorted(kept)) or "default"
+    safe = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]+", "_", text)
+    if len(safe) > 100:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        safe = f"{safe[:80]}-{digest}"
+    return safe
+
+
+class RunLockedError(ConfigError):
+    """Another live process works in the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of this object (a context
+    manager). ``<run dir>/.lock`` says who holds it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            try:
+                info = json.loads(holder)
+                who = (
+                    f"process {info.get('pid')} on {info.get('host')} (started "
+                    f"{info.get('started')}: {info.get('command')})"
+                )
+            except ValueError:
+                who = "another process"
+            raise RunLockedError(
+                f"{self.path.parent} is in use by {who}. Two runs in one directory would "
+                "corrupt each other's checkpoints and logs: wait for it to finish (then "
+                "this command resumes or reports its result), or run under another name "
+                "(name=...)."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        }))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, invariant: Sequence[str]) -> None:
+    """Check an existing run dir before reusing it (resume) or move it aside."""
+    earlier = sorted(run_dir.glob("fold_*")) + [p for p in [run_dir / "results.json"] if p.exists()]
+    if not earlier:
+        return
+    if not resume:
+        dest = run_dir / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        dest.mkdir(parents=True)
+        extra = [run_dir / n for n in ("config.yaml", "wandb_cv_run_id") if (run_dir / n).exists()]
+        for p in earlier + extra:
+            shutil.move(str(p), dest / p.name)
+        log.warning("trainer.resume=false: moved the earlier results of %s to %s", run_dir, dest)
+        return
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    new = _flatten(resolved)
+    # Keys the earlier run did not have are new options at their defaults: not a change.
+    diff = sorted(
+        k for k in old if not is_invariant(k, invariant) and old.get(k) != new.get(k)
+    )
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({shown}). Run with "
+            f"trainer.resume=false to start over there (the earlier results are moved to "
+            f"{run_dir}/previous/), or change name=... to use another directory."
+        )
+    log.info("resuming the run in %s", run_dir)
