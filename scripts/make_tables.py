@@ -6,10 +6,14 @@
 
 Reads every run-level ``results.json`` under the given directories (fold-level
 files are ignored), groups runs by setting (default: the config keys that differ
-between runs; seeds are repeats) and prints one row per setting: accuracy as
-mean ± std in percent over all (fold, seed) pairs of the setting, parameters,
-runs, folds, train time and throughput. Warnings (incomplete settings, mixed
-commits or versions, unreadable files) go to stderr.
+between runs; seeds are repeats) and prints one row per setting: the test split's
+primary metric (accuracy in percent, or mAP) as mean ± std over all (fold, seed)
+pairs of the setting, the validation metric, AST's optimistic paper-protocol
+number when the runs recorded it (marked †, with a footnote), parameters, runs,
+folds, train time and throughput. A table holds one metric: accuracy (single-label)
+and mAP (multi-label) runs given together are an error (exit status 2); tabulate
+them separately. Warnings (incomplete settings, mixed commits or versions, runs
+whose folds mix commits, unreadable files) go to stderr.
 
 ``--expect KEY=V1,V2,...`` lists the values a sweep should have: values without
 a run appear as "missing" rows. ``--reference FILE`` (YAML or JSON, see
@@ -29,7 +33,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from src.evaluation.tables import (
+    METRICS,
     Run,
     flatten,
     format_table,
@@ -75,28 +82,46 @@ def load_reference(path: str | Path) -> tuple[dict[Any, str], str | None]:
     return {k: str(v) for k, v in data.items()}, None
 
 
-def runs_from_wandb(path: str, group: str) -> list[Run]:
-    """Runs of a W&B group as :class:`Run` s: one per config, from its fold and cv_summary runs.
+def _fold_metric(summary: dict) -> str | None:
+    """The primary metric a fold run logged (``test/<metric>``), or None."""
+    return next((m for m in METRICS if f"test/{m}" in summary), None)
 
-    Fold runs (job type ``fold<k>``) give ``test/accuracy``, ``parameters`` and
-    ``train_time_s``; a run's ``cv_summary`` gives ``cv/accuracy_mean`` and
-    ``cv/accuracy_std``, used when the fold runs are not all there.
+
+def _cv_summary_metric(summary: dict) -> tuple[str, str] | None:
+    """``(metric, key prefix)`` of a cv_summary run: ``cv/test_<metric>_mean`` as
+    ``src.train`` logs it, or the older ``cv/accuracy_mean``."""
+    for m in METRICS:
+        if f"cv/test_{m}_mean" in summary:
+            return m, f"cv/test_{m}"
+    if "cv/accuracy_mean" in summary:
+        return "accuracy", "cv/accuracy"
+    return None
+
+
+def runs_from_wandb_records(path: str, records) -> list[Run]:
+    """:class:`Run` s from W&B runs given as ``(id, job_type, config, summary)``: one
+    per config, from its fold runs and its cv_summary run.
+
+    Fold runs (job type ``fold<k>``) give ``test/<metric>`` (``accuracy`` or
+    ``mAP``), the last epoch's ``val_<metric>``, ``parameters`` and
+    ``train_time_s``; a run's ``cv_summary`` gives ``cv/test_<metric>_mean`` and
+    ``_std`` (older runs: ``cv/accuracy_mean`` and ``_std``), used when the fold
+    runs are not all there, and the paper-protocol mean
+    (``cv/paper_protocol_test_<metric>_mean``; older ``cv/best_epoch_accuracy_mean``).
     """
-    import wandb
-
     by_config: dict[str, dict] = {}
-    for wr in wandb.Api().runs(path, filters={"group": group}):
-        config = flatten({k: v for k, v in dict(wr.config).items() if not k.startswith("_")})
-        summary = dict(wr.summary_metrics or {})
+    for run_id, job, raw_config, summary in records:
+        config = flatten({k: v for k, v in dict(raw_config).items() if not k.startswith("_")})
+        summary = dict(summary or {})
         entry = by_config.setdefault(
             json.dumps(sorted(config.items()), default=str),
             {"config": config, "folds": {}, "cv": None, "ids": []},
         )
-        entry["ids"].append(wr.id)
-        job = str(wr.job_type or "")
+        entry["ids"].append(run_id)
+        job = str(job or "")
         if job == "cv_summary":
             entry["cv"] = summary
-        elif job.startswith("fold") and "test/accuracy" in summary:
+        elif job.startswith("fold") and job[4:].isdigit() and _fold_metric(summary):
             entry["folds"][int(job[4:])] = summary
 
     runs = []
@@ -104,24 +129,59 @@ def runs_from_wandb(path: str, group: str) -> list[Run]:
         config, folds, cv = entry["config"], entry["folds"], entry["cv"]
         wanted = tuple(int(f) for f in config.get("data.folds") or ())
         name = f"wandb:{path}/{'+'.join(entry['ids'])}"
-        fold_accs = [float(folds[f]["test/accuracy"]) for f in sorted(folds)]
+        cv_metric = _cv_summary_metric(cv) if cv is not None else None
+        metrics = {_fold_metric(s) for s in folds.values()}
+        if cv_metric:
+            metrics.add(cv_metric[0])
+        if len(metrics) > 1:
+            log.warning("W&B %s: its runs log different metrics (%s), skipped",
+                        name, ", ".join(sorted(metrics)))
+            continue
+        if not metrics:
+            log.warning("W&B %s: no finished fold or cv_summary run, skipped", name)
+            continue
+        (metric,) = metrics
         params = next((s.get("parameters") for s in folds.values() if "parameters" in s), None)
         times = [s["train_time_s"] for s in folds.values() if "train_time_s" in s]
+        vals = [folds[f].get(f"val_{metric}") for f in sorted(folds)]
+        paper = None
+        if cv is not None:
+            paper = cv.get(f"cv/paper_protocol_test_{metric}_mean")
+            if paper is None and metric == "accuracy":
+                paper = cv.get("cv/best_epoch_accuracy_mean")
         common = {
             "path": name,
             "config": config,
+            "metric": metric,
             "parameters": params,
             "train_time_s": sum(times) if times else None,
             "seed": config.get("seed"),
+            "paper_protocol": None if paper is None else float(paper),
         }
-        if cv is not None and "cv/accuracy_mean" in cv and len(folds) < len(wanted):
-            runs.append(Run(folds=wanted, accuracy=float(cv["cv/accuracy_mean"]),
-                            accuracy_std=float(cv.get("cv/accuracy_std") or 0.0), **common))
-        elif folds:
-            runs.append(Run(folds=tuple(sorted(folds)), fold_accuracies=fold_accs, **common))
+        if cv_metric and (not folds or len(folds) < len(wanted)):
+            prefix = cv_metric[1]
+            runs.append(Run(folds=wanted or tuple(sorted(folds)),
+                            test_mean=float(cv[f"{prefix}_mean"]),
+                            test_std=float(cv.get(f"{prefix}_std") or 0.0), **common))
         else:
-            log.warning("W&B %s: no finished fold or cv_summary run, skipped", name)
+            runs.append(Run(
+                folds=tuple(sorted(folds)),
+                test_per_fold=[float(folds[f][f"test/{metric}"]) for f in sorted(folds)],
+                val_mean=float(np.mean(vals)) if vals and None not in vals else None,
+                **common,
+            ))
     return runs
+
+
+def runs_from_wandb(path: str, group: str) -> list[Run]:
+    """Runs of a W&B group as :class:`Run` s (see :func:`runs_from_wandb_records`)."""
+    import wandb
+
+    records = (
+        (wr.id, wr.job_type, dict(wr.config), dict(wr.summary_metrics or {}))
+        for wr in wandb.Api().runs(path, filters={"group": group})
+    )
+    return runs_from_wandb_records(path, records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", action="append", default=[],
                         help="config keys defining a setting, comma-separated (default: "
                              "the keys that differ between runs, seed excepted)")
-    parser.add_argument("--plot", metavar="PNG", help="also plot accuracy vs the first --by key")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="also plot the test metric vs the first --by key")
     parser.add_argument("--reference", metavar="FILE",
                         help="YAML/JSON mapping setting values to paper numbers")
     parser.add_argument("--expect", action="append", default=[], metavar="KEY=V1,V2",

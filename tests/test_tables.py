@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.make_tables import load_reference, parse_expect
+from scripts.make_tables import load_reference, parse_expect, runs_from_wandb_records
 from src.evaluation.tables import (
     format_table,
     group_runs,
@@ -29,55 +29,88 @@ VERSIONS = {"python": "3.11.7", "tensorflow": "2.17.1", "keras": "3.15.1"}
 
 def write_run(
     run_dir: Path,
-    accs,
+    values,
     *,
+    metric="accuracy",
     heads=1,
     seed=1,
     folds=None,
-    best=None,
+    val=None,
+    paper=None,
     params=2700,
     commit="a" * 40,
     dirty=False,
     versions=None,
     train_time=10.0,
     train_clips_per_s=(100.0,),
+    provenance_warnings=(),
+    config=None,
 ):
-    """A minimal valid run-level results.json (as src.train writes it) plus a fold-level one."""
-    folds = list(folds or range(1, len(accs) + 1))
+    """A minimal valid run-level results.json (as src.train writes it) plus a fold-level one.
+
+    ``values``: the test metric per fold (last epoch); ``val``: the validation metric
+    per fold (default: each test value minus 0.05); ``paper``: the mean of AST's
+    paper-protocol summary, if any.
+    """
+    folds = list(folds or range(1, len(values) + 1))
+    vals = list(val if val is not None else [v - 0.05 for v in values])
+    key = f"test_{metric}"
     per_fold = [
         {
             "fold": f,
-            "accuracy": a,
-            "num_test": 10,
+            key: a,
+            f"val_{metric}": v,
+            "best_epoch": 2,
+            f"best_val_{metric}": v + 0.01,
             "num_train": 40,
+            "num_val": 5,
+            "num_test": 10,
             "parameters": params,
-            "train_time_s": train_time / len(accs),
+            "train_time_s": train_time / len(values),
             "train_clips_per_s": train_clips_per_s[i % len(train_clips_per_s)],
             "eval_clips_per_s": 1000.0,
             "epochs": 3,
+            "git": {"commit": commit, "dirty": dirty},
         }
-        for i, (f, a) in enumerate(zip(folds, accs))
+        for i, (f, a, v) in enumerate(zip(folds, values, vals))
     ]
+
+    def summary(xs, name):
+        return {"metric": name, "mean": float(np.mean(xs)), "std": float(np.std(xs)),
+                "per_fold": list(xs), "folds": folds}
+
     cv = {
         "folds": folds,
         "num_folds": len(folds),
-        "last_epoch": {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
-                       "per_fold": list(accs)},
+        "primary_metric": metric,
+        "last_epoch": summary(values, key),
+        # another checkpoint's numbers: never what a table reads
+        "best_val": summary([0.01] * len(values), f"test_best_val.{metric}"),
+        "provenance": {"commits": [commit], "dirty_folds": [], "differing_versions": {},
+                       "mixed": bool(provenance_warnings),
+                       "warnings": list(provenance_warnings)},
     }
-    if best is not None:
-        cv["best_mean_epoch"] = {"epoch": 2, "mean": best, "std": 0.0, "per_fold": [best] * len(accs)}
+    if paper is not None:
+        cv["paper_protocol_best_mean_epoch"] = {
+            "metric": key, "epoch": 2, "mean": paper, "std": 0.0,
+            "per_fold": [paper] * len(values), "note": "optimistic",
+        }
     results = {
         "experiment": "ablate",
         "dataset": "quickstart",
-        "accuracy": cv["last_epoch"]["mean"],
-        "accuracy_std": cv["last_epoch"]["std"],
+        "label_type": "single" if metric == "accuracy" else "multi",
+        "primary_metric": metric,
+        key: cv["last_epoch"]["mean"],
+        f"{key}_std": cv["last_epoch"]["std"],
+        f"val_{metric}": float(np.mean(vals)),
         "cv": cv,
         "per_fold": per_fold,
+        "history": {str(f): {"loss": [1.0, 0.5], f"val_{metric}": [0.4, 0.5]} for f in folds},
         "parameters": params,
         "epochs": 3,
         "train_time_s": train_time,
         "wall_time_s": train_time + 1,
-        "config": {
+        "config": config or {
             "name": "ablate",
             "seed": seed,
             "tags": ["quickstart"],
@@ -96,12 +129,39 @@ def write_run(
     # A fold-level file (no "cv" key) with a number that would show if it were read.
     fold_dir = run_dir / f"fold_{folds[0]}"
     fold_dir.mkdir(exist_ok=True)
-    (fold_dir / "results.json").write_text(json.dumps({**per_fold[0], "accuracy": 0.0}))
+    (fold_dir / "results.json").write_text(json.dumps({**per_fold[0], key: 0.0}))
+    return run_dir / "results.json"
+
+
+def write_old_run(run_dir: Path, accs, *, heads=1, seed=1, best=None):
+    """A run-level results.json in the earlier layout: ``accuracy`` / ``accuracy_std`` at
+    the top, ``cv.best_mean_epoch``, per-fold ``accuracy``, no validation metric."""
+    folds = list(range(1, len(accs) + 1))
+    cv = {"folds": folds, "num_folds": len(folds),
+          "last_epoch": {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                         "per_fold": list(accs)}}
+    if best is not None:
+        cv["best_mean_epoch"] = {"epoch": 2, "mean": best, "std": 0.0,
+                                 "per_fold": [best] * len(accs)}
+    results = {
+        "experiment": "ablate", "dataset": "quickstart",
+        "accuracy": cv["last_epoch"]["mean"], "accuracy_std": cv["last_epoch"]["std"],
+        "cv": cv,
+        "per_fold": [{"fold": f, "accuracy": a, "parameters": 2700, "train_time_s": 1.0,
+                      "train_clips_per_s": 50.0, "eval_clips_per_s": 500.0}
+                     for f, a in zip(folds, accs)],
+        "parameters": 2700, "train_time_s": 3.0,
+        "config": {"seed": seed, "model": {"num_heads": heads}, "data": {"folds": folds}},
+        "git": {"commit": "c" * 40, "dirty": False}, "versions": dict(VERSIONS),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results))
     return run_dir / "results.json"
 
 
 # heads=1: folds [0.5, 0.6, 0.7] (seed 1) and [0.6, 0.7, 0.8] (seed 2)
 # heads=2: folds [0.7, 0.8, 0.9] (seed 1) and [0.8, 0.8, 0.8] (seed 2)
+# validation: each fold's test value minus 0.05 (row means 0.60 and 0.75)
 H1 = [0.5, 0.6, 0.7, 0.6, 0.7, 0.8]
 H2 = [0.7, 0.8, 0.9, 0.8, 0.8, 0.8]
 
@@ -109,12 +169,36 @@ H2 = [0.7, 0.8, 0.9, 0.8, 0.8, 0.8]
 @pytest.fixture
 def sweep(tmp_path):
     root = tmp_path / "runs" / "ablate" / "multirun" / "sweep"
-    write_run(root / "heads1_seed1", [0.5, 0.6, 0.7], heads=1, seed=1, best=0.66,
+    write_run(root / "heads1_seed1", [0.5, 0.6, 0.7], heads=1, seed=1, paper=0.66,
               train_time=10.0, train_clips_per_s=(100.0, 200.0, 300.0))
-    write_run(root / "heads1_seed2", [0.6, 0.7, 0.8], heads=1, seed=2, best=0.70,
+    write_run(root / "heads1_seed2", [0.6, 0.7, 0.8], heads=1, seed=2, paper=0.70,
               train_time=20.0, train_clips_per_s=(400.0,))
-    write_run(root / "heads2_seed1", [0.7, 0.8, 0.9], heads=2, seed=1, best=0.82, params=2800)
-    write_run(root / "heads2_seed2", [0.8, 0.8, 0.8], heads=2, seed=2, best=0.84, params=2800)
+    write_run(root / "heads2_seed1", [0.7, 0.8, 0.9], heads=2, seed=1, paper=0.82, params=2800)
+    write_run(root / "heads2_seed2", [0.8, 0.8, 0.8], heads=2, seed=2, paper=0.84, params=2800)
+    return root
+
+
+def audioset_config(run_dir: Path, *, stride=10, pretrained="deit_base_distilled_384",
+                    adapt="auto", data="audioset_balanced", seed=1):
+    return {
+        "name": "audioset", "seed": seed,
+        "data": {"name": data, "folds": [3], "root": str(run_dir / "data")},
+        "model": {"name": "ast_base384", "stride": stride, "pretrained": pretrained,
+                  "pretrained_adapt": adapt},
+        "trainer": {"epochs": 25},
+        "paths": {"runs_dir": str(run_dir.parent)},
+    }
+
+
+@pytest.fixture
+def map_sweep(tmp_path):
+    """Multi-label runs (one fixed test split, fold 3): stride 10 with two seeds, stride 16."""
+    root = tmp_path / "runs" / "audioset" / "sweep"
+    for name, stride, seed, value, val in (("s10_seed1", 10, 1, 0.456, 0.401),
+                                           ("s10_seed2", 10, 2, 0.462, 0.405),
+                                           ("s16_seed1", 16, 1, 0.4404, 0.3901)):
+        write_run(root / name, [value], metric="mAP", folds=[3], val=[val], params=87_000_000,
+                  config=audioset_config(root / name, stride=stride, seed=seed))
     return root
 
 
@@ -123,16 +207,43 @@ def test_load_runs_skips_fold_level(sweep):
     assert len(runs) == 4
     assert all(Path(r.path).parent.parent == sweep for r in runs)
     r = next(r for r in runs if r.path.endswith("heads1_seed1/results.json"))
-    assert r.fold_accuracies == [0.5, 0.6, 0.7] and r.folds == (1, 2, 3) and r.num_folds == 3
+    assert r.metric == "accuracy"
+    assert r.test_per_fold == [0.5, 0.6, 0.7] and r.folds == (1, 2, 3) and r.num_folds == 3
+    assert r.test_mean == pytest.approx(0.6) and r.test_std == pytest.approx(np.std([.5, .6, .7]))
+    assert r.val_mean == pytest.approx(0.55)
     assert r.config["model.num_heads"] == 1 and r.seed == 1
     assert r.parameters == 2700 and r.train_time_s == 10.0
     assert r.train_clips_per_s == pytest.approx(200.0)  # mean over folds
     assert r.eval_clips_per_s == pytest.approx(1000.0)
-    assert r.best_mean_epoch == 0.66
+    assert r.paper_protocol == 0.66
     assert r.git_commit == "a" * 40 and r.git_dirty is False
     assert r.versions["tensorflow"] == "2.17.1"
+    assert r.provenance == []
     # a results.json file given directly works too
     assert len(load_runs([r.path])) == 1
+
+
+def test_old_schema_results_still_load(tmp_path):
+    old = tmp_path / "old"
+    write_old_run(old / "h1", [0.5, 0.7], heads=1, best=0.65)
+    write_old_run(old / "h2", [0.8, 0.9], heads=2)
+    runs = load_runs([old])
+    assert len(runs) == 2
+    h1 = next(r for r in runs if r.config["model.num_heads"] == 1)
+    assert h1.metric == "accuracy" and h1.test_per_fold == [0.5, 0.7]
+    assert h1.test_mean == pytest.approx(0.6) and h1.paper_protocol == 0.65
+    assert h1.val_mean is None and h1.provenance == []
+    rows = group_runs(runs)
+    assert [r.test_mean for r in rows] == pytest.approx([0.6, 0.85])
+    md = format_table(rows, "md")
+    assert md.splitlines()[0].startswith("| model.num_heads | params | test accuracy (%) |")
+    assert "val accuracy" not in md  # the old layout has no validation metric
+    assert "| 1 | 2,700 | 60.0 ± 10.0 |" in md
+    # the paper-protocol mean needs every run of the row: h2 has none
+    assert rows[0].paper_protocol == 0.65 and rows[1].paper_protocol is None
+    # old and new files tabulate together (both accuracy)
+    write_run(old / "h3", [0.9, 0.9], heads=3)
+    assert len(group_runs(load_runs([old]))) == 3
 
 
 def test_grouping_detects_keys_and_pools_folds_and_seeds(sweep):
@@ -141,21 +252,23 @@ def test_grouping_detects_keys_and_pools_folds_and_seeds(sweep):
     rows = group_runs(runs)
     assert [r.key for r in rows] == [{"model.num_heads": 1}, {"model.num_heads": 2}]
     h1, h2 = rows
-    # pooled over (fold, seed): mean and population std (ddof=0) of the six accuracies
-    assert h1.accuracy_mean == pytest.approx(0.65)
-    assert h1.accuracy_std == pytest.approx(np.std(H1))
-    assert h1.accuracy_std == pytest.approx(np.sqrt(0.055 / 6))  # by hand: 0.0957
-    assert h2.accuracy_mean == pytest.approx(0.8)
-    assert h2.accuracy_std == pytest.approx(np.sqrt(0.02 / 6))  # 0.0577
+    assert h1.metric == h2.metric == "accuracy"
+    # pooled over (fold, seed): mean and population std (ddof=0) of the six test values
+    assert h1.test_mean == pytest.approx(0.65)
+    assert h1.test_std == pytest.approx(np.std(H1))
+    assert h1.test_std == pytest.approx(np.sqrt(0.055 / 6))  # by hand: 0.0957
+    assert h2.test_mean == pytest.approx(0.8)
+    assert h2.test_std == pytest.approx(np.sqrt(0.02 / 6))  # 0.0577
+    assert h1.val_mean == pytest.approx(0.60) and h2.val_mean == pytest.approx(0.75)
     assert h1.num_runs == 2 and h1.num_folds == 3 and h1.seeds == [1, 2]
     assert h1.parameters == 2700 and h2.parameters == 2800
     assert h1.train_time_s == pytest.approx(15.0)  # mean per run
     assert h1.train_clips_per_s == pytest.approx(300.0)  # mean of 200 and 400
-    assert h1.ast_accuracy == pytest.approx(0.68)  # mean of the best_mean_epoch means
+    assert h1.paper_protocol == pytest.approx(0.68)  # mean of the runs' paper-protocol means
     assert h1.status == "" and h1.folds_label == "3"
     # explicit keys
     (one,) = group_runs(runs, by=[])
-    assert one.num_runs == 4 and one.accuracy_mean == pytest.approx(np.mean(H1 + H2))
+    assert one.num_runs == 4 and one.test_mean == pytest.approx(np.mean(H1 + H2))
     with pytest.raises(ValueError, match="model.num_heads"):
         group_runs(runs, by=["model.num_head"])
 
@@ -164,28 +277,98 @@ def test_formats(sweep):
     rows = group_runs(load_runs([sweep]))
     md = format_table(rows, "md")
     lines = md.strip().splitlines()
-    assert lines[0].startswith("| model.num_heads | params | accuracy (%) |")
-    assert len(lines) == 4
-    assert "| 1 | 2,700 | 65.0 ± 9.6 | 68.0 | 2 | 3 |" in md
-    assert "| 2 | 2,800 | 80.0 ± 5.8 | 83.0 | 2 | 3 |" in md
+    assert lines[0] == ("| model.num_heads | params | test accuracy (%) | val accuracy (%) | "
+                        "paper protocol (%)† | runs | folds | train time (s) | train clips/s |")
+    assert "| 1 | 2,700 | 65.0 ± 9.6 | 60.0 | 68.0 | 2 | 3 |" in md
+    assert "| 2 | 2,800 | 80.0 ± 5.8 | 75.0 | 83.0 | 2 | 3 |" in md
 
     tex = format_table(rows, "latex")
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
-    assert r"model.num\_heads" in tex and r"accuracy (\%)" in tex
-    assert r"1 & 2,700 & 65.0 $\pm$ 9.6 & 68.0 & 2 & 3" in tex
+    assert r"model.num\_heads" in tex and r"test accuracy (\%)" in tex
+    assert r"val accuracy (\%)" in tex and r"paper protocol (\%)$^\dagger$" in tex
+    assert r"1 & 2,700 & 65.0 $\pm$ 9.6 & 60.0 & 68.0 & 2 & 3" in tex
 
     table = list(csv.DictReader(io.StringIO(format_table(rows, "csv"))))
     assert [t["model.num_heads"] for t in table] == ["1", "2"]
-    assert table[0]["accuracy"] == "65.0 ± 9.6" and table[0]["parameters"] == "2700"
-    assert float(table[0]["accuracy_mean"]) == pytest.approx(0.65)
-    assert float(table[1]["accuracy_std"]) == pytest.approx(np.std(H2))
+    assert table[0]["test_accuracy"] == "65.0 ± 9.6" and table[0]["parameters"] == "2700"
+    assert table[0]["val_accuracy"] == "60.0" and table[0]["paper_protocol_accuracy"] == "68.0"
+    assert float(table[0]["test_accuracy_mean"]) == pytest.approx(0.65)
+    assert float(table[1]["test_accuracy_std"]) == pytest.approx(np.std(H2))
+    assert float(table[1]["val_accuracy_mean"]) == pytest.approx(0.75)
+    assert float(table[0]["paper_protocol_accuracy_mean"]) == pytest.approx(0.68)
     assert table[0]["runs"] == "2" and table[0]["seeds"] == "1 2"
+    assert "accuracy_mean" not in table[0]  # the old, unlabelled split
 
     with_ref = format_table(rows, "md", reference={1: "70.1 ± 1.0", 2: "81.2"})
     assert "| paper |" in with_ref.splitlines()[0]
     assert "70.1 ± 1.0" in with_ref and "81.2" in with_ref
     with pytest.raises(ValueError):
         format_table(rows, "html")
+
+
+def test_paper_protocol_is_marked_optimistic(sweep, tmp_path):
+    rows = group_runs(load_runs([sweep]))
+    md = format_table(rows, "md")
+    *table, blank, note = md.rstrip("\n").splitlines()
+    assert "paper protocol (%)†" in table[0] and blank == ""
+    assert note == "† AST's protocol: epoch chosen by the test folds' mean; optimistic."
+    assert len(table) == 2 + len(rows)
+    tex = format_table(rows, "latex")
+    assert r"\multicolumn{9}{l}{\footnotesize $^\dagger$ AST's protocol" in tex
+    assert "†" not in format_table(rows, "csv")  # CSV: the column's name says it
+    # runs without the paper protocol: no column, no footnote
+    plain = tmp_path / "plain"
+    write_run(plain / "h1", [0.5, 0.6], heads=1)
+    write_run(plain / "h2", [0.7, 0.8], heads=2)
+    md = format_table(group_runs(load_runs([plain])), "md")
+    assert "paper protocol" not in md and "†" not in md and "optimistic" not in md
+    assert "| 1 | 2,700 | 55.0 ± 5.0 | 50.0 | 1 | 2 |" in md
+
+
+def test_map_table(map_sweep):
+    runs = load_runs([map_sweep])
+    assert {r.metric for r in runs} == {"mAP"}
+    rows = group_runs(runs)
+    assert [r.key for r in rows] == [{"model.stride": 10}, {"model.stride": 16}]
+    s10, s16 = rows
+    assert s10.test_mean == pytest.approx(0.459) and s10.test_std == pytest.approx(0.003)
+    assert s10.val_mean == pytest.approx(0.403)
+    md = format_table(rows, "md")
+    header = md.splitlines()[0]
+    assert header.startswith("| model.stride | params | test mAP | val mAP | runs | folds |")
+    assert "(%)" not in header and "accuracy" not in md
+    assert "| 10 | 87,000,000 | .459 ± .003 | .403 | 2 | 1 |" in md
+    assert "| 16 | 87,000,000 | .440 ± .000 | .390 | 1 | 1 |" in md
+    assert r".459 $\pm$ .003" in format_table(rows, "latex")
+    (t10, t16) = list(csv.DictReader(io.StringIO(format_table(rows, "csv"))))
+    assert t10["test_mAP"] == ".459 ± .003" and t10["val_mAP"] == ".403"
+    assert float(t10["test_mAP_mean"]) == pytest.approx(0.459)
+    assert float(t10["test_mAP_std"]) == pytest.approx(0.003)
+    assert float(t16["val_mAP_mean"]) == pytest.approx(0.3901)
+    assert "test_accuracy_mean" not in t10
+    # the AST Table 5 numbers beside ours
+    ref, key = load_reference(ROOT / "references" / "ast_table5.yaml")
+    md = format_table(rows, "md", reference=ref, reference_key=key)
+    assert "| .459 ± .003 | .403 | 2 | 1 |" in md and "0.347 / 0.459 mAP" in md
+    assert "0.336 / 0.451 mAP" in md
+
+
+def test_mixed_metrics_are_refused(sweep, map_sweep, tmp_path):
+    runs = load_runs([sweep, map_sweep])
+    with pytest.raises(ValueError, match=r"mix primary metrics \(accuracy: 4 run\(s\).*mAP: 3"):
+        group_runs(runs)
+    # one setting mixing them (grouped by nothing) is refused the same way
+    with pytest.raises(ValueError, match="mix primary metrics"):
+        group_runs(runs, by=[])
+    # rows built apart cannot be rendered (or plotted) together either
+    rows = group_runs(load_runs([sweep])) + group_runs(load_runs([map_sweep]))
+    with pytest.raises(ValueError, match="mix primary metrics"):
+        format_table(rows, "md")
+    with pytest.raises(ValueError, match="mix primary metrics"):
+        plot(rows, "model.num_heads", tmp_path / "mixed.png")
+    out = make_tables(sweep, map_sweep)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "mix primary metrics" in out.stderr and "separately" in out.stderr
 
 
 def test_reference_files():
@@ -196,10 +379,54 @@ def test_reference_files():
     assert key == "model.pretrained"
     assert ref == {"deit_base_distilled_384": "88.7 ± 0.7 (AST-S)",
                    "ast_audioset": "95.6 ± 0.4 (AST-P)"}
+    ref, key = load_reference(ROOT / "references" / "ast_table1.yaml")
+    assert key == "data.name"
+    assert ref["audioset_balanced"].startswith("0.347")
+    assert ref["audioset_full"].startswith("0.459") and "0.485" in ref["audioset_full"]
+    ref, key = load_reference(ROOT / "references" / "ast_table2.yaml")
+    assert key == "model.pretrained" and set(ref) == {None, "deit_base_distilled_384"}
+    assert ref[None].startswith("0.148 / 0.366")
+    ref, key = load_reference(ROOT / "references" / "ast_table4.yaml")
+    assert key == "model.pretrained_adapt"
+    assert ref["auto"].startswith("0.347") and ref["reinitialize"].startswith("0.305")
+
+
+def test_reference_matches_unset_pretraining(tmp_path):
+    """AST Table 2 beside an AudioSet pair: from scratch (model.pretrained unset) and
+    from ImageNet weights; Table 4 beside the adaptation methods."""
+    root = tmp_path / "t2"
+    for name, pretrained, adapt, value in (("scratch", None, "auto", 0.15),
+                                           ("imagenet", "deit_base_distilled_384", "auto", .34),
+                                           ("bilinear", "deit_base_distilled_384", "bilinear",
+                                            .33)):
+        write_run(root / name, [value], metric="mAP", folds=[3],
+                  config=audioset_config(root / name, pretrained=pretrained, adapt=adapt))
+    runs = load_runs([root])
+    rows = group_runs([r for r in runs if r.config["model.pretrained_adapt"] == "auto"],
+                      by=["model.pretrained"])
+    ref, key = load_reference(ROOT / "references" / "ast_table2.yaml")
+    (imagenet, scratch) = list(csv.DictReader(io.StringIO(  # unset sorts last
+        format_table(rows, "csv", reference=ref, reference_key=key))))
+    assert scratch["model.pretrained"] == "—" and scratch["paper"].startswith("0.148 / 0.366")
+    assert imagenet["paper"].startswith("0.347 / 0.459")
+    # a plain mapping (no key) never matches an unset value
+    md = format_table(rows, "md", reference={None: "x", "deit_base_distilled_384": "y"})
+    assert "| x |" not in md and "| y |" in md
+
+    rows = group_runs([r for r in runs if r.config["model.pretrained"]],
+                      by=["model.pretrained_adapt"],
+                      expected={"model.pretrained_adapt": ["auto", "bilinear", "reinitialize"]})
+    ref, key = load_reference(ROOT / "references" / "ast_table4.yaml")
+    table = list(csv.DictReader(io.StringIO(
+        format_table(rows, "csv", reference=ref, reference_key=key))))
+    paper = {t["model.pretrained_adapt"]: t["paper"] for t in table}
+    assert paper["auto"].startswith("0.347") and paper["bilinear"] == ""
+    assert paper["reinitialize"].startswith("0.305")
+    assert {t["model.pretrained_adapt"]: t["status"] for t in table}["reinitialize"] == "missing"
 
 
 def test_incomplete_group_is_marked(sweep):
-    write_run(sweep / "heads4_seed1", [0.7, 0.7], heads=4, folds=[1, 2])
+    write_run(sweep / "heads4_seed1", [0.7, 0.7], heads=4, folds=[1, 2], paper=0.7)
     rows = group_runs(load_runs([sweep]))
     h4 = rows[-1]
     assert h4.key == {"model.num_heads": 4}
@@ -215,7 +442,8 @@ def test_expected_values_show_missing_rows(sweep):
     assert [r.key["model.num_heads"] for r in rows] == [1, 2, 8]
     assert rows[2].status == "missing" and rows[2].runs == []
     md = format_table(rows, "md")
-    assert "| 8 |" in md and "missing" in md.splitlines()[-1]
+    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert "| 8 |" in md and "missing" in table_lines[-1]
     # an expected key that does not vary between the runs still becomes a column
     (only,) = group_runs(load_runs([sweep / "heads1_seed1"]), expected={"model.num_heads": [1]})
     assert only.key == {"model.num_heads": 1} and only.status == ""
@@ -223,7 +451,7 @@ def test_expected_values_show_missing_rows(sweep):
 
 def test_provenance_warnings(sweep):
     assert provenance_warnings(group_runs(load_runs([sweep]))) == []
-    write_run(sweep / "heads1_seed3", [0.6, 0.6, 0.6], heads=1, seed=3, best=0.6,
+    write_run(sweep / "heads1_seed3", [0.6, 0.6, 0.6], heads=1, seed=3, paper=0.6,
               commit="b" * 40, dirty=True, versions={**VERSIONS, "tensorflow": "2.16.2"})
     warnings = provenance_warnings(group_runs(load_runs([sweep])))
     text = "\n".join(warnings)
@@ -232,11 +460,107 @@ def test_provenance_warnings(sweep):
     assert not any(w.startswith("model.num_heads=2") for w in warnings)
 
 
-def test_plot_writes_png(sweep, tmp_path):
+def test_provenance_warning_of_a_run_whose_folds_mix_commits(sweep):
+    """One run, one run-level commit, but its folds were trained by two commits: the
+    row-level checks cannot see it; the run's cv.provenance says so."""
+    mixed = ("the folds were trained by 2 different commits: aaaaaaaaaa, dddddddddd")
+    write_run(sweep / "heads2_seed2", [0.8, 0.8, 0.8], heads=2, seed=2, paper=0.84,
+              params=2800, provenance_warnings=[mixed])
+    (run,) = [r for r in load_runs([sweep]) if r.path.endswith("heads2_seed2/results.json")]
+    assert run.provenance == [mixed]
+    warnings = provenance_warnings(group_runs(load_runs([sweep])))
+    assert warnings == [f"model.num_heads=2: run {sweep / 'heads2_seed2'}: {mixed}"]
+    out = make_tables(sweep)
+    assert out.returncode == 0 and mixed in out.stderr
+
+
+def test_summary_from_cv_aggregate_loads_with_its_provenance(tmp_path):
+    """The cv section as src.evaluation.cv writes it, from fold files of two commits."""
+    from src.evaluation.cv import aggregate
+
+    run_dir = tmp_path / "run"
+    for fold, commit, value in ((1, "e" * 40, 0.5), (2, "f" * 40, 0.7)):
+        (run_dir / f"fold_{fold}").mkdir(parents=True)
+        (run_dir / f"fold_{fold}" / "results.json").write_text(json.dumps({
+            "fold": fold, "test_mAP": value, "val_mAP": value - 0.1,
+            "git": {"commit": commit, "dirty": False}, "versions": VERSIONS,
+        }))
+    summary, folds = aggregate(run_dir, "mAP")
+    (run_dir / "results.json").write_text(json.dumps({
+        "primary_metric": "mAP", "test_mAP": summary["last_epoch"]["mean"],
+        "val_mAP": float(np.mean([f["val_mAP"] for f in folds])), "cv": summary,
+        "per_fold": folds, "config": {"model": {"num_heads": 2}},
+        "git": {"commit": "f" * 40, "dirty": False},
+    }))
+    (run,) = load_runs([run_dir])
+    assert run.metric == "mAP" and run.test_per_fold == [0.5, 0.7] and run.folds == (1, 2)
+    assert run.val_mean == pytest.approx(0.5)
+    (warning,) = provenance_warnings(group_runs([run]))
+    assert warning.startswith(f"all runs: run {run_dir}: ")
+    assert "2 different commits" in warning and "eeeeeee" in warning
+
+
+def test_runs_from_wandb_summaries():
+    """W&B summaries as src.train logs them (fold runs: test/<metric>, val_<metric>;
+    cv_summary: cv/test_<metric>_mean/_std) and as earlier versions did."""
+    cfg = {"seed": 1, "data": {"folds": [1, 2]}, "model": {"num_heads": 2}}
+    cfg3 = {"seed": 1, "data": {"folds": [1, 2, 3]}, "model": {"num_heads": 4}}
+    old = {"seed": 1, "data": {"folds": [1, 2]}, "model": {"num_heads": 8}}
+    tag = {"seed": 1, "data": {"folds": [3], "name": "audioset_balanced"},
+           "model": {"num_heads": 12}}
+    records = [
+        ("a1", "fold1", cfg, {"test/accuracy": 0.5, "val_accuracy": 0.4, "parameters": 10,
+                              "train_time_s": 2.0}),
+        ("a2", "fold2", cfg, {"test/accuracy": 0.7, "val_accuracy": 0.6, "parameters": 10,
+                              "train_time_s": 3.0}),
+        ("a3", "cv_summary", cfg, {"cv/test_accuracy_mean": 0.6, "cv/test_accuracy_std": 0.1,
+                                   "cv/paper_protocol_test_accuracy_mean": 0.65}),
+        # fold 3 never finished: the cv_summary gives the numbers
+        ("b1", "fold1", cfg3, {"test/accuracy": 0.5}),
+        ("b2", "cv_summary", cfg3, {"cv/test_accuracy_mean": 0.55,
+                                    "cv/test_accuracy_std": 0.05}),
+        ("c1", "cv_summary", old, {"cv/accuracy_mean": 0.9, "cv/accuracy_std": 0.02,
+                                   "cv/best_epoch_accuracy_mean": 0.93}),
+        ("d1", "fold3", tag, {"test/mAP": 0.41, "test/mean_auc": 0.96, "val_mAP": 0.38,
+                              "test/primary": 0.41}),
+    ]
+    runs = {r.config["model.num_heads"]: r for r in runs_from_wandb_records("e/p", records)}
+    assert set(runs) == {2, 4, 8, 12}
+    r = runs[2]
+    assert r.metric == "accuracy" and r.test_per_fold == [0.5, 0.7] and r.folds == (1, 2)
+    assert r.val_mean == pytest.approx(0.5) and r.paper_protocol == 0.65
+    assert r.parameters == 10 and r.train_time_s == 5.0
+    assert runs[4].test_mean == 0.55 and runs[4].test_std == 0.05
+    assert runs[4].folds == (1, 2, 3) and runs[4].test_per_fold == []
+    assert runs[8].metric == "accuracy" and runs[8].test_mean == 0.9
+    assert runs[8].paper_protocol == 0.93
+    t = runs[12]
+    assert t.metric == "mAP" and t.test_per_fold == [0.41] and t.val_mean == 0.38
+    (row,) = group_runs([t])
+    assert "| .410 ± .000 | .380 |" in format_table([row], "md")
+    with pytest.raises(ValueError, match="mix primary metrics"):
+        group_runs(list(runs.values()))
+
+
+def _svg_text(path) -> str:
+    return Path(path).read_text()
+
+
+def test_plot_writes_png(sweep, map_sweep, tmp_path):
+    import matplotlib
+
     rows = group_runs(load_runs([sweep]), expected={"model.num_heads": [1, 2, 4]})
     out = plot(rows, "model.num_heads", tmp_path / "plots" / "heads.png", title="heads")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    # the axes say which metric, on which split (SVG with text kept as text)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        acc = _svg_text(plot(rows, "model.num_heads", tmp_path / "acc.svg"))
+        tag = _svg_text(plot(group_runs(load_runs([map_sweep])), "model.stride",
+                             tmp_path / "map.svg"))
+    assert "test accuracy (%), mean ± std" in acc and "test accuracy vs model.num_heads" in acc
+    assert "test mAP, mean ± std" in tag and "test mAP vs model.stride" in tag
+    assert "(%)" not in tag
     # non-numeric values: categorical axis
     for r in rows:
         r.key["model.num_heads"] = f"h{r.key['model.num_heads']}"
@@ -277,7 +601,8 @@ def test_cli(sweep, tmp_path):
     (sweep / "broken" / "results.json").write_text("not json")
     out = make_tables(sweep, "--expect", "model.num_heads=1,2,16", "--plot", tmp_path / "p.png")
     assert out.returncode == 0, out.stderr
-    assert "| 1 | 2,700 | 65.0 ± 9.6 |" in out.stdout
+    assert "| 1 | 2,700 | 65.0 ± 9.6 | 60.0 | 68.0 |" in out.stdout
+    assert out.stdout.rstrip().endswith("epoch chosen by the test folds' mean; optimistic.")
     assert "| 16 |" in out.stdout and "missing" in out.stdout
     assert "broken/results.json" in out.stderr and "model.num_heads=16: no run" in out.stderr
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -290,6 +615,7 @@ def test_cli(sweep, tmp_path):
     out = make_tables(sweep, "--format", "csv", "--reference", ref)
     table = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [t["paper"] for t in table] == ["70.0", "81.0"]
+    assert float(table[0]["test_accuracy_mean"]) == pytest.approx(0.65)
 
     out = make_tables(sweep, "--by", "model.num_head")
     assert out.returncode == 2 and "did you mean model.num_heads" in out.stderr
@@ -328,14 +654,15 @@ def test_real_sweep_end_to_end(tmp_path):
     assert [t["model.num_heads"] for t in table] == ["1", "2"]
     for t in table:
         assert t["runs"] == "1" and t["folds"] == "1"
-        assert 0.0 <= float(t["accuracy_mean"]) <= 1.0
+        assert 0.0 <= float(t["test_accuracy_mean"]) <= 1.0
+        assert 0.0 <= float(t["val_accuracy_mean"]) <= 1.0
         assert int(t["parameters"]) > 0
     # the same runs, grouped by the keys that differ (seed and paths are not settings)
     assert varying_keys(load_runs([tmp_path / "runs"])) == ["model.num_heads"]
 
 
 def test_table_and_plot_logged_to_an_offline_wandb_run(sweep, tmp_path):
-    from src.training.wandb_logger import read_offline_history
+    from tests.wandb_offline import read_offline_history
 
     env = dict(os.environ, MPLBACKEND="Agg", WANDB_MODE="offline", HOME=str(tmp_path / "home"),
                WANDB_BASE_URL="http://127.0.0.1:9")

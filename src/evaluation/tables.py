@@ -9,13 +9,27 @@ files of one or more sweeps and summarises them:
 * :func:`varying_keys` lists the config keys whose values differ between runs.
 * :func:`group_runs` groups runs by setting (seeds are repeats) into :class:`Row` s.
 * :func:`format_table` renders rows as Markdown, LaTeX (booktabs) or CSV.
-* :func:`provenance_warnings` flags rows mixing commits, dirty trees or versions.
-* :func:`plot` draws accuracy against a swept value with error bars.
+* :func:`provenance_warnings` flags rows mixing commits, dirty trees or versions,
+  and runs whose folds do.
+* :func:`plot` draws the test metric against a swept value with error bars.
 
-Statistics of a row (documented once, used everywhere): the accuracy mean and
-std are the mean and *population* std (NumPy's default, ``ddof=0``) of the
-pooled per-fold accuracies of every run in the group, i.e. over all (fold, seed)
+Every run reports one primary metric, read on the test split once per fold:
+``accuracy`` (single-label) or ``mAP`` (multi-label). A table holds one metric:
+runs of different metrics raise a ``ValueError`` (tabulate them separately).
+Accuracy is shown in percent with one decimal (``77.5 ± 1.7``), mAP as AST
+reports it, three decimals without the leading zero (``.459 ± .003``).
+
+Statistics of a row (documented once, used everywhere): the test mean and std
+are the mean and *population* std (NumPy's default, ``ddof=0``) of the pooled
+per-fold test values of every run in the group, i.e. over all (fold, seed)
 pairs. With one seed this is exactly the run's ``cv.last_epoch`` mean and std.
+The validation column is the mean of the runs' ``val_<metric>`` (each the mean
+over its folds of the final model's validation metric). The paper-protocol
+column (AST's: the epoch is chosen by the test folds' mean, so it is
+optimistic) is the mean of the runs' ``cv.paper_protocol_best_mean_epoch``.
+
+Older results files (``accuracy`` / ``accuracy_std`` at the top,
+``cv.best_mean_epoch``, no validation metric) still load, as accuracy runs.
 """
 
 from __future__ import annotations
@@ -40,6 +54,10 @@ log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 
+METRICS = ("accuracy", "mAP")  # primary metrics: single-label, multi-label
+DAGGER = "†"
+PAPER_PROTOCOL_NOTE = f"{DAGGER} AST's protocol: epoch chosen by the test folds' mean; optimistic."
+
 # Config keys that never define a setting: where things are written, how a run
 # is logged or resumed, which folds were requested (checked separately, see
 # Row.status), and the seed (seeds of one setting are repeats).
@@ -61,15 +79,24 @@ DEFAULT_IGNORE = (
 
 @dataclass
 class Run:
-    """One run (all its folds): where it came from, its config, its metrics."""
+    """One run (all its folds): where it came from, its config, its metrics.
+
+    ``metric`` is the primary metric (``"accuracy"`` or ``"mAP"``); the values
+    are fractions: ``test_per_fold`` the last-epoch model's test metric per fold,
+    ``test_mean`` / ``test_std`` their mean and population std, ``val_mean`` the
+    mean over folds of the final model's validation metric, ``paper_protocol``
+    AST's optimistic number (the epoch chosen by the test folds' mean).
+    """
 
     path: str
     config: dict[str, Any]  # flattened: {"model.num_heads": 4, ...}
-    fold_accuracies: list[float] = field(default_factory=list)  # last epoch, per fold
+    metric: str = "accuracy"
+    test_per_fold: list[float] = field(default_factory=list)
     folds: tuple[int, ...] = ()
-    accuracy: float | None = None  # mean over folds
-    accuracy_std: float | None = None  # population std over folds
-    best_mean_epoch: float | None = None  # AST protocol: mean at the best mean epoch
+    test_mean: float | None = None
+    test_std: float | None = None
+    val_mean: float | None = None
+    paper_protocol: float | None = None
     parameters: int | None = None
     train_time_s: float | None = None  # sum over folds
     train_clips_per_s: float | None = None  # mean over folds
@@ -78,10 +105,11 @@ class Run:
     git_commit: str | None = None
     git_dirty: bool | None = None
     versions: dict[str, Any] = field(default_factory=dict)
+    provenance: list[str] = field(default_factory=list)  # cv.provenance.warnings
 
     @property
     def num_folds(self) -> int:
-        return len(self.folds) if self.folds else len(self.fold_accuracies)
+        return len(self.folds) if self.folds else len(self.test_per_fold)
 
 
 @dataclass
@@ -95,9 +123,11 @@ class Row:
 
     key: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
-    accuracy_mean: float | None = None
-    accuracy_std: float | None = None
-    ast_accuracy: float | None = None  # mean of the runs' best_mean_epoch means
+    metric: str = "accuracy"
+    test_mean: float | None = None
+    test_std: float | None = None
+    val_mean: float | None = None  # mean of the runs' val_mean, if every run has one
+    paper_protocol: float | None = None  # mean of the runs' paper_protocol, if every run has one
     parameters: int | None = None
     num_runs: int = 0
     num_folds: int = 0  # folds per run (the fewest, if runs differ)
@@ -141,24 +171,42 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
 def run_from_results(data: Mapping[str, Any], path: str) -> Run:
-    """A :class:`Run` from the contents of a run-level results.json (KeyError if partial)."""
+    """A :class:`Run` from the contents of a run-level results.json (KeyError if partial).
+
+    Reads the current layout (``primary_metric``, ``val_<metric>``,
+    ``cv.paper_protocol_best_mean_epoch``, ``cv.provenance``) and the older one
+    (accuracy only, ``cv.best_mean_epoch``).
+    """
     cv = data["cv"]
     per_fold = list(data.get("per_fold") or [])
+    metric = str(data.get("primary_metric") or cv.get("primary_metric") or "accuracy")
+    if metric not in METRICS:
+        raise ValueError(f"primary_metric {metric!r} is not one of {METRICS}")
     last = cv["last_epoch"]
-    accs = [float(a) for a in last["per_fold"]]
+    values = [float(a) for a in last["per_fold"]]
     folds = tuple(int(f) for f in cv.get("folds") or [r["fold"] for r in per_fold])
-    best = cv.get("best_mean_epoch")
+    paper = cv.get("paper_protocol_best_mean_epoch") or cv.get("best_mean_epoch")
+    val = data.get(f"val_{metric}")
+    if val is None:  # else the per-fold values, when every fold has one
+        fold_vals = [r.get(f"val_{metric}") for r in per_fold]
+        val = _mean(fold_vals) if fold_vals and None not in fold_vals else None
     git = data.get("git") or {}
     config = flatten(data.get("config") or {})
     return Run(
         path=path,
         config=config,
-        fold_accuracies=accs,
+        metric=metric,
+        test_per_fold=values,
         folds=folds,
-        accuracy=float(last["mean"]),
-        accuracy_std=float(last["std"]),
-        best_mean_epoch=float(best["mean"]) if best else None,
+        test_mean=float(last["mean"]),
+        test_std=float(last["std"]),
+        val_mean=_float(val),
+        paper_protocol=float(paper["mean"]) if paper else None,
         parameters=data.get("parameters"),
         train_time_s=data.get("train_time_s"),
         train_clips_per_s=_mean(r.get("train_clips_per_s") for r in per_fold),
@@ -167,6 +215,7 @@ def run_from_results(data: Mapping[str, Any], path: str) -> Run:
         git_commit=git.get("commit"),
         git_dirty=git.get("dirty"),
         versions=dict(data.get("versions") or {}),
+        provenance=[str(w) for w in (cv.get("provenance") or {}).get("warnings") or []],
     )
 
 
@@ -285,20 +334,36 @@ def _check_keys(runs: Sequence[Run], keys: Iterable[str]) -> None:
             raise ValueError(f"{k!r} is in no run's config{hint}")
 
 
+def _check_one_metric(runs: Sequence[Run]) -> str:
+    """The runs' common primary metric; a ValueError naming the runs when they differ."""
+    by_metric: dict[str, list[Run]] = {}
+    for r in runs:
+        by_metric.setdefault(r.metric, []).append(r)
+    if len(by_metric) > 1:
+        parts = "; ".join(
+            f"{m}: {len(rs)} run(s), e.g. {rs[0].path}" for m, rs in sorted(by_metric.items())
+        )
+        raise ValueError(
+            f"the runs mix primary metrics ({parts}); a table holds one metric: "
+            "tabulate the single-label (accuracy) and multi-label (mAP) runs separately"
+        )
+    return next(iter(by_metric), "accuracy")
+
+
 def _pooled(runs: Sequence[Run]) -> tuple[float | None, float | None]:
-    """Mean and population std over every (fold, seed) accuracy of ``runs``."""
-    if all(r.fold_accuracies for r in runs):
-        values = np.concatenate([np.asarray(r.fold_accuracies, np.float64) for r in runs])
+    """Mean and population std over every (fold, seed) test value of ``runs``."""
+    if all(r.test_per_fold for r in runs):
+        values = np.concatenate([np.asarray(r.test_per_fold, np.float64) for r in runs])
         return float(values.mean()), float(values.std())
     # Runs known only by their mean/std over n folds (e.g. W&B summaries): the same
     # pooled statistics from the moments, sum_i n_i (s_i^2 + (m_i - M)^2) / N.
     parts = []
     for r in runs:
-        if r.fold_accuracies:
-            v = np.asarray(r.fold_accuracies, np.float64)
+        if r.test_per_fold:
+            v = np.asarray(r.test_per_fold, np.float64)
             parts.append((len(v), float(v.mean()), float(v.std())))
-        elif r.accuracy is not None:
-            parts.append((max(r.num_folds, 1), r.accuracy, r.accuracy_std or 0.0))
+        elif r.test_mean is not None:
+            parts.append((max(r.num_folds, 1), r.test_mean, r.test_std or 0.0))
     if not parts:
         return None, None
     n = np.array([p[0] for p in parts], np.float64)
@@ -322,13 +387,15 @@ def group_runs(
     Keys of ``expected`` are added to ``by``; every combination of expected
     values without a run gets a row with status ``"missing"``.
 
-    Per row: pooled accuracy mean and population std (ddof=0) over the per-fold
-    accuracies of every run in the group; number of runs; folds per run; mean
-    train time per run; mean train/eval throughput (clips/s); the AST-protocol
-    accuracy (mean of the runs' ``best_mean_epoch`` means) if every run has it.
-    A row is ``"incomplete"`` when one of its runs lacks folds of the largest
-    folds set among all runs (``folds_label`` then reads e.g. ``"3/5"``).
+    Per row: pooled test mean and population std (ddof=0) over the per-fold
+    test values of every run in the group; the mean of the runs' validation
+    metric and of their paper-protocol number (each if every run has it);
+    number of runs; folds per run; mean train time per run; mean train/eval
+    throughput (clips/s). A row is ``"incomplete"`` when one of its runs lacks
+    folds of the largest folds set among all runs (``folds_label`` then reads
+    e.g. ``"3/5"``). Runs of different primary metrics raise ``ValueError``.
     """
+    metric = _check_one_metric(runs)
     expected = dict(expected or {})
     if by is None:
         keys = [k for k in varying_keys(runs, ignore) if k != "seed"]
@@ -356,13 +423,18 @@ def group_runs(
             want = dict(zip(exp_keys, combo))
             if not any(all(_same(r.key.get(k), v) for k, v in want.items()) for r in rows):
                 key = {k: want.get(k) for k in keys}
-                rows.append(Row(key=key, status="missing"))
+                rows.append(Row(key=key, metric=metric, status="missing"))
 
     rows.sort(key=lambda row: tuple(_sort_token(row.key.get(k)) for k in keys))
     return rows
 
 
+def _mean_if_all(values: Sequence[float | None]) -> float | None:
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
 def _make_row(key: dict[str, Any], runs: list[Run], reference: frozenset) -> Row:
+    metric = _check_one_metric(runs)
     mean, std = _pooled(runs)
     params = {r.parameters for r in runs if r.parameters is not None}
     notes = []
@@ -371,13 +443,11 @@ def _make_row(key: dict[str, Any], runs: list[Run], reference: frozenset) -> Row
     row = Row(
         key=key,
         runs=list(runs),
-        accuracy_mean=mean,
-        accuracy_std=std,
-        ast_accuracy=(
-            float(np.mean([r.best_mean_epoch for r in runs]))
-            if all(r.best_mean_epoch is not None for r in runs)
-            else None
-        ),
+        metric=metric,
+        test_mean=mean,
+        test_std=std,
+        val_mean=_mean_if_all([r.val_mean for r in runs]),
+        paper_protocol=_mean_if_all([r.paper_protocol for r in runs]),
         parameters=min(params) if len(params) == 1 else None,
         num_runs=len(runs),
         num_folds=min(r.num_folds for r in runs),
@@ -416,23 +486,60 @@ def format_accuracy(mean: float | None, std: float | None, pm: str = "±") -> st
     return f"{100 * mean:.1f} {pm} {100 * std:.1f}"
 
 
+def _three(x: float) -> str:
+    """``.459``: three decimals, no leading zero (``1.000`` and ``-.012`` as such)."""
+    text = f"{x:.3f}"
+    if text.startswith("0."):
+        return text[1:]
+    if text.startswith("-0."):
+        return "-" + text[2:]
+    return text
+
+
+def format_map(mean: float | None, std: float | None, pm: str = "±") -> str:
+    """``.459 ± .003``: three decimals without the leading zero, as AST reports mAP."""
+    if mean is None:
+        return ""
+    if std is None:
+        return _three(mean)
+    return f"{_three(mean)} {pm} {_three(std)}"
+
+
+def format_metric(mean: float | None, std: float | None, metric: str, pm: str = "±") -> str:
+    """A metric's value as the tables show it (see :func:`format_accuracy`, :func:`format_map`)."""
+    return format_map(mean, std, pm) if metric == "mAP" else format_accuracy(mean, std, pm)
+
+
+def _unit(metric: str) -> str:
+    return " (%)" if metric == "accuracy" else ""
+
+
 def _lookup(reference: Mapping[Any, Any], row: Row, key: str | None) -> str:
+    """The paper's text for ``row``: its value of ``key`` (or of each key column, in
+    order) in ``reference``. A ``null`` entry matches an unset value only under an
+    explicit ``key`` (e.g. ``model.pretrained: null``, no pretraining)."""
     keys = [key] if key else list(row.key)
     for k in keys:
         v = row.key.get(k)
         for ref_value, text in reference.items():
-            if v is not None and _same(ref_value, v):
+            if v is None:
+                if key and ref_value is None:
+                    return str(text)
+            elif ref_value is not None and _same(ref_value, v):
                 return str(text)
     return ""
 
 
-def _columns(rows: Sequence[Row], reference) -> list[tuple[str, str]]:
+def _columns(rows: Sequence[Row], reference, metric: str) -> list[tuple[str, str]]:
     """(id, header) per column; the id is the CSV header."""
     keys = list(dict.fromkeys(k for r in rows for k in r.key))
+    unit = _unit(metric)
     cols = [(k, k) for k in keys]
-    cols += [("parameters", "params"), ("accuracy", "accuracy (%)")]
-    if any(r.ast_accuracy is not None for r in rows):
-        cols.append(("ast_accuracy", "best mean epoch (%)"))
+    cols += [("parameters", "params"), (f"test_{metric}", f"test {metric}{unit}")]
+    if any(r.val_mean is not None for r in rows):
+        cols.append((f"val_{metric}", f"val {metric}{unit}"))
+    if any(r.paper_protocol is not None for r in rows):
+        cols.append((f"paper_protocol_{metric}", f"paper protocol{unit}{DAGGER}"))
     cols += [
         ("runs", "runs"),
         ("folds", "folds"),
@@ -453,14 +560,17 @@ def _num(v: float | None, digits: int = 0) -> str:
 def _cell(row: Row, col: str, fmt: str, reference, reference_key) -> str:
     if col in row.key:
         return _show(row.key[col])
+    m = row.metric
     if col == "parameters":
         if row.parameters is None:
             return ""
         return str(row.parameters) if fmt == "csv" else f"{row.parameters:,}"
-    if col == "accuracy":
-        return format_accuracy(row.accuracy_mean, row.accuracy_std)
-    if col == "ast_accuracy":
-        return format_accuracy(row.ast_accuracy, None)
+    if col == f"test_{m}":
+        return format_metric(row.test_mean, row.test_std, m)
+    if col == f"val_{m}":
+        return format_metric(row.val_mean, None, m)
+    if col == f"paper_protocol_{m}":
+        return format_metric(row.paper_protocol, None, m)
     if col == "runs":
         return str(row.num_runs) if row.status != "missing" else "0"
     if col == "folds":
@@ -494,7 +604,11 @@ _LATEX_SPECIAL = {
 
 def latex_escape(text: str) -> str:
     out = "".join(_LATEX_SPECIAL.get(c, c) for c in text)
-    return out.replace("±", r"$\pm$").replace("—", "---")
+    return out.replace("±", r"$\pm$").replace("—", "---").replace(DAGGER, r"$^\dagger$")
+
+
+def _raw(v: float | None) -> str:
+    return "" if v is None else repr(v)
 
 
 def format_table(
@@ -505,22 +619,38 @@ def format_table(
 ) -> str:
     """Render rows: ``"md"`` (pipe table), ``"latex"`` (booktabs tabular) or ``"csv"``.
 
-    Accuracy reads ``77.5 ± 1.7`` (percent, one decimal; mean ± population std
-    over the pooled folds and seeds). ``reference`` maps a setting value to a
-    published number (text), shown in a ``paper`` column; the value is looked
-    up in ``reference_key`` or, by default, in the row's key columns in order.
-    CSV adds the raw ``accuracy_mean`` / ``accuracy_std`` (fractions) and the
-    eval throughput.
+    Columns: the key columns, ``params``, ``test <metric>`` (mean ± population
+    std over the pooled folds and seeds), ``val <metric>`` (when the runs have
+    it), ``paper protocol†`` (AST's optimistic protocol, when the runs have it;
+    Markdown and LaTeX add the footnote line), runs, folds, train time and
+    throughput. Accuracy reads ``77.5 ± 1.7`` (percent, one decimal), mAP
+    ``.459 ± .003``. ``reference`` maps a setting value to a published number
+    (text), shown in a ``paper`` column; the value is looked up in
+    ``reference_key`` or, by default, in the row's key columns in order.
+    CSV adds the raw fractions ``test_<metric>_mean``, ``test_<metric>_std``,
+    ``val_<metric>_mean`` (and ``paper_protocol_<metric>_mean`` with that
+    column), the eval throughput and the seeds. Rows of different metrics:
+    ``ValueError``.
     """
-    cols = _columns(rows, reference)
+    if fmt not in ("md", "latex", "csv"):
+        raise ValueError(f"unknown format {fmt!r}: use md, latex or csv")
+    metrics = sorted({r.metric for r in rows})
+    if len(metrics) > 1:
+        raise ValueError(f"the rows mix primary metrics ({', '.join(metrics)}); "
+                         "a table holds one metric: format them separately")
+    metric = metrics[0] if metrics else "accuracy"
+    cols = _columns(rows, reference, metric)
     cells = [[_cell(r, c, fmt, reference, reference_key) for c, _ in cols] for r in rows]
     text_cols = {k for r in rows for k in r.key} | {"paper", "status"}
     left = [c in text_cols for c, _ in cols]
+    footnote = any(c == f"paper_protocol_{metric}" for c, _ in cols)
     if fmt == "md":
         lines = ["| " + " | ".join(h for _, h in cols) + " |"]
         lines.append("| " + " | ".join("---" if a else "---:" for a in left) + " |")
         for line in cells:
             lines.append("| " + " | ".join(x.replace("|", r"\|") for x in line) + " |")
+        if footnote:
+            lines += ["", PAPER_PROTOCOL_NOTE]
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         spec = "".join("l" if a else "r" for a in left)
@@ -531,29 +661,40 @@ def format_table(
             r"\midrule",
         ]
         lines += [" & ".join(latex_escape(x) for x in line) + r" \\" for line in cells]
-        lines += [r"\bottomrule", r"\end{tabular}"]
+        lines.append(r"\bottomrule")
+        if footnote:
+            note = latex_escape(PAPER_PROTOCOL_NOTE)
+            lines.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\footnotesize {note}}} \\")
+        lines.append(r"\end{tabular}")
         return "\n".join(lines) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        extra = ["accuracy_mean", "accuracy_std", "eval_clips_per_s", "seeds"]
-        writer.writerow([c for c, _ in cols] + extra)
-        for r, line in zip(rows, cells):
-            writer.writerow(line + [
-                "" if r.accuracy_mean is None else repr(r.accuracy_mean),
-                "" if r.accuracy_std is None else repr(r.accuracy_std),
-                _num(r.eval_clips_per_s),
-                " ".join(str(s) for s in r.seeds),
-            ])
-        return buf.getvalue()
-    raise ValueError(f"unknown format {fmt!r}: use md, latex or csv")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    extra = [f"test_{metric}_mean", f"test_{metric}_std", f"val_{metric}_mean"]
+    if footnote:
+        extra.append(f"paper_protocol_{metric}_mean")
+    writer.writerow([c for c, _ in cols] + extra + ["eval_clips_per_s", "seeds"])
+    for r, line in zip(rows, cells):
+        raw = [_raw(r.test_mean), _raw(r.test_std), _raw(r.val_mean)]
+        if footnote:
+            raw.append(_raw(r.paper_protocol))
+        writer.writerow(line + raw + [
+            _num(r.eval_clips_per_s),
+            " ".join(str(s) for s in r.seeds),
+        ])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- checks, plots
 
 
+def _run_name(run: Run) -> str:
+    path = Path(run.path)
+    return str(path.parent) if path.name == RESULTS else run.path
+
+
 def provenance_warnings(rows: Sequence[Row]) -> list[str]:
-    """Rows whose runs differ in git commit or package versions, or ran on a dirty tree."""
+    """Rows whose runs differ in git commit or package versions, or ran on a dirty tree;
+    and runs whose own folds do (the run's ``cv.provenance.warnings``)."""
     out = []
     commits_by_row = []
     for row in rows:
@@ -577,6 +718,8 @@ def provenance_warnings(rows: Sequence[Row]) -> list[str]:
                 differ.append(f"{p} {'/'.join(sorted(vs))}")
         if differ:
             out.append(f"{name}: runs differ in package versions: {', '.join(differ)}")
+        for r in row.runs:
+            out += [f"{name}: run {_run_name(r)}: {w}" for w in r.provenance]
     all_commits = {c for cs in commits_by_row for c in cs}
     if len(all_commits) > 1 and all(len(cs) <= 1 for cs in commits_by_row):
         out.append(f"rows come from {len(all_commits)} git commits "
@@ -589,19 +732,25 @@ def _numeric(v: Any) -> bool:
 
 
 def plot(rows: Sequence[Row], key: str, path: str | Path, title: str | None = None) -> Path:
-    """PNG of accuracy (%) against ``key`` with ±std error bars; returns ``path``.
+    """PNG of the test metric (accuracy in %, or mAP) against ``key`` with ±std error
+    bars; returns ``path``.
 
     Numeric values go on a numeric axis (log2 when they span 8x or more, as
     1, 2, 4, 8, 16 do), others are categories in row order.
     Rows that also differ in other keys become one line each. Missing rows are
-    left out.
+    left out. Rows of different metrics: ``ValueError``.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r.accuracy_mean is not None]
+    metrics = sorted({r.metric for r in rows})
+    if len(metrics) > 1:
+        raise ValueError(f"the rows mix primary metrics ({', '.join(metrics)}); plot them apart")
+    metric = metrics[0] if metrics else "accuracy"
+    scale = 100.0 if metric == "accuracy" else 1.0
+    done = [r for r in rows if r.test_mean is not None]
     numeric = all(_numeric(r.key.get(key)) for r in done)
     categories = list(dict.fromkeys(_show(r.key.get(key)) for r in done))
     series: dict[str, list[Row]] = {}
@@ -612,8 +761,8 @@ def plot(rows: Sequence[Row], key: str, path: str | Path, title: str | None = No
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, rs in series.items():
         xs = [r.key.get(key) if numeric else categories.index(_show(r.key.get(key))) for r in rs]
-        ys = [100 * r.accuracy_mean for r in rs]
-        es = [100 * (r.accuracy_std or 0.0) for r in rs]
+        ys = [scale * r.test_mean for r in rs]
+        es = [scale * (r.test_std or 0.0) for r in rs]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=label or None)
     if numeric:
         xs = sorted({r.key.get(key) for r in done})
@@ -626,8 +775,8 @@ def plot(rows: Sequence[Row], key: str, path: str | Path, title: str | None = No
         ax.set_xticks(range(len(categories)))
         ax.set_xticklabels(categories)
     ax.set_xlabel(key)
-    ax.set_ylabel("accuracy (%), mean ± std")
-    ax.set_title(title or f"accuracy vs {key}")
+    ax.set_ylabel(f"test {metric}{_unit(metric)}, mean ± std")
+    ax.set_title(title or f"test {metric} vs {key}")
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize="small")
