@@ -2,8 +2,12 @@
 
     python -m scripts.attention_map RUN_DIR_OR_MODEL AUDIO [--out map.png] [--start SECONDS]
 
-Uses the first window of the model's clip length (from ``--start``), decoded
-as in training; the title shows the predicted class and its probability.
+Uses the window of the model's clip length that starts at ``--start``, read as
+``python -m src.predict`` reads it (mono, at the model's rate; the model itself removes
+the window's mean and clips it, as in training). A window cut short by the end of the file
+is zero-padded as prediction pads it (:func:`src.predict.min_input_samples`). The title
+shows the predicted class and its probability (softmax, or sigmoid for a multi-label
+model). Exit status 2 when the model or the audio cannot be read.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="PNG path (default: <audio stem>_attention.png)")
     parser.add_argument("--start", type=float, default=0.0, help="window start in seconds")
     args = parser.parse_args(argv)
+    if not args.start >= 0:
+        parser.error(f"--start {args.start}: must be >= 0")
 
     import numpy as np
 
@@ -32,14 +38,15 @@ def main(argv=None) -> int:
         ModelNotFoundError,
         load_audio,
         load_waveform_model,
+        min_input_samples,
         resolve_model,
-        run_remove_mean,
     )
 
     try:
         resolved = resolve_model(args.model)
         model = load_waveform_model(resolved.path)
-        audio = load_audio(args.audio, model.frontend.sample_rate, run_remove_mean(resolved))
+        rate = int(model.frontend.sample_rate)
+        audio = load_audio(args.audio, rate)
     except (ModelNotFoundError, AudioReadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -47,20 +54,25 @@ def main(argv=None) -> int:
         print(f"error: {resolved.path} has no attention ({type(model.backbone).__name__})",
               file=sys.stderr)
         return 2
-    start = int(args.start * model.frontend.sample_rate)
+    start = int(round(args.start * rate))
+    if start >= len(audio):
+        print(f"error: --start {args.start:g} s is past the end of {args.audio} "
+              f"({len(audio) / rate:.2f} s)", file=sys.stderr)
+        return 2
     clip = audio[start : start + model.clip_samples]
-    if model.target_frames is None or model.frontend.num_frames(len(clip)) <= 0:
-        clip = np.pad(clip, (0, model.clip_samples - len(clip)))
-    # else: as predict, a short clip goes in as it is and its features are zero-padded
+    shortest = min_input_samples(model)
+    if len(clip) < shortest:
+        clip = np.pad(clip, (0, shortest - len(clip)))
     clip = clip[None].astype(np.float32)
     features = np.asarray(model.features(clip))
-    maps, probs = attention_maps(model.backbone, features)
+    maps, probs = attention_maps(model.backbone, features,
+                                 multi_label=bool(getattr(model, "multi_label", False)))
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     pred = int(probs[0].argmax())
     out = Path(args.out or f"{Path(args.audio).stem}_attention.png")
     title = f"{Path(args.audio).name}: {names[pred]} (p={probs[0, pred]:.2f})"
     hop = getattr(model.frontend, "hop_samples", None)
-    frame_rate = model.frontend.sample_rate / hop if hop else None
+    frame_rate = rate / hop if hop else None
     plot_map(features[0], maps[0], out, title, frame_rate)
     print(f"{out}  {names[pred]} {probs[0, pred]:.3f}")
     return 0

@@ -3,13 +3,17 @@
     python -m scripts.export RUN_DIR_OR_MODEL --format keras|savedmodel|tflite [--out PATH]
 
 ``RUN_DIR_OR_MODEL`` is resolved as by ``python -m src.predict``: a ``.keras`` file, a fold
-directory, or a run directory (the fold with the best accuracy). Every format takes a raw
-mono float32 waveform batch ``(batch, clip_samples)`` at the model's sample rate (the
-log-mel frontend is part of the model) and returns logits ``(batch, num_classes)``:
+directory, or a run directory (the fold with the best validation metric). Every format
+takes a raw mono float32 waveform batch ``(batch, clip_samples)`` at the model's sample
+rate and returns logits ``(batch, num_classes)``; the waveform preprocessing (mean
+removal, clipping) and the log-mel frontend are part of the model, so every format gives
+``python -m src.predict``'s numbers for the same window:
 
 * ``keras``: a copy of the ``.keras`` file (load it with ``src.models.load_model``).
 * ``savedmodel``: a TensorFlow SavedModel with a ``serve`` function and a
-  ``serving_default`` signature (input ``waveform``, output ``output_0``), batch size free.
+  ``serving_default`` signature (input ``waveform``, output ``output_0``), batch size free,
+  and ``clip_probabilities``: a whole clip of any length -> probabilities averaged over
+  the windows ``src.predict`` uses.
 * ``tflite``: a TensorFlow Lite flatbuffer converted from that SavedModel with the builtin
   ops only (the STFT becomes TFLite's RFFT2D); when a frontend needs an op TFLite lacks,
   the conversion falls back to TensorFlow ops (``SELECT_TF_OPS``, the Flex delegate).
@@ -18,7 +22,9 @@ log-mel frontend is part of the model) and returns logits ``(batch, num_classes)
   power-of-two FFT length (``frontend.n_fft``; 512 in the shipped configs).
 
 The class names, in logit order, go to ``labels.txt`` (inside the SavedModel's
-``assets.extra/``; next to a ``.tflite`` file as ``<name>.labels.txt``). Default output:
+``assets.extra/``; next to a ``.tflite`` file as ``<name>.labels.txt``), and the output
+type (softmax or sigmoid probabilities), rate and window to ``model.json`` (beside them,
+``<name>.json`` for TFLite). Default output:
 ``export/`` next to the model. Exit status 2 when the model cannot be found or exported.
 """
 
@@ -70,13 +76,83 @@ def _write_labels(path: Path, names: list[str] | None) -> Path | None:
     return path
 
 
-def export_savedmodel(model, out: Path) -> Path:
-    """TF SavedModel: ``serve(waveform)`` and ``serving_default`` over ``(None, clip)``."""
+def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: bool = True) -> Path:
+    """TF SavedModel with two functions (and signatures of the same names):
+
+    * ``serve(waveform)``: ``(batch, clip_samples)`` -> logits; also ``serving_default``.
+    * ``clip_probabilities(waveform)``: one whole clip ``(samples,)`` of any length ->
+      ``(num_classes,)`` probabilities (softmax, or sigmoid for a multi-label model),
+      averaged over the windows that ``python -m src.predict`` uses (the same start rule,
+      :mod:`src.data.windows`; a clip shorter than a window is zero-padded to the window,
+      or, for a model that takes short input, only up to
+      :func:`src.predict.min_input_samples`). Left out with ``clip_fn=False``
+      (the TFLite conversion converts ``serve`` only).
+    """
+    import keras
     import tensorflow as tf
 
-    spec = tf.TensorSpec((None, int(model.clip_samples)), tf.float32, name="waveform")
-    model.export(str(out), format="tf_saved_model", verbose=False, input_signature=[spec])
+    from src.data.windows import window_starts_tf
+    from src.predict import min_input_samples
+
+    clip = int(model.clip_samples)
+    rate = int(model.frontend.sample_rate)
+    hop = max(1, clip // 2) if hop_s is None else int(round(float(hop_s) * rate))
+    multi = bool(getattr(model, "multi_label", False))
+    shortest = min_input_samples(model)  # the clip, unless the model takes short input
+
+    def to_probs(logits):
+        return tf.sigmoid(logits) if multi else tf.nn.softmax(logits, axis=-1)
+
+    def serve(waveform):
+        return model(waveform, training=False)
+
+    def clip_probabilities(waveform):
+        n = tf.shape(waveform, out_type=tf.int64)[0]
+
+        def windows():
+            starts = window_starts_tf(n, clip, hop)
+            idx = starts[:, None] + tf.range(clip, dtype=tf.int64)[None, :]
+            return tf.reduce_mean(to_probs(model(tf.gather(waveform, idx), training=False)), 0)
+
+        def short():
+            missing = tf.maximum(shortest - tf.shape(waveform)[0], 0)
+            piece = tf.pad(waveform[None, :], [[0, 0], [0, missing]])
+            return to_probs(model(piece, training=False))[0]
+
+        return tf.cond(n > clip, windows, short)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve", serve, input_signature=[tf.TensorSpec((None, clip), tf.float32, name="waveform")]
+    )
+    if clip_fn:
+        archive.add_endpoint(
+            "clip_probabilities", clip_probabilities,
+            input_signature=[tf.TensorSpec((None,), tf.float32, name="waveform")],
+        )
+    archive.write_out(str(out), verbose=False)
+    _write_metadata(out / "assets.extra" / "model.json", model, hop)
     return out
+
+
+def _write_metadata(path: Path, model, hop: int) -> Path:
+    """What a consumer of the exported model needs to know about its input and output."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "sample_rate": int(model.frontend.sample_rate),
+        "clip_samples": int(model.clip_samples),
+        "window_hop_samples": int(hop),
+        "output": "logits",
+        "probabilities": "sigmoid" if getattr(model, "multi_label", False) else "softmax",
+        "multi_label": bool(getattr(model, "multi_label", False)),
+        "remove_mean_in_model": bool(getattr(model, "remove_mean", True)),
+        "class_names": _class_names(model),
+    }
+    path.write_text(json.dumps(meta, indent=2))
+    return path
 
 
 def convert_tflite(saved_model_dir: Path) -> tuple[bytes, bool]:
@@ -153,7 +229,7 @@ def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-            saved = export_savedmodel(model, Path(tmp) / "saved_model")
+            saved = export_savedmodel(model, Path(tmp) / "saved_model", clip_fn=False)
             flatbuffer, tf_ops = convert_tflite(saved)
         try:
             check_tflite(flatbuffer, model.clip_samples)
@@ -163,15 +239,18 @@ def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
             ) from err
         out.write_bytes(flatbuffer)
         labels = _write_labels(out.with_name(f"{out.stem}.labels.txt"), names)
+        _write_metadata(out.with_name(f"{out.stem}.json"), model, max(1, model.clip_samples // 2))
         ops = "builtins + SELECT_TF_OPS (needs the Flex delegate)" if tf_ops else "builtins only"
         size = len(flatbuffer)
         lines.append(f"TFLite model: {out} ({size} bytes, {size / 2**20:.2f} MiB; ops: {ops})")
         if labels:
             lines.append(f"labels: {labels}")
     rate = int(model.frontend.sample_rate)
+    kind = "sigmoid" if getattr(model, "multi_label", False) else "softmax"
     lines.append(
-        f"input: float32 waveform (batch, {int(model.clip_samples)}) at {rate} Hz; "
-        f"output: logits (batch, {len(names) if names else '?'})"
+        f"input: float32 waveform (batch, {int(model.clip_samples)}) at {rate} Hz (the model "
+        f"removes each clip's mean and clips it); output: logits (batch, "
+        f"{len(names) if names else '?'}), probabilities by {kind}"
     )
     return lines
 

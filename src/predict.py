@@ -1,27 +1,34 @@
-"""Classify audio files with a trained model.
+"""Label audio files with a trained model.
 
     python -m src.predict RUN_DIR_OR_MODEL audio=PATH [PATH ...] [top_k=5]
-        [window=auto|SECONDS] [hop=SECONDS] [per_window=true] [batch_size=32] [--json]
+        [window=auto|SECONDS] [hop=SECONDS] [per_window=true] [batch_size=32]
+        [threshold=0.5|FILE] [--json]
 
 ``RUN_DIR_OR_MODEL`` is a saved ``.keras`` model, a fold directory (``fold_<k>/`` holding
-``model.keras``) or a run directory (``runs/<name>/<overrides>/``: the fold with the best
-accuracy in the run's ``results.json`` is used, or the only ``fold_*/model.keras``).
-``audio=`` may be given several times or once followed by several paths; plain paths after
-the model are audio files too.
+``model.keras``) or a run directory (``runs/<name>/<overrides>/``: the fold whose model has
+the best validation metric in the folds' results, or the only ``fold_*/model.keras``;
+the test split never chooses). ``audio=`` may be given several times or once followed by
+several paths; plain paths after the model are audio files too.
 
-Each file is decoded as in training (any format libsndfile reads, mono, resampled to the
-model's rate, mean removed when the run's ``data.remove_mean`` says so), cut into windows
-of the model's clip length (``window=SECONDS`` for shorter windows, zero-padded to the clip
-length) every ``hop`` seconds (default: half a window; the last window is zero-padded; a model
-with ``target_frames``, such as an imported AST, takes short pieces unpadded and zero-pads their
-features instead, as AST does), and
-the softmax probabilities of the windows are averaged. ``per_window=true`` also lists the
-top class of every window.
+Each file is streamed (any length in bounded memory: read and resampled in blocks, as
+training decodes it: any format libsndfile reads, mono, resampled to the model's rate)
+and cut into windows of the model's input length (``window=SECONDS`` for shorter
+windows) every ``hop`` seconds (default: half a window); the last window ends at the end
+of the file, so no window holds padding (:mod:`src.data.windows`). A file shorter than
+one window is one window: zero-padded for a model with a fixed position grid, or given
+as it is to a model that pads its features (``target_frames``, AST) or takes any length
+(``model.pos_embedding=disentangled``), zero-padded only up to what such a model needs
+(one frame, or one patch of frames: :func:`min_input_samples`). The model removes each window's mean and clips
+it (it stores whether it was trained so). Window probabilities (softmax for a
+single-label model, sigmoid for a multi-label one) are averaged, weighted by coverage.
 
-Prints the ``top_k`` classes per file, or one JSON document with ``--json``. A file that
-cannot be read gets an error line (and an ``error`` entry in the JSON) and the others are
-still classified. Exit status: 0 when every file was classified, 1 when some could not be
-read, 2 for bad arguments or a model that cannot be found or loaded.
+Prints the ``top_k`` classes per file; a multi-label model also lists every class whose
+probability reaches ``threshold`` (a number, or a file of ``class,threshold`` lines or a
+JSON object ``{class: threshold}``, per class; default 0.5). ``per_window=true`` also
+lists each window's top class. ``--json`` prints one JSON document. A file that cannot be
+read gets an error line (and an ``error`` entry in the JSON) and the others are still
+labelled. Exit status: 0 when every file was labelled, 1 when some could not be read, 2
+for bad arguments or a model that cannot be found or loaded.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +58,10 @@ __all__ = [
     "load_audio",
     "load_waveform_model",
     "main",
+    "min_input_samples",
     "predict_files",
     "resolve_model",
-    "run_remove_mean",
+    "stream_windows",
     "window_samples",
 ]
 
@@ -102,36 +110,34 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _accuracy(entry) -> float | None:
+def _validation_score(entry) -> float | None:
+    """The validation metric of a fold's saved (last-epoch) model."""
+    if not isinstance(entry, dict):
+        return None
+    primary = entry.get("primary_metric") or "accuracy"
     try:
-        value = float(entry["accuracy"])
+        value = float(entry[f"val_{primary}"])
     except (KeyError, TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
 
 
-def _fold_accuracies(run_dir: Path) -> dict[int, float]:
-    """Test accuracy per fold: ``per_fold`` of the run's results.json, else each fold's own."""
+def fold_validation_scores(run_dir: Path) -> dict[int, float]:
+    """Validation metric per fold, from each ``fold_<k>/results.json``."""
     out: dict[int, float] = {}
-    results = _read_json(run_dir / "results.json")
-    for entry in (results or {}).get("per_fold") or []:
-        if isinstance(entry, dict) and "fold" in entry and _accuracy(entry) is not None:
-            out[int(entry["fold"])] = _accuracy(entry)
-    if out:
-        return out
     for fold_results in run_dir.glob("fold_*/results.json"):
         fold = _fold_number(fold_results.parent)
-        entry = _read_json(fold_results)
-        if fold is not None and entry is not None and _accuracy(entry) is not None:
-            out[fold] = _accuracy(entry)
+        score = _validation_score(_read_json(fold_results))
+        if fold is not None and score is not None:
+            out[fold] = score
     return out
 
 
 def resolve_model(target: str | os.PathLike) -> ResolvedModel:
     """Find the saved model meant by a ``.keras`` file, a fold dir or a run dir.
 
-    A run dir with several fold models: the fold with the best test accuracy (per_fold in
-    results.json, else fold_<k>/results.json; ties go to the lower fold).
+    A run dir with several fold models: the fold with the best validation metric
+    (``val_accuracy`` or ``val_mAP`` in fold_<k>/results.json; ties go to the lower fold).
     """
     path = Path(target)
     what = "a .keras file, a fold dir (fold_<k>/model.keras) or a run dir (runs/<name>/<overrides>/)"
@@ -158,32 +164,16 @@ def resolve_model(target: str | os.PathLike) -> ResolvedModel:
     if len(models) == 1:
         fold, model_path = next(iter(models.items()))
         return ResolvedModel(model_path, path, fold)
-    scored = {f: acc for f, acc in _fold_accuracies(path).items() if f in models}
+    scored = {f: s for f, s in fold_validation_scores(path).items() if f in models}
     if not scored:
         listed = ", ".join(str(models[f].parent.name) for f in sorted(models))
         raise ModelNotFoundError(
-            f"{path} holds {len(models)} fold models ({listed}) but no fold accuracies to "
-            f"choose between them: looked for per_fold in {path / 'results.json'} and for "
-            f"{path}/fold_*/results.json. Pass one fold directory instead."
+            f"{path} holds {len(models)} fold models ({listed}) but no validation scores to "
+            f"choose between them (val_* in {path}/fold_*/results.json). Pass one fold "
+            "directory instead."
         )
     best = max(scored, key=lambda f: (scored[f], -f))
     return ResolvedModel(models[best], path, best)
-
-
-def run_remove_mean(resolved: ResolvedModel, default: bool = True) -> bool:
-    """``data.remove_mean`` of the run that trained the model, or ``default`` if unknown."""
-    if resolved.run_dir is None:
-        return default
-    config = resolved.run_dir / "config.yaml"
-    if not config.is_file():
-        return default
-    from omegaconf import OmegaConf
-
-    try:
-        value = OmegaConf.select(OmegaConf.load(config), "data.remove_mean", default=None)
-    except Exception:  # an unreadable config only costs the default
-        return default
-    return default if value is None else bool(value)
 
 
 def load_waveform_model(path: str | os.PathLike):
@@ -209,34 +199,80 @@ def _error_reason(err: BaseException) -> str:
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
     text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
     text = re.sub(r"^Error opening '.*?': ", "", text)  # libsndfile repeats the path
+    text = re.sub(r"^.*?: (cannot|not an?|no )", r"\1", text, count=1)  # our own path prefix
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int, remove_mean: bool = True) -> np.ndarray:
-    """Mono float32 samples at ``sample_rate``, decoded as in training (whole file)."""
-    import tensorflow as tf
-
-    from src.data.audio import decode_audio
-
-    path = os.fspath(path)
+def _check_path(path: str) -> None:
     if not os.path.exists(path):
         raise AudioReadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise AudioReadError(f"{path}: is a directory, not an audio file")
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples of a whole file at ``sample_rate``, decoded as in training."""
+    from src.data.audio import read_audio
+
+    path = os.fspath(path)
+    _check_path(path)
     try:
-        audio = decode_audio(tf.constant(path), sample_rate, None, remove_mean=remove_mean)
-        audio = np.asarray(audio, dtype=np.float32)
-    except Exception as err:  # libsndfile / TensorFlow decode errors
+        audio = read_audio(path, sample_rate)
+    except Exception as err:  # libsndfile / soxr errors
         raise AudioReadError(f"{path}: cannot decode audio: {_error_reason(err)}") from err
     if audio.size == 0:
         raise AudioReadError(f"{path}: the file holds no audio samples")
-    if not np.isfinite(audio).all():
-        raise AudioReadError(f"{path}: the decoded audio holds NaN or infinite samples")
     return audio
 
 
-# --------------------------------------------------------------------------- prediction
+def _blocks(path: str, sample_rate: int, block_s: float) -> Iterator[np.ndarray]:
+    from src.data.audio import read_audio_blocks
+
+    _check_path(path)
+    try:
+        for block in read_audio_blocks(path, sample_rate, block_s):
+            if not np.isfinite(block).all():
+                raise AudioReadError(f"{path}: the decoded audio holds NaN or infinite samples")
+            yield block
+    except AudioReadError:
+        raise
+    except Exception as err:  # libsndfile / soxr errors
+        raise AudioReadError(f"{path}: cannot decode audio: {_error_reason(err)}") from err
+
+
+def stream_windows(
+    blocks: Iterable[np.ndarray], window: int, hop: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, samples)`` of the windows of :func:`src.data.windows.window_starts` over a
+    stream of sample blocks, holding at most about one window plus one block in memory.
+    The last window ends at the end of the stream; a stream shorter than one window gives
+    one window with all of it (unpadded)."""
+    buf = np.zeros(0, np.float32)
+    offset = 0  # stream position of buf[0]
+    next_start = 0
+    emitted_last = -1
+    for block in blocks:
+        buf = np.concatenate([buf, np.asarray(block, np.float32)])
+        end = offset + len(buf)
+        # A window is certain once it ends strictly before the data seen so far ends.
+        while next_start + window < end:
+            i = next_start - offset
+            yield next_start, buf[i : i + window]
+            emitted_last = next_start
+            next_start += hop
+        drop = min(next_start, max(end - window, 0)) - offset
+        if drop > 0:
+            buf, offset = buf[drop:], offset + drop
+    end = offset + len(buf)
+    if end == 0:
+        return
+    if end <= window:
+        yield 0, buf[: end - offset]
+        return
+    last = end - window
+    if last > emitted_last:
+        yield last, buf[last - offset : last - offset + window]
 
 
 def window_samples(model, window_s: float | None = None, hop_s: float | None = None):
@@ -262,25 +298,6 @@ def window_samples(model, window_s: float | None = None, hop_s: float | None = N
     return window, hop
 
 
-def _cut_windows(audio: np.ndarray, window: int, hop: int, clip: int):
-    """Windows ``(n, clip)`` (each zero-padded to the model's clip) and their start samples."""
-    n = len(audio)
-    count = 1 if n <= window else 1 + math.ceil((n - window) / hop)
-    starts = np.arange(count) * hop
-    out = np.zeros((count, clip), dtype=np.float32)
-    for i, start in enumerate(starts):
-        piece = audio[start : start + window]
-        out[i, : len(piece)] = piece
-    return out, starts
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _class_names(model, num_classes: int) -> list[str]:
     names = getattr(model, "class_names", None)
     if names and len(names) == num_classes:
@@ -288,13 +305,92 @@ def _class_names(model, num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def _logits(model, windows: np.ndarray, batch_size: int, eager: bool = False) -> np.ndarray:
-    run = model if eager else model.predict_on_batch
-    parts = [
-        np.asarray(run(windows[i : i + batch_size].astype(np.float32)), dtype=np.float32)
-        for i in range(0, len(windows), batch_size)
-    ]
-    return np.concatenate(parts, axis=0)
+def _takes_short_input(model) -> bool:
+    """Whether a window shorter than the clip goes in unpadded: the model pads its features
+    (target_frames) or its position embedding takes any length."""
+    if getattr(model, "target_frames", None) is not None:
+        return True
+    hp = getattr(model.backbone, "hparams", {})
+    return hp.get("pos_embedding") == "disentangled"
+
+
+def min_input_samples(model) -> int:
+    """The fewest samples a window may hold when it goes to the model: the model's clip
+    for a model with a fixed position grid (shorter windows are zero-padded to it); else
+    the samples of the frames the model needs (one patch of frames for a disentangled
+    position embedding, one frame for a model that pads its features), shorter windows
+    being zero-padded to that."""
+    clip = int(model.clip_samples)
+    if not _takes_short_input(model):
+        return clip
+    need = 1
+    if getattr(model, "target_frames", None) is None:
+        need = int(model.backbone.hparams.get("patch_size", 1))
+    lo, hi = 1, clip  # the frame count grows with the sample count: bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if model.frontend.num_frames(mid) >= need:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _score(model, pieces: list[np.ndarray], clip: int, batch_size: int) -> np.ndarray:
+    """Probabilities of each piece (window samples)."""
+    from src.evaluation.evaluate import probabilities
+
+    multi = bool(getattr(model, "multi_label", False))
+    out = []
+    full = [p for p in pieces if len(p) == clip]
+    if len(full) == len(pieces):
+        for i in range(0, len(pieces), batch_size):
+            x = np.stack(pieces[i : i + batch_size]).astype(np.float32)
+            out.append(np.asarray(model.predict_on_batch(x), np.float64))
+        return probabilities(np.concatenate(out), multi)
+    shortest = min_input_samples(model)
+    for p in pieces:  # short pieces: one at a time, at their own length or padded
+        if len(p) < shortest:
+            p = np.pad(p, (0, shortest - len(p)))
+        # Another length than the traced predict function: run the model eagerly.
+        logits = np.asarray(model(p[None].astype(np.float32), training=False), np.float64)
+        out.append(logits)
+    return probabilities(np.concatenate(out), multi)
+
+
+def read_thresholds(value, class_names: Sequence[str]) -> np.ndarray:
+    """``threshold=`` as one value per class: a number, or a file (``class,threshold``
+    lines, or a JSON object); every class must be listed in a file."""
+    k = len(class_names)
+    try:
+        t = float(value)
+        return np.full(k, t)
+    except (TypeError, ValueError):
+        pass
+    path = Path(str(value))
+    if not path.is_file():
+        raise ValueError(f"threshold={value!r} is neither a number nor a file")
+    text = path.read_text()
+    try:
+        table = {str(c): float(v) for c, v in json.loads(text).items()}
+    except (ValueError, AttributeError):
+        table = {}
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, sep, number = line.rpartition(",")
+            try:
+                table[name.strip().strip('"')] = float(number)
+            except ValueError:
+                raise ValueError(f"{path} line {n}: expected 'class,threshold', got {line!r}") from None
+    missing = [c for c in class_names if c not in table]
+    unknown = [c for c in table if c not in set(class_names)]
+    if missing or unknown:
+        raise ValueError(
+            f"{path}: thresholds must name every class of the model once; missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
+        )
+    return np.array([table[c] for c in class_names])
 
 
 def predict_files(
@@ -305,16 +401,16 @@ def predict_files(
     window_s: float | None = None,
     hop_s: float | None = None,
     per_window: bool = False,
-    remove_mean: bool = True,
     batch_size: int = 32,
+    threshold=0.5,
 ) -> list[dict]:
-    """Classify each file; one dict per file, in order.
+    """Label each file; one dict per file, in order.
 
-    Keys: ``path``, ``duration_s`` (after resampling), ``windows``, ``top`` (the ``top_k``
-    classes of the window-averaged softmax, ``{"label", "prob"}``, best first),
-    ``per_window`` (with ``per_window=True``: each window's ``start_s``, ``end_s``, top
-    ``label`` and its ``prob``; else None) and ``error`` (None, or why the file could not
-    be read; the other keys are then empty).
+    Keys: ``path``, ``duration_s``, ``windows``, ``top`` (the ``top_k`` classes of the
+    window-averaged probabilities, ``{"label", "prob"}``, best first), ``labels`` (a
+    multi-label model's classes at or above their threshold, else None), ``per_window``
+    (with ``per_window=True``: each window's ``start_s``, ``end_s``, top ``label`` and its
+    ``prob``; else None) and ``error`` (None, or why the file could not be read).
     """
     if int(top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -323,71 +419,83 @@ def predict_files(
     sample_rate = int(model.frontend.sample_rate)
     clip = int(model.clip_samples)
     window, hop = window_samples(model, window_s, hop_s)
-    names: list[str] | None = None
+    multi = bool(getattr(model, "multi_label", False))
+    names = _class_names(model, int(model.backbone.hparams["num_classes"]))
+    thresholds = read_thresholds(threshold, names) if multi else None
+    block_s = max(window, 4 * batch_size * hop) / sample_rate
     results = []
     for path in paths:
-        entry = {
-            "path": os.fspath(path),
-            "duration_s": None,
-            "windows": 0,
-            "top": [],
-            "per_window": [] if per_window else None,
-            "error": None,
-        }
+        path = os.fspath(path)
+        entry = {"path": path, "duration_s": None, "windows": 0, "top": [], "labels": None,
+                 "per_window": [] if per_window else None, "error": None}
         results.append(entry)
+        acc = _Average(model, names, clip, window, int(batch_size), per_window)
         try:
-            audio = load_audio(path, sample_rate, remove_mean=remove_mean)
+            for start, piece in stream_windows(_blocks(path, sample_rate, block_s), window, hop):
+                # Windows shorter than the model's clip (window=SECONDS) are padded.
+                if len(piece) == window and window < clip and not _takes_short_input(model):
+                    piece = np.pad(piece, (0, clip - window))
+                acc.add(start, piece)
+            acc.flush()
         except AudioReadError as err:
             entry["error"] = str(err)
             continue
-        windows, starts = _cut_windows(audio, window, hop, clip)
-        # Models that pad their features (AST: zeros up to target_frames frames) see a
-        # short piece as it is, not followed by samples of digital silence.
-        short: dict[int, list[int]] = {}  # piece length -> window indices
-        if getattr(model, "target_frames", None) is not None:
-            for i, start in enumerate(starts):
-                n = len(audio[start : start + window])
-                if n < clip and model.frontend.num_frames(n) > 0:
-                    short.setdefault(n, []).append(i)
-        padded = np.setdiff1d(np.arange(len(windows)), sum(short.values(), []))
-        groups = [(padded, windows[padded], True)] if len(padded) else []
-        groups += [
-            (np.asarray(idx), np.stack([audio[starts[i] : starts[i] + n] for i in idx]), False)
-            for n, idx in short.items()
-        ]
-        logits = None
-        for idx, batch, full in groups:
-            # Pieces of another length run eagerly: the padding to target_frames needs
-            # their frame count, which a traced predict function may leave unknown.
-            out = _logits(model, batch, int(batch_size), eager=not full)
-            if logits is None:
-                logits = np.zeros((len(windows), out.shape[-1]), dtype=np.float32)
-            logits[idx] = out
-        probs = _softmax(logits)  # (windows, classes)
-        if names is None:
-            names = _class_names(model, probs.shape[-1])
-        mean = probs.mean(axis=0)
+        if acc.count == 0:
+            entry["error"] = f"{path}: the file holds no audio samples"
+            continue
+        mean = acc.total / acc.weight
         order = np.argsort(-mean, kind="stable")[: int(top_k)]
-        entry["duration_s"] = len(audio) / sample_rate
-        entry["windows"] = int(len(windows))
+        entry["duration_s"] = acc.length / sample_rate
+        entry["windows"] = acc.count
         entry["top"] = [{"label": names[i], "prob": float(mean[i])} for i in order]
         if per_window:
-            best = probs.argmax(axis=-1)
-            entry["per_window"] = [
-                {
-                    "start_s": float(start) / sample_rate,
-                    "end_s": float(min(start + window, len(audio))) / sample_rate,
-                    "label": names[b],
-                    "prob": float(p[b]),
-                }
-                for start, b, p in zip(starts, best, probs)
-            ]
+            entry["per_window"] = acc.windows
+        if multi:
+            hit = np.flatnonzero(mean >= thresholds)
+            hit = hit[np.argsort(-mean[hit], kind="stable")]
+            entry["labels"] = [{"label": names[i], "prob": float(mean[i])} for i in hit]
     return results
+
+
+class _Average:
+    """The coverage-weighted mean of a file's window probabilities, scored in batches."""
+
+    def __init__(self, model, names, clip, window, batch_size, per_window):
+        self.model, self.names, self.clip, self.window = model, names, clip, window
+        self.batch_size, self.per_window = batch_size, per_window
+        self.rate = int(model.frontend.sample_rate)
+        self.pending: list[tuple[int, np.ndarray]] = []
+        self.total, self.weight, self.count, self.length = None, 0.0, 0, 0
+        self.windows: list[dict] = []
+
+    def add(self, start: int, piece: np.ndarray) -> None:
+        self.pending.append((start, piece))
+        self.length = max(self.length, start + min(len(piece), self.window))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        probs = _score(self.model, [p for _, p in self.pending], self.clip, self.batch_size)
+        for (start, piece), p in zip(self.pending, probs):
+            w = min(len(piece), self.window) / self.window  # coverage (src.data.windows)
+            self.total = w * p if self.total is None else self.total + w * p
+            self.weight += w
+            self.count += 1
+            if self.per_window:
+                b = int(p.argmax())
+                self.windows.append({
+                    "start_s": start / self.rate,
+                    "end_s": (start + min(len(piece), self.window)) / self.rate,
+                    "label": self.names[b], "prob": float(p[b]),
+                })
+        self.pending.clear()
 
 
 # --------------------------------------------------------------------------- command line
 
-_OPTIONS = ("audio", "top_k", "window", "hop", "per_window", "batch_size")
+_OPTIONS = ("audio", "top_k", "window", "hop", "per_window", "batch_size", "threshold")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -401,17 +509,19 @@ class _Args:
     hop_s: float | None = None
     per_window: bool = False
     batch_size: int = 32
+    threshold: str = "0.5"
     json: bool = False
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m src.predict",
-        description="Classify audio files with a trained model (top classes per file).",
+        description="Label audio files with a trained model (top classes per file).",
         epilog=(
             "options as key=value: audio=PATH [PATH ...] (repeatable), top_k=5, "
             "window=auto|SECONDS, hop=SECONDS (default: half a window), per_window=true, "
-            "batch_size=32. Exit status 1 when some file could not be read."
+            "batch_size=32, threshold=0.5|FILE (multi-label models). Exit status 1 when "
+            "some file could not be read."
         ),
     )
     parser.add_argument(
@@ -467,6 +577,8 @@ def parse_args(argv: Sequence[str] | None = None) -> _Args:
         args.window_s = _positive(parser, "window", values["window"], float)
     if "hop" in values:
         args.hop_s = _positive(parser, "hop", values["hop"], float)
+    if "threshold" in values:
+        args.threshold = values["threshold"]
     if "per_window" in values:
         flag = values["per_window"].lower()
         if flag not in _TRUE | _FALSE:
@@ -477,8 +589,9 @@ def parse_args(argv: Sequence[str] | None = None) -> _Args:
 
 def _print_text(resolved: ResolvedModel, model, window: int, hop: int, results) -> None:
     rate = int(model.frontend.sample_rate)
+    kind = "multi-label (sigmoid)" if getattr(model, "multi_label", False) else "softmax"
     print(
-        f"model: {resolved.describe()}; {rate} Hz, windows of {window / rate:g} s "
+        f"model: {resolved.describe()}; {kind}; {rate} Hz, windows of {window / rate:g} s "
         f"every {hop / rate:g} s"
     )
     for entry in results:
@@ -490,6 +603,9 @@ def _print_text(resolved: ResolvedModel, model, window: int, hop: int, results) 
         width = max(len(t["label"]) for t in entry["top"])
         for rank, t in enumerate(entry["top"], 1):
             print(f"  {rank:>2}. {t['label']:<{width}}  {t['prob']:.4f}")
+        if entry["labels"] is not None:
+            shown = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in entry["labels"])
+            print(f"  labels above threshold: {shown or 'none'}")
         if entry["per_window"]:
             print("  per window:")
             for w in entry["per_window"]:
@@ -505,10 +621,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolved = resolve_model(args.model)
         model = load_waveform_model(resolved.path)
         window, hop = window_samples(model, args.window_s, args.hop_s)
+        if getattr(model, "multi_label", False):
+            names = _class_names(model, int(model.backbone.hparams["num_classes"]))
+            read_thresholds(args.threshold, names)
     except (ModelNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    remove_mean = run_remove_mean(resolved)
     results = predict_files(
         model,
         args.audio,
@@ -516,8 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         window_s=args.window_s,
         hop_s=args.hop_s,
         per_window=args.per_window,
-        remove_mean=remove_mean,
         batch_size=args.batch_size,
+        threshold=args.threshold,
     )
     failed = [r for r in results if r["error"] is not None]
     rate = int(model.frontend.sample_rate)
@@ -530,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sample_rate": rate,
             "window_s": window / rate,
             "hop_s": hop / rate,
-            "remove_mean": remove_mean,
+            "multi_label": bool(getattr(model, "multi_label", False)),
+            "remove_mean": bool(getattr(model, "remove_mean", True)),
             "files": results,
         }
         print(json.dumps(doc, indent=2), flush=True)

@@ -6,6 +6,8 @@ tests/fixtures/versions.json): small random checkpoints in the hub layout and
 what the reference code computes from them. Nothing here needs PyTorch.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ from src.models.hf_import import (
     fetch_checkpoint,
     import_hf_ast,
     import_hf_deit,
+    is_multi_label,
     read_checkpoint,
 )
 from src.models.pretrained import (
@@ -36,6 +39,7 @@ from src.models.pretrained import (
 from tests.helpers import ROOT
 
 AST_DIR = ROOT / "tests" / "fixtures" / "hf_ast"
+CLASS_NAMES = ["dog", "rain", "crying_baby", "door_knock", "helicopter"]
 DEIT_DIR = ROOT / "tests" / "fixtures" / "hf_deit"
 
 
@@ -59,6 +63,44 @@ def deit_backbone():
     return import_hf_deit(DEIT_DIR)
 
 
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """The AST fixture imported with the command, as it is (5 classes: softmax) and with
+    ``--multi-label``; each file with what the command printed."""
+    from scripts import import_weights
+
+    d = tmp_path_factory.mktemp("imported")
+    out = {}
+    for kind, flags in (("single", []), ("multi", ["--multi-label"])):
+        path = d / f"ast_{kind}.keras"
+        printed, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(err):
+            code = import_weights.main(
+                ["--from", "hf-ast", str(AST_DIR), "--out", str(path), *flags])
+        assert code == 0, err.getvalue()
+        out[kind] = (path, printed.getvalue())
+    assert not list(d.glob("*.tmp.keras"))
+    return out
+
+
+def _softmax(z):
+    e = np.exp(np.asarray(z, np.float64) - np.max(z))
+    return e / e.sum()
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+def _predict_json(argv, capsys):
+    from src.predict import main as predict_main
+
+    code = predict_main([str(a) for a in argv] + ["--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
 # ----------------------------------------------------------------- AST
 
 
@@ -70,8 +112,11 @@ def test_ast_architecture_follows_the_checkpoint_config(ast_model):
     assert h["activation"] == "gelu" and h["epsilon"] == 1e-12
     assert (h["norm_mean"], h["norm_std"]) == (pytest.approx(-4.2677393), pytest.approx(4.5689974))
     assert ast_model.backbone.grid == (12, 50)
-    assert ast_model.class_names == ["dog", "rain", "crying_baby", "door_knock", "helicopter"]
+    assert ast_model.class_names == CLASS_NAMES
     assert ast_model.target_frames == 512 and ast_model.frontend.n_mels == 128
+    # 5 classes and no problem_type: a single-label (softmax) head; the model removes
+    # each window's mean itself, as AST's dataloader does.
+    assert ast_model.multi_label is False and ast_model.remove_mean is True
 
 
 def test_ast_logits_match_the_reference_model(ast_model, ast_ref):
@@ -99,32 +144,71 @@ def test_kaldi_fbank_matches_torchaudio_at_128_bins(ast_model, ast_ref):
 
 
 def test_full_waveform_path_matches_the_reference(ast_model, ast_ref, tmp_path):
-    """WAV file -> our decoder -> fbank -> pad to 512 -> normalise -> AST, against
-    torchaudio fbank + Hugging Face AST on the same file."""
-    from src.data.audio import decode_audio
+    """WAV file -> our decoder -> (the model:) mean removal -> fbank -> pad to 512 ->
+    normalise -> AST, against torchaudio fbank + Hugging Face AST on the same file."""
+    from src.data.audio import read_audio
 
-    audio = decode_audio(str(AST_DIR / "clip.wav"), 16000, 80000, remove_mean=True)
-    logits = np.asarray(ast_model(np.asarray(audio)[None]))
+    audio = read_audio(AST_DIR / "clip.wav", 16000)  # as it is: the model removes the mean
+    assert abs(float(audio.mean())) > 1e-3
+    logits = np.asarray(ast_model(audio[None]))
     # Measured: 8e-7; the 1e-4 bound leaves room for the 5e-4 feature differences.
     np.testing.assert_allclose(logits, ast_ref["clip_logits"], atol=1e-4, rtol=0)
+    # The mean removal happens in the model: given the mean-free waveform, the same.
+    centred = np.asarray(ast_model((audio - audio.mean())[None]))
+    np.testing.assert_allclose(centred, logits, atol=1e-5, rtol=0)
 
 
-def test_imported_model_predicts_from_the_command_line(ast_ref, tmp_path, capsys):
-    from scripts import import_weights
-    from src.predict import main as predict_main
-
-    out = tmp_path / "ast.keras"
-    assert import_weights.main(["--from", "hf-ast", str(AST_DIR), "--out", str(out)]) == 0
-    assert "64 wide, 2 layers, 4 heads, patch grid 12x50" in capsys.readouterr().out
-    predict_main([str(out), f"audio={AST_DIR / 'clip.wav'}", "top_k=2", "--json"])
-    result = json.loads(capsys.readouterr().out)
-    top = result["files"][0]["top"]
+def test_imported_model_predicts_from_the_command_line(imported, ast_ref, capsys):
+    path, printed = imported["single"]
+    assert "64 wide, 2 layers, 4 heads, patch grid 12x50" in printed
+    assert "5 classes, softmax outputs" in printed
+    doc = _predict_json([path, f"audio={AST_DIR / 'clip.wav'}", "top_k=5"], capsys)
+    assert doc["multi_label"] is False
+    (entry,) = doc["files"]
     # The 5 s clip is shorter than the model's 512 frames: its features are zero-padded
     # (not its waveform), so the probabilities are the reference's.
-    ref = np.exp(ast_ref["clip_logits"][0]) / np.exp(ast_ref["clip_logits"][0]).sum()
-    assert top[0]["label"] == "door_knock" and top[0]["prob"] == pytest.approx(ref[3], abs=1e-5)
-    assert top[1]["label"] == "dog" and top[1]["prob"] == pytest.approx(ref[0], abs=1e-5)
-    assert not list(tmp_path.glob("*.tmp.keras"))
+    assert entry["windows"] == 1 and entry["labels"] is None
+    ref = _softmax(ast_ref["clip_logits"][0])
+    probs = {t["label"]: t["prob"] for t in entry["top"]}
+    assert [t["label"] for t in entry["top"][:2]] == ["door_knock", "dog"]
+    np.testing.assert_allclose([probs[c] for c in CLASS_NAMES], ref, atol=1e-5)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_imported_multi_label_model_predicts_sigmoids_of_the_reference(
+    imported, ast_ref, capsys
+):
+    from src.models import load_model
+
+    path, printed = imported["multi"]
+    assert "5 classes, sigmoid outputs" in printed
+    assert load_model(path).multi_label is True
+    doc = _predict_json([path, f"audio={AST_DIR / 'clip.wav'}", "top_k=5"], capsys)
+    assert doc["multi_label"] is True
+    (entry,) = doc["files"]
+    ref = _sigmoid(ast_ref["clip_logits"][0])  # Hugging Face's logits, through a sigmoid
+    probs = {t["label"]: t["prob"] for t in entry["top"]}
+    np.testing.assert_allclose([probs[c] for c in CLASS_NAMES], ref, atol=1e-5)
+    assert abs(sum(probs.values()) - 1.0) > 0.5  # independent sigmoids, not a softmax
+    assert [t["label"] for t in entry["top"]] == [CLASS_NAMES[i] for i in np.argsort(-ref)]
+    expected = [CLASS_NAMES[i] for i in np.argsort(-ref) if ref[i] >= 0.5]
+    assert expected and len(expected) < 5
+    assert [t["label"] for t in entry["labels"]] == expected
+
+
+def test_which_ast_heads_import_as_multi_label(tmp_path):
+    assert is_multi_label({}, 527) is True  # AudioSet
+    assert is_multi_label({}, 5) is False
+    assert is_multi_label({"problem_type": "single_label_classification"}, 527) is False
+    assert is_multi_label({"problem_type": "multi_label_classification"}, 5) is True
+    assert import_hf_ast(AST_DIR, multi_label=True).multi_label is True
+    for name in ("model.safetensors", "preprocessor_config.json"):
+        shutil.copy(AST_DIR / name, tmp_path / name)
+    config = json.loads((AST_DIR / "config.json").read_text())
+    config["problem_type"] = "multi_label_classification"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert import_hf_ast(tmp_path).multi_label is True
+    assert import_hf_ast(tmp_path, multi_label=False).multi_label is False
 
 
 # ----------------------------------------------------------------- DeiT
@@ -382,15 +466,14 @@ def test_pretrained_weights_load_into_the_fused_qkv_layout(ast_model):
                                atol=1e-4)
 
 
-def test_attention_map_of_an_imported_model(ast_ref, tmp_path, capsys):
-    from scripts import attention_map, import_weights
+def test_attention_map_of_an_imported_model(imported, ast_ref, tmp_path, capsys):
+    from scripts import attention_map
 
-    model_file = tmp_path / "ast.keras"
-    assert import_weights.main(["--from", "hf-ast", str(AST_DIR), "--out", str(model_file)]) == 0
     out = tmp_path / "map.png"
+    model_file, _ = imported["single"]
     assert attention_map.main([str(model_file), str(AST_DIR / "clip.wav"), "--out", str(out)]) == 0
     label, prob = capsys.readouterr().out.strip().splitlines()[-1].split()[-2:]
-    ref = np.exp(ast_ref["clip_logits"][0]) / np.exp(ast_ref["clip_logits"][0]).sum()
+    ref = _softmax(ast_ref["clip_logits"][0])
     assert label == "door_knock" and float(prob) == pytest.approx(ref[3], abs=1e-3)
     assert out.read_bytes()[:4] == b"\x89PNG"
 
@@ -404,7 +487,7 @@ def test_load_pretrained_notes_a_different_frontend(ast_model):
     assert not report.warnings
 
 
-def test_predict_mixes_full_windows_and_an_unpadded_last_piece(ast_model, tmp_path):
+def test_predict_on_an_imported_model_ends_with_a_full_window(ast_model, tmp_path):
     import soundfile as sf
 
     from src.predict import load_audio, predict_files
@@ -413,18 +496,22 @@ def test_predict_mixes_full_windows_and_an_unpadded_last_piece(ast_model, tmp_pa
     path = tmp_path / "twice.wav"
     sf.write(path, np.concatenate([wave, wave[::-1]]), rate, subtype="PCM_16")
     (entry,) = predict_files(ast_model, [path], per_window=True, top_k=5)
-    assert entry["windows"] == 3  # 0 and 41080 full (82160 samples), then 77840 left
     audio = load_audio(path, 16000)
     clip, hop = ast_model.clip_samples, ast_model.clip_samples // 2
-    expected = [np.asarray(ast_model(audio[None, :clip]))[0],
-                np.asarray(ast_model(audio[None, hop:hop + clip]))[0],
-                np.asarray(ast_model(audio[None, 2 * hop:]))[0]]  # unpadded
-    probs = [np.exp(e - e.max()) / np.exp(e - e.max()).sum() for e in expected]
+    assert (len(audio), clip, hop) == (160000, 82160, 41080)
+    # Windows at 0 and 41080 end inside the file; the last one ends at its end (77840).
+    starts = [0, hop, len(audio) - clip]
+    assert entry["windows"] == 3
+    assert [w["start_s"] for w in entry["per_window"]] == pytest.approx(
+        [s / 16000 for s in starts])
+    logits = np.asarray(ast_model(np.stack([audio[s:s + clip] for s in starts])))
+    probs = [_softmax(row) for row in logits]
     for got, p in zip(entry["per_window"], probs):
         assert got["label"] == ast_model.class_names[int(p.argmax())]
         assert got["prob"] == pytest.approx(float(p.max()), abs=1e-5)
     mean = np.mean(probs, axis=0)
-    assert entry["top"][0]["prob"] == pytest.approx(float(mean.max()), abs=1e-5)
+    top = {t["label"]: t["prob"] for t in entry["top"]}
+    np.testing.assert_allclose([top[c] for c in CLASS_NAMES], mean, atol=1e-5)
 
 
 def test_ast_checkpoint_without_a_head_is_named(tmp_path):

@@ -53,19 +53,25 @@ def spread_patches(grid, n_mels, frames, patch, f_stride, t_stride) -> np.ndarra
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
-def attention_maps(backbone, features) -> tuple[np.ndarray, np.ndarray]:
-    """Per clip relevance maps ``(B, n_mels, frames)`` and class probabilities ``(B, K)``."""
+def attention_maps(backbone, features, multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip relevance maps ``(B, n_mels, frames)`` and class probabilities ``(B, K)``
+    (softmax, or sigmoid with ``multi_label``). ``frames`` is the features' own: a
+    backbone with a disentangled position embedding also takes fewer frames than it was
+    trained on, and its patch grid then has fewer columns."""
     import keras
 
+    from src.models.patch import grid_size
+
     h = backbone.hparams
+    frames = int(features.shape[1])
     logits, weights = backbone(features, training=False, return_attention_scores=True)
-    probs = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+    act = keras.ops.sigmoid(logits) if multi_label else keras.ops.softmax(logits, axis=-1)
+    probs = keras.ops.convert_to_numpy(act)
     roll = rollout([keras.ops.convert_to_numpy(w) for w in weights])
-    f_dim, t_dim = backbone.grid
+    f_dim, t_dim = grid_size(h["num_mels"], frames, h["patch_size"], h["f_stride"], h["t_stride"])
     grids = patch_relevance(roll, f_dim, t_dim, backbone.patch_embed.num_prefix_tokens)
     maps = np.stack([
-        spread_patches(g, h["num_mels"], h["num_frames"], h["patch_size"], h["f_stride"],
-                       h["t_stride"])
+        spread_patches(g, h["num_mels"], frames, h["patch_size"], h["f_stride"], h["t_stride"])
         for g in grids
     ])
     return maps, probs
@@ -100,10 +106,11 @@ def plot_map(spectrogram, relevance, path, title: str, frame_rate: float | None 
 
 
 def save_attention_maps(
-    backbone, features, labels, class_names, out_dir, *, frame_rate=None, prefix="clip"
+    backbone, features, labels, class_names, out_dir, *, frame_rate=None, prefix="clip",
+    multi_label: bool = False,
 ) -> list[Path]:
     """PNG per clip: true class, predicted class and its probability in the title."""
-    maps, probs = attention_maps(backbone, features)
+    maps, probs = attention_maps(backbone, features, multi_label=multi_label)
     paths = []
     for i in range(len(maps)):
         pred = int(probs[i].argmax())
