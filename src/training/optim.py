@@ -24,11 +24,14 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     * ``constant``: ``lr``.
     * ``step_decay``: ``lr`` until epoch ``decay_start`` (0-based), then
-      ``lr * decay_factor ** (epoch - decay_start + 1)`` (AST: decay_start=5,
-      decay_factor=0.85; the factor is applied at the start of each epoch).
+      ``lr * decay_factor ** (floor((epoch - decay_start) / decay_every) + 1)``, i.e.
+      PyTorch's MultiStepLR at epochs decay_start, decay_start + decay_every, ...
+      (AST ESC-50: decay_start=5, decay_every=1, factor 0.85; AudioSet balanced: 10, 5,
+      0.5; full: 2, 1, 0.5); the factor applies from the start of those epochs).
     * ``cosine``: cosine from ``lr`` to ``min_lr`` over ``total_epochs``.
 
-    Warmup: the first ``warmup_epochs`` ramp linearly from ``lr / warmup_steps``.
+    Warmup: the first ``warmup_epochs`` (or ``warmup_steps`` steps, when given; AST
+    warms AudioSet up over 1000 steps) ramp linearly from ``lr / warmup_steps``.
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         kind="constant",
         warmup_epochs=0.0,
         decay_start=5,
+        decay_every=1,
+        warmup_steps=None,
         decay_factor=0.85,
         total_epochs=1,
         min_lr=0.0,
@@ -53,6 +58,12 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.kind = kind
         self.warmup_epochs = float(warmup_epochs)
         self.decay_start = int(decay_start)
+        self.decay_every = int(decay_every)
+        if self.decay_every < 1:
+            raise ValueError(
+                f"trainer.schedule.decay_every must be >= 1, got {decay_every}."
+            )
+        self.warmup_steps = None if warmup_steps is None else int(warmup_steps)
         self.decay_factor = float(decay_factor)
         self.total_epochs = max(1, int(total_epochs))
         self.min_lr = float(min_lr)
@@ -62,12 +73,17 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         epoch = ops.floor(step / self.steps_per_epoch)
         lr = ops.convert_to_tensor(self.lr, "float32")
         if self.kind == "step_decay":
-            n = ops.maximum(epoch - self.decay_start + 1.0, 0.0)
+            n = ops.maximum(
+                ops.floor((epoch - self.decay_start) / self.decay_every) + 1.0, 0.0
+            )
             lr = lr * ops.power(self.decay_factor, n)
         elif self.kind == "cosine":
             progress = ops.minimum(step / (self.total_epochs * self.steps_per_epoch), 1.0)
             lr = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + ops.cos(math.pi * progress))
-        warmup_steps = self.warmup_epochs * self.steps_per_epoch
+        warmup_steps = (
+            self.warmup_steps if self.warmup_steps is not None
+            else self.warmup_epochs * self.steps_per_epoch
+        )
         if warmup_steps > 0:
             ramp = ops.minimum((step + 1.0) / warmup_steps, 1.0)
             lr = lr * ramp
@@ -80,6 +96,8 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             kind=self.kind,
             warmup_epochs=self.warmup_epochs,
             decay_start=self.decay_start,
+            decay_every=self.decay_every,
+            warmup_steps=self.warmup_steps,
             decay_factor=self.decay_factor,
             total_epochs=self.total_epochs,
             min_lr=self.min_lr,
@@ -94,6 +112,8 @@ def build_schedule(schedule_cfg: Mapping, lr: float, steps_per_epoch: int, epoch
         kind=cfg.get("name", "constant"),
         warmup_epochs=cfg.get("warmup_epochs", 0.0),
         decay_start=cfg.get("decay_start", 5),
+        decay_every=cfg.get("decay_every", 1),
+        warmup_steps=cfg.get("warmup_steps"),
         decay_factor=cfg.get("decay_factor", 0.85),
         total_epochs=epochs,
         min_lr=cfg.get("min_lr", 0.0),
