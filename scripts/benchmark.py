@@ -225,6 +225,115 @@ def bench_pipeline(clips, seconds, rate, n_mels, batch, repeats, workdir, tfio_c
     return out
 
 
+def _write_wav16(path, samples, rate):
+    """16-bit PCM WAV with the standard library (no fsync per file, unlike libsndfile)."""
+    import wave
+
+    import numpy as np
+
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def make_memory_set(root, clips, seconds, rate=16000, classes=10, progress=True):
+    """``clips`` AudioSet-like clips of ``seconds`` (noise plus a class tone, 16-bit WAV) in
+    ``root/<class>/``, for the folder reader with ``labels_from_subdirs``; files already
+    there are kept, so sets of several sizes share their first clips."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    n = int(round(seconds * rate))
+    t = np.arange(n) / rate
+    for i in tqdm(range(clips), desc="generating clips", unit="clip", disable=not progress,
+                  leave=False):
+        c = i % classes
+        path = root / f"class{c:02d}" / f"clip{i:06d}.wav"
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(i)
+        x = 0.05 * rng.standard_normal(n) + 0.2 * np.sin(2 * np.pi * (300 + 150 * c) * t)
+        _write_wav16(path, x, rate)
+    return root
+
+
+def bench_memory(sizes, seconds, n_mels, workdir, epochs=1, progress=True, shuffle_mb=512):
+    """Peak RSS of a real training run (``python -m src.train``, streaming from the
+    feature store) against the number of clips. For each size, in fresh processes: the
+    first run builds the store and trains, the second trains from the finished store."""
+    import subprocess
+
+    workdir = Path(workdir)
+    audio = workdir / "audio"
+    rows = []
+    for clips in sizes:
+        make_memory_set(audio, max(sizes), seconds, progress=progress)
+        subset = workdir / f"set_{clips}"
+        if not subset.exists():  # the first ``clips`` files, linked
+            for i in range(clips):
+                src = audio / f"class{i % 10:02d}" / f"clip{i:06d}.wav"
+                dst = subset / src.parent.name / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, dst)
+        base = [  # overrides of python -m src.train
+            "data=folder", f"data.root={subset}",
+            "data.labels_from_subdirs=true", "data.num_folds=10", "data.folds=[10]",
+            f"data.clip_seconds={seconds}", f"frontend.n_mels={n_mels}",
+            "model.embed_dim=16", "model.num_heads=2", "model.ff_dim=32", "model.num_layers=1",
+            f"trainer.epochs={epochs}", "trainer.batch_size=64", "trainer.eval_batch_size=128",
+            "trainer.attention_maps=0", "trainer.save_model=false", "trainer.verbose=0",
+            "data.memory_cache_mb=0", f"data.shuffle_buffer_mb={shuffle_mb}", "logger=none",
+        ]
+        env = dict(os.environ, AUDIO_RUNS_DIR=str(workdir / "runs"),
+                   AUDIO_CACHE_DIR=str(workdir / "cache"), TF_CPP_MIN_LOG_LEVEL="2")
+        store_glob = "folder-*/shards/*.tfrecord"
+        first = subprocess.run(  # a fresh child per measurement: ru_maxrss is per child
+            [sys.executable, "-c", _RSS_CHILD, *base, f"name=memory_{clips}_build"],
+            env=env, capture_output=True, text=True)
+        second = subprocess.run(
+            [sys.executable, "-c", _RSS_CHILD, *base, f"name=memory_{clips}_train"],
+            env=env, capture_output=True, text=True)
+        for run in (first, second):
+            if run.returncode != 0:
+                raise RuntimeError(f"training on {clips} clips failed:\n{run.stderr[-4000:]}")
+        build = json.loads(first.stdout.strip().splitlines()[-1])
+        train = json.loads(second.stdout.strip().splitlines()[-1])
+        feature_mb = sum(f.stat().st_size for f in (workdir / "cache" / "features").glob(
+            store_glob)) / 2**20
+        rows.append({
+            "clips": clips, "features_mb": feature_mb,
+            "build_and_train_peak_rss_mb": build["peak_rss_mb"],
+            "build_and_train_wall_s": build["wall_s"],
+            "train_peak_rss_mb": train["peak_rss_mb"], "train_wall_s": train["wall_s"],
+        })
+        # the store of this size is not needed again
+        for d in (workdir / "cache" / "features").glob("folder-*"):
+            subprocess.run(["rm", "-rf", str(d)], check=False)
+    return {"seconds": seconds, "n_mels": n_mels, "epochs": epochs,
+            "shuffle_buffer_mb": shuffle_mb, "sizes": rows}
+
+
+# Runs ``python -m src.train ARGS`` in this process (a fresh child of the benchmark) and
+# prints its peak RSS and wall time as JSON on the last line.
+_RSS_CHILD = """
+import json, resource, runpy, sys, time
+sys.argv = ["src.train", *sys.argv[1:]]
+start = time.perf_counter()
+try:
+    runpy.run_module("src.train", run_name="__main__")
+except SystemExit as e:
+    if e.code not in (0, None):
+        raise
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+print(json.dumps({"peak_rss_mb": peak, "wall_s": time.perf_counter() - start}))
+"""
+
+
 def _system_busy_s():
     """CPU seconds all processes of the machine have run (Linux /proc/stat), or None."""
     try:
@@ -546,6 +655,18 @@ def main(argv=None) -> int:
     p.add_argument("--soxr-recipes", action="store_true",
                    help="only compare libsoxr quality recipes: accuracy and speed")
     p.add_argument("--json", action="store_true")
+    mem = sub.add_parser("memory", help="peak RSS of training against the number of clips")
+    mem.add_argument("--clips", default="5000,20000,50000",
+                     help="comma-separated set sizes (default: 5000,20000,50000)")
+    mem.add_argument("--seconds", type=float, default=10.0)
+    mem.add_argument("--n-mels", type=int, default=64)
+    mem.add_argument("--epochs", type=int, default=1)
+    mem.add_argument("--shuffle-mb", type=float, default=512,
+                     help="data.shuffle_buffer_mb of the runs (default: the config's 512)")
+    mem.add_argument("--workdir", type=Path, default=None,
+                     help="where the clips and stores go (default: a temporary directory, "
+                          "removed afterwards; the 50k set needs about 30 GB)")
+    mem.add_argument("--json", action="store_true")
     m = sub.add_parser("model", help="training / inference throughput of the transformer")
     m.add_argument("--embed", type=int, default=192)
     m.add_argument("--layers", type=int, default=4)
@@ -582,6 +703,29 @@ def main(argv=None) -> int:
             if args.patchout is None:
                 args.patchout = (40, 4, 0)
         args.patchout = args.patchout or (0, 0, 0)
+
+    if args.what == "memory":
+        sizes = [int(c) for c in str(args.clips).split(",")]
+        if args.workdir is None:
+            with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+                r = bench_memory(sizes, args.seconds, args.n_mels, tmp, args.epochs,
+                                 progress=not args.json, shuffle_mb=args.shuffle_mb)
+        else:
+            r = bench_memory(sizes, args.seconds, args.n_mels, args.workdir, args.epochs,
+                             progress=not args.json, shuffle_mb=args.shuffle_mb)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"training memory: {r['seconds']:g} s clips, {r['n_mels']} mels, "
+              f"{r['epochs']} epoch(s), streaming from the feature store (shuffle buffer "
+              f"{r['shuffle_buffer_mb']:g} MB)")
+        print(f"  {'clips':>7}  {'features':>10}  {'peak RSS, build + train':>24}  "
+              f"{'peak RSS, train':>16}")
+        for row in r["sizes"]:
+            print(f"  {row['clips']:>7}  {row['features_mb'] / 1024:8.2f} GB  "
+                  f"{row['build_and_train_peak_rss_mb'] / 1024:18.2f} GB ({row['build_and_train_wall_s']:.0f} s)"
+                  f"  {row['train_peak_rss_mb'] / 1024:10.2f} GB ({row['train_wall_s']:.0f} s)")
+        return 0
 
     if args.what == "model":
         r = bench_model(args)

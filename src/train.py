@@ -258,7 +258,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     d = cfg.data
     train_ds = training_dataset(
         store, index, splits.train, labels, batch_size=batch, seed=int(cfg.seed),
-        target_frames=target_frames, shuffle_buffer=int(d.get("shuffle_buffer", 2048)),
+        target_frames=target_frames, shuffle_buffer_mb=float(d.get("shuffle_buffer_mb", 512)),
         memory_cache_mb=float(d.get("memory_cache_mb", 1024)), balanced=balanced,
         samples_per_epoch=samples if balanced else None, repeat=balanced,
         shard_by_file=str(t.get("strategy", "default")) == "multi_worker",
@@ -480,6 +480,7 @@ def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir):
         return save_attention_maps(
             backbone, np.stack([x for _, x in picked]), np.array(labels),
             list(index.class_names), out_dir, frame_rate=rate, prefix="best",
+            multi_label=index.multi_label,
         )
     except Exception as err:  # noqa: BLE001
         log.warning("attention maps were not written: %s", err)

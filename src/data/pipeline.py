@@ -190,7 +190,7 @@ def training_dataset(
     batch_size: int,
     seed: int,
     target_frames: int | None = None,
-    shuffle_buffer: int = 2048,
+    shuffle_buffer_mb: float = 512,
     memory_cache_mb: float = 1024,
     balanced: bool = False,
     samples_per_epoch: int | None = None,
@@ -220,9 +220,14 @@ def training_dataset(
             return tf.data.Dataset.from_tensors((row, feats)).repeat(k)
 
         ds = ds.flat_map(repeat_clip)
-    # The shuffle buffer holds the split when it is cached (a full shuffle), else a
-    # bounded number of clips.
-    buffer = max(len(rows), 1) if cached else int(shuffle_buffer)
+    # The shuffle buffer holds the split when it is cached (a full shuffle), else as many
+    # clips as fit in shuffle_buffer_mb.
+    clip_bytes = max(shape.model_frames, store.clip_frames) * store.n_mels * 4
+    if store.variable_length:  # stored clips are longer than the crop: count them whole
+        frames = store.frames_of()
+        longest = max((frames.get(index.records[int(r)].path, 0) for r in rows), default=0)
+        clip_bytes = max(clip_bytes, longest * store.n_mels * 4)
+    buffer = max(len(rows), 1) if cached else max(int(shuffle_buffer_mb * 2**20 // clip_bytes), 1)
     if balanced and cached:
         buffer = int(samples_per_epoch or len(rows)) + len(rows)
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
