@@ -226,7 +226,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
     return audio
 
 
-def _blocks(path: str, sample_rate: int, block_s: float) -> Iterator[np.ndarray]:
+def read_blocks(path: str, sample_rate: int, block_s: float) -> Iterator[np.ndarray]:
     from src.data.audio import read_audio_blocks
 
     _check_path(path)
@@ -305,7 +305,7 @@ def _class_names(model, num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def _takes_short_input(model) -> bool:
+def takes_short_input(model) -> bool:
     """Whether a window shorter than the clip goes in unpadded: the model pads its features
     (target_frames) or its position embedding takes any length."""
     if getattr(model, "target_frames", None) is not None:
@@ -321,7 +321,7 @@ def min_input_samples(model) -> int:
     position embedding, one frame for a model that pads its features), shorter windows
     being zero-padded to that."""
     clip = int(model.clip_samples)
-    if not _takes_short_input(model):
+    if not takes_short_input(model):
         return clip
     need = 1
     if getattr(model, "target_frames", None) is None:
@@ -431,9 +431,9 @@ def predict_files(
         results.append(entry)
         acc = _Average(model, names, clip, window, int(batch_size), per_window)
         try:
-            for start, piece in stream_windows(_blocks(path, sample_rate, block_s), window, hop):
+            for start, piece in stream_windows(read_blocks(path, sample_rate, block_s), window, hop):
                 # Windows shorter than the model's clip (window=SECONDS) are padded.
-                if len(piece) == window and window < clip and not _takes_short_input(model):
+                if len(piece) == window and window < clip and not takes_short_input(model):
                     piece = np.pad(piece, (0, clip - window))
                 acc.add(start, piece)
             acc.flush()
