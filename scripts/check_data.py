@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         data = cfg.data
         sample_rate = int(data.sample_rate)
         clip_samples = int(round(float(data.clip_seconds) * sample_rate))
+        variable_length = bool(data.get("variable_length", False))
         cache_dir = None if args.no_cache else Path(str(cfg.paths.cache_dir))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         print(f"error: invalid config: {err}", file=sys.stderr)
@@ -82,16 +83,33 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from src.data.check import check_records  # imports TensorFlow
 
+    # As the feature store reads the files (src/data/store.py): cropped / padded to the
+    # clip length, or, for data.variable_length, whole, with one analysis window of the
+    # frontend as the shortest usable clip.
+    min_samples = 0
+    if variable_length:
+        from src.models.build import build_frontend
+
+        try:
+            min_samples = int(getattr(build_frontend(cfg.frontend), "win_samples", 0) or 0)
+        except (ValueError, TypeError) as err:
+            print(f"error: invalid frontend config: {err}", file=sys.stderr)
+            return 2
+        how = (f"each file at its own length (data.variable_length; at least "
+               f"{min_samples} samples)")
+    else:
+        how = f"{clip_samples} samples per clip"
     print(
         f"dataset {data.get('name', data.format)} ({data.format}) at {index.root}: "
         f"{len(index.records)} records, {index.num_classes} classes; checking at "
-        f"{sample_rate} Hz, {clip_samples} samples per clip",
+        f"{sample_rate} Hz, {how}",
         flush=True,
     )
     report = check_records(
         index.records,
         sample_rate=sample_rate,
-        clip_samples=clip_samples,
+        clip_samples=None if variable_length else clip_samples,
+        min_samples=min_samples,
         cache_dir=cache_dir,
         progress=not args.no_progress,
         workers=args.workers,

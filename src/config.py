@@ -57,6 +57,12 @@ def validate_config(cfg: DictConfig) -> None:
                 f"trainer.{key}=[{a}, {b}] must satisfy 1 <= first <= last <= "
                 f"trainer.epochs={epochs}."
             )
+    from src.training.optim import build_optimizer
+
+    try:  # every optimizer key must mean something to the chosen optimizer
+        build_optimizer(cfg.trainer.optimizer, float(cfg.trainer.optimizer.lr))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     patience = cfg.trainer.get("early_stopping_patience")
     if patience is not None and (isinstance(patience, bool) or int(patience) < 1):
         raise ConfigError(

@@ -236,6 +236,10 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     balanced = bool(cfg.data.get("balanced_sampling", False))
     samples = int(cfg.data.get("samples_per_epoch") or len(splits.train))
     steps_per_epoch = math.ceil((samples if balanced else len(splits.train)) / batch)
+    # Multi-worker: each worker streams its own shard files, repeated, for the planned
+    # steps; every step then has a full batch on every worker (no uneven last batches).
+    shard_by_file = str(t.get("strategy", "default")) == "multi_worker"
+    stream = balanced or shard_by_file
     schedule = build_schedule(t.schedule, float(t.optimizer.lr), steps_per_epoch, int(t.epochs))
     smoothing = float(t.label_smoothing)
     if index.multi_label:
@@ -260,8 +264,8 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         store, index, splits.train, labels, batch_size=batch, seed=int(cfg.seed),
         target_frames=target_frames, shuffle_buffer_mb=float(d.get("shuffle_buffer_mb", 512)),
         memory_cache_mb=float(d.get("memory_cache_mb", 1024)), balanced=balanced,
-        samples_per_epoch=samples if balanced else None, repeat=balanced,
-        shard_by_file=str(t.get("strategy", "default")) == "multi_worker",
+        samples_per_epoch=samples if balanced else None, repeat=stream,
+        shard_by_file=shard_by_file,
     )
     train_ds = apply_mixup(
         train_ds,
@@ -336,7 +340,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         history = backbone.fit(
             train_ds,
             epochs=epochs,
-            steps_per_epoch=steps_per_epoch if balanced else None,
+            steps_per_epoch=steps_per_epoch if stream else None,
             callbacks=callbacks,
             verbose=int(t.verbose),
             shuffle=False,  # the tf.data pipeline shuffles

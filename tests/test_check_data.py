@@ -15,11 +15,14 @@ import tensorflow as tf
 from src.data.audio import decode_audio
 from src.data.check import (
     CACHE_NAME,
+    FATAL_KINDS,
+    NOTE_KINDS,
     CheckReport,
     FileProblem,
     check_file,
     check_records,
     filter_records,
+    inspect_file,
 )
 from src.data.esc50 import DatasetError, read_esc50
 from src.data.synthetic import generate_dataset
@@ -126,8 +129,7 @@ def test_check_file(tmp_path, name):
         assert isinstance(p, FileProblem)
         assert p.path == str(path)
         assert str(path) in p.message
-        assert p.fatal == (p.kind in {"missing", "empty", "unreadable", "unsupported",
-                                      "truncated"})
+        assert p.fatal == (p.kind in FATAL_KINDS) and p.kind in FATAL_KINDS + NOTE_KINDS
     assert any(p.fatal for p in problems) == fatal
     # "fatal" means exactly: the pipeline's own decoder fails on the file
     assert _decodes(path) == (not fatal)
@@ -143,6 +145,71 @@ def test_messages_say_what_is_wrong(tmp_path):
     assert "44100 Hz, resampled to 16000 Hz" in msg("44k")
     assert "zero-padded" in msg("short") and "cropped" in msg("long")
     assert "all zeros" in msg("silent")
+
+
+def test_fatal_means_the_decoder_fails_or_the_file_is_cut_off():
+    """The verdicts come from the pipeline's reader (soundfile + soxr): every format it
+    reads is fine, so there is no "unsupported" kind; a truncated WAV is refused although
+    soundfile reads what is left of it."""
+    assert FATAL_KINDS == ("missing", "empty", "unreadable", "truncated", "too_short")
+    assert "unsupported" not in FATAL_KINDS + NOTE_KINDS
+
+
+def test_truncated_wav_is_fatal_though_its_remains_decode(tmp_path):
+    path = CASES["truncated"][0](tmp_path)
+    with sf.SoundFile(path) as f:  # libsndfile opens it and reads the frames present
+        assert 0 < f.frames < CLIP and len(f.read()) == f.frames
+    samples, problems = inspect_file(path, sample_rate=SR, clip_samples=CLIP)
+    assert samples is None and [(p.kind, p.fatal) for p in problems] == [("truncated", True)]
+
+
+WINDOW = 400  # 25 ms at 16 kHz: the log-mel frontend's analysis window
+
+
+@pytest.mark.parametrize(
+    "seconds,rate,kinds",
+    [
+        (0.01, SR, {"too_short"}),  # 160 samples < one window
+        (0.02, 44100, {"too_short", "resampled"}),  # 882 samples at 44.1 kHz = 320 at 16 kHz
+        (WINDOW / SR, SR, set()),  # exactly one window
+        (DUR * 3, SR, set()),  # long: kept whole, not cropped (no "long" note)
+        (DUR / 2, SR, set()),  # short of clip_seconds: not padded (no "short" note)
+    ],
+)
+def test_variable_length_files_are_kept_whole_down_to_one_window(tmp_path, seconds, rate,
+                                                                   kinds):
+    path = _write(tmp_path / "clip.wav", _tone(seconds, rate), sr=rate)
+    samples, problems = inspect_file(path, sample_rate=SR, clip_samples=None,
+                                     min_samples=WINDOW)
+    assert {p.kind for p in problems} == kinds
+    fatal = "too_short" in kinds
+    assert all(p.fatal == (p.kind == "too_short") for p in problems)
+    if fatal:
+        assert samples is None
+        (msg,) = [p.message for p in problems if p.kind == "too_short"]
+        assert str(path) in msg and "one analysis window" in msg
+        assert "data.skip_bad_files=true" in msg
+    else:
+        assert abs(len(samples) - round(seconds * SR)) <= 1  # its own length
+    # The same file with a fixed clip length: padded or cropped, never too short.
+    assert "too_short" not in {p.kind for p in check_file(path, sample_rate=SR,
+                                                          clip_samples=CLIP)}
+
+
+def test_check_records_of_a_variable_length_dataset(tmp_path):
+    paths = [_write(tmp_path / "tiny.wav", _tone(0.01)),
+             _write(tmp_path / "long.wav", _tone(DUR * 3)),
+             _write(tmp_path / "ok.wav", _tone())]
+    kw = dict(sample_rate=SR, clip_samples=None, min_samples=WINDOW, progress=False,
+              cache_dir=tmp_path / "cache")
+    report = check_records(paths, **kw)
+    assert [(p.path, p.kind) for p in report.problems] == [(str(paths[0]), "too_short")]
+    assert report.fatal_paths() == {str(paths[0])}
+    assert check_records(paths, **kw).num_checked == 0  # cached
+    # The cache keeps the fixed-length verdicts apart: there "long" is a note.
+    fixed = check_records(paths, **{**kw, "clip_samples": CLIP, "min_samples": 0})
+    assert fixed.num_checked == 3
+    assert [p.kind for p in fixed.problems] == ["short", "long"] and not fixed.fatal()
 
 
 def test_silent_clip_decodes_to_finite_zeros(tmp_path):
@@ -287,6 +354,23 @@ def test_cli(tree, tmp_path):
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert str(bad) in broken.stdout and "unreadable" in broken.stdout
     assert "(23 unchanged since the last check" in broken.stdout
+
+
+def test_cli_checks_a_variable_length_dataset_as_the_store_reads_it(tmp_path):
+    """data=folder stores files at their own length: the CLI reports a file shorter than
+    one analysis window as fatal (training would stop on it) and a long file not at all."""
+    root = tmp_path / "audio"
+    for name, seconds in (("a/long.wav", 12.0), ("a/ok.wav", 1.0), ("b/ok.wav", 1.0),
+                          ("b/tiny.wav", 0.01)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        _write(root / name, _tone(seconds))
+    out = _cli("data=folder", f"data.root={root}", "data.labels_from_subdirs=true",
+               cache=tmp_path / "cache")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "each file at its own length" in out.stdout
+    assert "too_short (1 file(s))" in out.stdout and str(root / "b" / "tiny.wav") in out.stdout
+    assert "  long (" not in out.stdout and str(root / "a" / "long.wav") not in out.stdout
+    assert "1 file(s) with fatal problems, 0 note(s)" in out.stdout
 
 
 def test_cli_missing_dataset(tmp_path):

@@ -1,14 +1,20 @@
 """Every config group composes, and overrides land where they should."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, TINY_MODEL, train_env
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from src.config import ConfigError, validate_config
+from src.training.optim import OPTIMIZERS, build_optimizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 
 
 def make(*overrides):
@@ -17,7 +23,7 @@ def make(*overrides):
 
 
 def options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -32,6 +38,17 @@ def test_every_experiment_composes_and_validates(experiment):
 @pytest.mark.parametrize("data", options("data"))
 def test_every_model_data_pair_validates(model, data):
     validate_config(make(f"model={model}", f"data={data}"))
+
+
+def test_every_dataset_starts_from_the_common_keys():
+    """conf/data/_common.yaml holds the keys every dataset shares; it is not a dataset."""
+    common = OmegaConf.load(CONF / "data" / "_common.yaml")
+    assert "name" not in common and "format" not in common
+    assert "_common" not in options("data")
+    for data in options("data"):
+        d = make(f"data={data}").data
+        assert set(common) <= set(d), (data, sorted(set(common) - set(d)))
+        assert d.name == data and d.format
 
 
 def test_seed_model_matches_the_notes_example():
@@ -121,10 +138,173 @@ def test_optuna_search_space_composes():
                                    "model.num_layers", "model.dropout_rate"}
 
 
-def test_slurm_launcher_composes():
+def run_command(tmp_path, *args, env=None, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "src.train", *args], cwd=ROOT, env=env or train_env(tmp_path),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_slurm_launcher_submits_the_sweep_with_the_configured_resources(tmp_path):
+    """The sweep of the README's SLURM command goes to sbatch as one job array with the
+    plugin's defaults and the command's overrides, logging under the sweep's directory.
+    ``sbatch`` here is a stand-in that keeps the submission file and refuses the job (no
+    cluster), so nothing runs."""
+    bin_dir, kept = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\ncp "$1" "{kept}"\necho "sbatch: error: no cluster here" >&2\nexit 1\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = train_env(tmp_path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = run_command(
+        tmp_path, "-m", "experiment=quickstart", "model.num_heads=1,2",
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=1", "hydra.launcher.timeout_min=120", env=env,
+    )
+    assert out.returncode != 0 and "no cluster here" in out.stderr, out.stderr[-3000:]
+    flags = {line.split()[1] for line in kept.read_text().splitlines()
+             if line.startswith("#SBATCH ")}
+    # The launcher's choice, like its parameters, leaves the sweep's directory alone: the
+    # same sweep run locally lands there too.
+    sweep = tmp_path / "runs" / "quickstart" / "multirun" / "model.num_heads=1,2"
+    logs = sweep / ".submitit" / "%A_%a"
+    assert {
+        "--array=0-1%2",  # the two settings of the sweep, one array
+        "--time=120", "--partition=gpu", "--gpus-per-node=1",  # the overrides
+        "--job-name=train", "--nodes=1", "--ntasks-per-node=1",  # the plugin's defaults
+        "--signal=USR2@120",
+        f"--output={logs}/%A_%a_0_log.out", f"--error={logs}/%A_%a_0_log.err",
+    } <= flags, sorted(flags)
+    assert (sweep / "multirun.yaml").exists()
+    assert not list((tmp_path / "runs").rglob("results.json"))  # nothing ran
+
+
+# ------------------------------------------------------------- model.stride
+
+
+@pytest.mark.parametrize(
+    "model", [m for m in options("model") if make(f"model={m}").model.type == "transformer"]
+)
+def test_model_stride_sets_both_strides_and_an_axis_may_differ(model):
+    cfg = make(f"model={model}", "model.stride=12")
+    assert (cfg.model.f_stride, cfg.model.t_stride) == (12, 12)
+    cfg = make(f"model={model}", "model.stride=12", "model.f_stride=10")
+    assert (cfg.model.stride, cfg.model.f_stride, cfg.model.t_stride) == (12, 10, 12)
+
+
+def test_strides_reach_the_built_model():
+    from src.models.build import build_model
+
+    def patch_embed(*overrides):
+        cfg = make("model.embed_dim=16", "model.num_heads=2", "model.num_layers=1", *overrides)
+        model = build_model(cfg.model, cfg.frontend, num_classes=3, clip_samples=16000)
+        return model.backbone.patch_embed, cfg.frontend.n_mels, model.frontend.num_frames(16000)
+
+    p, mels, frames = patch_embed("model.stride=12")
+    assert (p.f_stride, p.t_stride) == (12, 12)
+    assert (p.f_dim, p.t_dim) == ((mels - 16) // 12 + 1, (frames - 16) // 12 + 1)
+    p, mels, frames = patch_embed("model.stride=12", "model.f_stride=10")
+    assert (p.f_stride, p.t_stride) == (10, 12)
+    assert (p.f_dim, p.t_dim) == ((mels - 16) // 10 + 1, (frames - 16) // 12 + 1)
+
+
+# ---------------------------------------------------------- trainer.optimizer
+
+
+@pytest.mark.parametrize("experiment", [None, *options("experiment")])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_experiments_optimizer_keys_are_taken_by_every_optimizer(experiment, name):
+    overrides = [f"experiment={experiment}"] if experiment else []
+    opt_cfg = make(*overrides, f"trainer.optimizer.name={name}").trainer.optimizer
+    opt = build_optimizer(opt_cfg, float(opt_cfg.lr))
+    assert type(opt).__name__.lower() == name
+    decay = float(opt_cfg.get("weight_decay") or 0.0)
+    assert float(opt.weight_decay or 0.0) == pytest.approx(decay)
+
+
+# ------------------------------------------------------------ run directories
+
+
+def run_dir(*overrides) -> Path:
+    """``hydra.run.dir`` of ``python -m src.train OVERRIDES`` (nothing runs)."""
+    import src.train  # noqa: F401  (registers the run_dirname resolver)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hydra/launcher=submitit_slurm",
-                                                      "hydra.launcher.timeout_min=120"],
-                      return_hydra_config=True)
-    assert "submitit" in cfg.hydra.launcher._target_.lower()
-    assert cfg.hydra.launcher.timeout_min == 120
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        return Path(OmegaConf.select(cfg, "hydra.run.dir"))
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_run_without_experiment_never_shares_the_quickstart_directory(monkeypatch):
+    monkeypatch.setenv("AUDIO_RUNS_DIR", "/runs")
+    # Both train on the quickstart data, with different settings (`make train` is the
+    # experiment): one directory for both would refuse the second, or resume the wrong run.
+    assert make().data.name == make("experiment=quickstart").data.name == "quickstart"
+    assert make().trainer.epochs != make("experiment=quickstart").trainer.epochs
+    assert run_dir() == Path("/runs/base-quickstart/default")
+    assert run_dir("experiment=quickstart") == Path("/runs/quickstart/default")
+    assert run_dir("trainer.epochs=3") == Path("/runs/base-quickstart/trainer.epochs=3")
+    assert make("data=esc50").name == "base-esc50"
+
+
+def _with_invariant(*extra) -> str:
+    keys = [*make().run_invariant_keys, *extra]
+    return f"run_invariant_keys=[{','.join(keys)}]"
+
+
+def test_run_invariant_keys_name_the_directory(monkeypatch):
+    monkeypatch.setenv("AUDIO_RUNS_DIR", "/runs")
+    plain = run_dir()
+    assert run_dir("logger=wandb", "tags=[a]", "data.folds=[2]", "trainer.verbose=0") == plain
+    assert run_dir("trainer.epochs=3") != plain
+    # A key added to the list is left out of the name.
+    longer = _with_invariant("trainer.epochs")
+    assert run_dir(longer, "trainer.epochs=3") == run_dir(longer) == plain
+
+
+def test_run_invariant_keys_are_the_ones_the_resume_check_ignores(tmp_path):
+    """The same list, read from the config, decides the resume check: an earlier run's
+    directory with another trainer.epochs is resumed when the key is in the list and
+    refused when it is not. (No data: each command stops at the dataset, after the check.)"""
+    args = ["data=esc50", f"data.root={tmp_path / 'nowhere'}", *TINY_MODEL,
+            _with_invariant("trainer.epochs")]
+    first = run_command(tmp_path, *args, "trainer.epochs=1")
+    assert first.returncode == 2 and "ESC-50 data not found" in first.stderr, first.stderr
+    (saved,) = (tmp_path / "runs" / "base-esc50").glob("*/config.yaml")
+    run_dir_ = saved.parent
+    assert "trainer.epochs" not in run_dir_.name
+    (run_dir_ / "fold_1").mkdir()  # an unfinished fold of the earlier run
+
+    second = run_command(tmp_path, *args, "trainer.epochs=2")  # same directory, resumed
+    assert second.returncode == 2, second.stderr
+    assert "ESC-50 data not found" in second.stderr and "different config" not in second.stderr
+    assert OmegaConf.load(saved).trainer.epochs == 2
+
+    # The default list: the same directory (forced here) is refused, naming the key.
+    third = run_command(tmp_path, *args[:-1], "trainer.epochs=3", f"hydra.run.dir='{run_dir_}'")
+    assert third.returncode == 2
+    assert "different config (trainer.epochs: 2 -> 3)" in third.stderr, third.stderr
+    assert "ESC-50 data not found" not in third.stderr
+
+
+def test_test_folds_that_train_are_refused_before_any_work(tmp_path):
+    out = run_command(tmp_path, "experiment=quickstart", "data.folds=[1]",
+                      "data.train_folds=[1,2]")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "data.train_folds=[1, 2] and data.folds=[1]" in out.stderr
+    assert "share fold(s) [1]" in out.stderr
+    assert not (tmp_path / "cache").exists()  # no data generated, no features
+    # Hydra's own files only: no lock, config, fold or results of ours.
+    (run_dir_,) = (tmp_path / "runs" / "quickstart").iterdir()
+    assert {p.name for p in run_dir_.iterdir()} <= {".hydra", "train.log"}
+    for overrides, key in ((["data.folds=[1]", "data.train_folds=[1,2]"], "data.train_folds"),
+                           (["data.folds=[3]", "data.val_folds=[3]"], "data.val_folds"),
+                           (["data.train_folds=[1]", "data.val_folds=[1]"], "data.train_folds")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_config(make("experiment=quickstart", *overrides))

@@ -2,9 +2,16 @@
 
 End to end as in test_train.py: `python -m src.train` in subprocesses on the generated
 quickstart data, compared with the single-device run of the same config.
+
+Run as a script (``python tests/test_distribute.py probe OUT OVERRIDES...``, one process
+per worker of the cluster in ``TF_CONFIG``) it reads the training split as a multi-worker
+run does and writes which clips each epoch gave this worker (:func:`probe_worker`).
 """
 
+import hashlib
 import json
+import math
+import os
 import socket
 import subprocess
 import sys
@@ -23,29 +30,33 @@ from src.training import distribute
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny quickstart of test_train.py: 12 classes x 5 clips of 1 s (48 train / 12 test).
-TINY = ["experiment=quickstart", *TINY_DATA, *TINY_MODEL]
+# The tiny quickstart of test_train.py: 12 classes x 5 clips of 1 s (fold 5 tests 12 clips,
+# 36 train and 12 validate). Two clips per feature-store shard: the training split lies in
+# about 30 shard files, which a multi-worker run shares out between its workers.
+TINY = ["experiment=quickstart", *TINY_DATA, *TINY_MODEL, "data.store.shard_clips=2"]
+NUM_TRAIN = 36
 # Runs compared number by number across strategies:
 # * no random layers (dropout, SpecAugment): each replica draws its own random numbers;
-# * one step per epoch (batch_size = the 48 training clips): under a strategy, Keras' fit
+# * one step per epoch (batch_size = the 36 training clips): under a strategy, Keras' fit
 #   draws a batch from a fresh iterator to build the model, which advances the seeded
 #   reshuffle, so with several steps per epoch the distributed run sees a different
 #   (equally random) order of the clips than the single-device run;
-# * 48 = 2 replicas x 24.
+# * 36 = 2 replicas x 18.
 COMPARABLE = [
     *TINY,
     "trainer.epochs=3",
-    "trainer.batch_size=48",
+    f"trainer.batch_size={NUM_TRAIN}",
     "trainer.deterministic=true",
+    "trainer.attention_maps=0",
     "model.dropout_rate=0.0",
     "augment.freq_mask_param=0",
     "augment.time_mask_param=0",
 ]
+PER_REPLICA = NUM_TRAIN // 2
 # Agreement with the single-device run. Only the order of the floating-point sums differs
 # (gradients all-reduced over the replicas, per-replica means); measured on 2 CPU cores:
-# relative differences of the per-epoch losses <= 2e-7 (mirrored and multi-worker), same
-# accuracies. Allowed: 1e-4 relative on losses, and one of the 12 test clips flipping on a
-# near-tie of its logits.
+# relative differences of the per-epoch losses <= 2e-7, same accuracies. Allowed: 1e-4
+# relative on losses, and one of the 12 test clips flipping on a near-tie of its logits.
 LOSS_RTOL = 1e-4
 
 
@@ -73,21 +84,34 @@ def fold_results(tmp: Path, name: str) -> dict:
 
 
 def assert_agree(result: dict, reference: dict) -> None:
-    for key in ("loss", "val_loss"):
+    for key in ("loss", "val_loss", "learning_rate"):
         np.testing.assert_allclose(
             result["history"][key], reference["history"][key], rtol=LOSS_RTOL, err_msg=key
         )
-    np.testing.assert_allclose(result["loss"], reference["loss"], rtol=LOSS_RTOL)
-    assert abs(result["accuracy"] - reference["accuracy"]) <= 1 / reference["num_test"] + 1e-9
+    np.testing.assert_allclose(result["test_loss"], reference["test_loss"], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(result["val_loss"], reference["val_loss"], rtol=LOSS_RTOL)
+    tol = 1 / reference["num_test"] + 1e-9
+    assert abs(result["test_accuracy"] - reference["test_accuracy"]) <= tol
     assert result["epochs"] == reference["epochs"] == 3
+    assert result["splits"] == reference["splits"]
+
+
+def load_weights(model_file: Path) -> list:
+    from src.models import load_model
+
+    return [np.asarray(w) for w in load_model(model_file).backbone.get_weights()]
 
 
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory):
-    """The default strategy's run (it also generates the data and caches the features)."""
+    """The default strategy's run (it also generates the data and builds the store)."""
     tmp = tmp_path_factory.mktemp("distribute")
     run_train(tmp, *COMPARABLE, "name=single", "trainer.strategy=default")
-    return tmp, fold_results(tmp, "single")
+    reference = fold_results(tmp, "single")
+    assert reference["num_train"] == NUM_TRAIN  # one step per epoch
+    assert all(math.isfinite(v) for v in reference["history"]["loss"])
+    assert reference["history"]["loss"][-1] < reference["history"]["loss"][0]
+    return tmp, reference
 
 
 def test_mirrored_on_two_logical_cpus_matches_single_device(single_device):
@@ -95,9 +119,16 @@ def test_mirrored_on_two_logical_cpus_matches_single_device(single_device):
     out = run_train(
         tmp, *COMPARABLE, "name=mirrored", "trainer.strategy=mirrored", "trainer.logical_cpus=2"
     )
-    assert "MirroredStrategy, replicas: 2, per-replica batch 24" in out.stdout + out.stderr
+    assert f"MirroredStrategy, replicas: 2, per-replica batch {PER_REPLICA}" in (
+        out.stdout + out.stderr
+    )
     result = fold_results(tmp, "mirrored")
     assert_agree(result, reference)
+    # The same weights, to the order of the floating-point sums.
+    (mirrored,) = (tmp / "runs" / "mirrored").glob("*/fold_5/model.keras")
+    (single,) = (tmp / "runs" / "single").glob("*/fold_5/model.keras")
+    for a, b in zip(load_weights(mirrored), load_weights(single), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def free_ports(n: int) -> list[int]:
@@ -111,22 +142,18 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def test_multi_worker_two_processes_match_single_device(single_device):
-    """Two workers on loopback (one CPU replica each); only the chief writes the run."""
-    tmp, reference = single_device
+def run_workers(tmp: Path, name: str, command: list[str], timeout=300) -> list[str]:
+    """Start one process per worker of a two-worker loopback cluster; their logs."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs, logs = [], []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        log_file = open(tmp / f"worker_{index}.log", "w")
+        log_file = open(tmp / f"{name}_{index}.log", "w")  # noqa: SIM115
         logs.append(log_file)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "src.train", *COMPARABLE, "name=multi",
-             "trainer.strategy=multi_worker"],
-            cwd=ROOT, env=train_env(tmp, TF_CONFIG=tf_config), stdout=log_file,
-            stderr=subprocess.STDOUT,
-        ))
-    deadline = time.time() + 300
+        env = train_env(tmp, TF_CONFIG=tf_config, PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
+                                      stderr=subprocess.STDOUT))
+    deadline = time.time() + timeout
     try:
         # One worker failing leaves the other waiting for it: stop at the first failure.
         while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -140,48 +167,164 @@ def test_multi_worker_two_processes_match_single_device(single_device):
             p.wait()
         for f in logs:
             f.close()
-    texts = [(tmp / f"worker_{i}.log").read_text() for i in range(2)]
+    texts = [(tmp / f"{name}_{i}.log").read_text() for i in range(2)]
     for p, text in zip(procs, texts):
         assert p.returncode == 0, text[-6000:]
-    assert "MultiWorkerMirroredStrategy, replicas: 2, per-replica batch 24" in texts[0]
+    return texts
 
+
+def probe_worker(out: str, overrides: list[str], epochs: int = 2) -> None:
+    """As one worker of ``trainer.strategy=multi_worker``: build the training split's
+    dataset as src.train does (the strategy from ``TF_CONFIG``, the feature store, the
+    splits, ``training_dataset(..., shard_by_file=True)``, streamed for the planned steps
+    of an epoch), distribute it as Keras' fit does, read ``epochs`` epochs and write the
+    clip keys each gave this worker's replica, and its batch sizes, to ``out`` (json)."""
+    import keras
+    from hydra import compose, initialize_config_dir
+
+    from src.data.datasets import load_index
+    from src.data.pipeline import LabelTable, training_dataset
+    from src.data.splits import make_splits
+    from src.train import build_features
+    from src.training.mixup import apply_mixup
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    distribute.setup(cfg, Path(out).parent)
+    strategy = distribute.get_strategy(cfg.trainer)
+    store, index, _ = build_features(cfg, load_index(cfg.data))
+    splits = make_splits(index, int(cfg.data.folds[0]), cfg.data)
+    batch = int(cfg.trainer.batch_size)
+    keras.utils.set_random_seed(int(cfg.seed))
+    ds = training_dataset(  # the buffer sizes at their defaults: they move no clip
+        store, index, splits.train, LabelTable(index), batch_size=batch, seed=int(cfg.seed),
+        target_frames=cfg.data.get("target_frames"),
+        memory_cache_mb=float(cfg.data.memory_cache_mb), repeat=True, shard_by_file=True,
+    )
+    ds = apply_mixup(ds, prob=float(cfg.augment.mixup), alpha=float(cfg.augment.mixup_alpha),
+                     domain=str(cfg.augment.mixup_domain))
+    dist = strategy.experimental_distribute_dataset(ds)
+
+    def digest(features):
+        return hashlib.sha1(np.ascontiguousarray(features, np.float32).tobytes()).hexdigest()
+
+    # A fixed-length clip reaches training as stored: its features identify it.
+    key_of = {digest(f.numpy()): k.numpy().decode() for k, f in store.records(store.shards)}
+    result = {"train": sorted(index.records[i].path for i in splits.train), "epochs": []}
+    steps = math.ceil(len(splits.train) / batch)  # the steps src.train plans per epoch
+    stream = iter(dist)
+    for _ in range(epochs):
+        keys, batches = [], []
+        for _ in range(steps):
+            x, _y = next(stream)
+            (local,) = strategy.experimental_local_results(x)  # this worker's one replica
+            batches.append(int(local.shape[0]))
+            keys += [key_of[digest(clip)] for clip in local.numpy()]
+        result["epochs"].append({"keys": keys, "batches": batches})
+    Path(out).write_text(json.dumps(result))
+
+
+def test_multi_worker_trains_from_shards_two_processes(single_device):
+    """Two workers on loopback (one CPU replica each), each streaming its own shard files.
+    Only the chief writes the run; both hold the same model; every step gives each worker
+    a full batch; no clip reaches both workers, and between them they train on the whole
+    training split."""
+    tmp, reference = single_device
+    texts = run_workers(tmp, "worker", [sys.executable, "-m", "src.train", *COMPARABLE,
+                                        "name=multi", "trainer.strategy=multi_worker"])
+    assert f"MultiWorkerMirroredStrategy, replicas: 2, per-replica batch {PER_REPLICA}" in (
+        texts[0]
+    )
     # The chief (worker 0) wrote the run; worker 1 wrote only to its scratch directory.
     assert len(list((tmp / "runs" / "multi").glob("*/results.json"))) == 1
     assert len(list((tmp / "runs" / "multi").glob("*/fold_*"))) == 1
     (scratch,) = (tmp / "scratch" / "audio-transformer-workers").glob("*/worker_1")
     assert (scratch / "fold_5" / "results.json").exists()
     assert "worker 1 is not the chief" in texts[1]
-
+    (run_dir,) = (tmp / "runs" / "multi").iterdir()
     chief = fold_results(tmp, "multi")
-    assert_agree(chief, reference)
     other = json.loads((scratch / "fold_5" / "results.json").read_text())
-    assert other["history"] == chief["history"]  # the same model on both workers
+    assert chief["splits"] == reference["splits"]
+    # The same model on both workers: mirrored variables, updated in step.
+    assert other["history"] == chief["history"]
+    for a, b in zip(load_weights(run_dir / "fold_5" / "model.keras"),
+                    load_weights(scratch / "fold_5" / "model.keras"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    loss = chief["history"]["loss"]
+    assert all(math.isfinite(v) for v in loss + chief["history"]["val_loss"])
+    assert loss[-1] < loss[0]
+    # The planned steps per epoch (ceil(36 / 36) = 1): the learning rate logged at each
+    # epoch's first step is the single-device run's.
+    np.testing.assert_allclose(chief["history"]["learning_rate"],
+                               reference["history"]["learning_rate"], rtol=1e-7)
+
+    # What each worker read: the same command's dataset, built and distributed as in fit.
+    run_workers(tmp, "probe", [sys.executable, str(Path(__file__).resolve()), "probe",
+                               str(tmp / "probe_{index}.json"), *COMPARABLE, "name=multi",
+                               "trainer.strategy=multi_worker"], timeout=240)
+    probes = [json.loads((tmp / f"probe_{i}.json").read_text()) for i in range(2)]
+    train = set(probes[0]["train"])
+    assert probes[1]["train"] == probes[0]["train"] and len(train) == NUM_TRAIN
+    # Each worker's share: the clips it read in any epoch (each reads 2 x 18 clips in the
+    # two epochs, more than its share of about 18, so it has gone through all of it).
+    shares = [{k for e in p["epochs"] for k in e["keys"]} for p in probes]
+    assert not shares[0] & shares[1], "a clip reached both workers"
+    assert shares[0] | shares[1] == train  # every training clip is someone's
+    assert min(len(s) for s in shares) > 0
+    for epoch in range(2):
+        reads = [p["epochs"][epoch] for p in probes]
+        for read in reads:  # one full per-replica batch per step, on every worker
+            assert read["batches"] == [PER_REPLICA] * math.ceil(NUM_TRAIN / (2 * PER_REPLICA))
+    # The first epoch, from a fresh stream: a worker whose share is larger than what an
+    # epoch reads leaves the rest of it for the next epoch; every other clip is read.
+    first = [set(p["epochs"][0]["keys"]) for p in probes]
+    per_epoch = len(probes[0]["epochs"][0]["keys"])
+    assert len(train - first[0] - first[1]) == sum(max(0, len(s) - per_epoch) for s in shares)
+    for read, share in zip(first, shares):
+        assert len(read) == min(len(share), per_epoch)
 
 
 @pytest.mark.slow
-def test_mixed_precision_on_cpu_warns_and_trains_in_float32(tmp_path):
-    out = run_train(
-        tmp_path, *TINY, "trainer.epochs=1", "trainer.mixed_precision=true",
-        "trainer.jit_compile=true",
-    )
+def test_mixed_precision_on_cpu_is_ignored_and_trains_exactly_as_float32(tmp_path):
+    """mixed_precision=true without a GPU is float32 training: the same numbers."""
+    one = [*COMPARABLE, "trainer.epochs=1", "trainer.jit_compile=true"]
+    out = run_train(tmp_path, *one, "name=fp16", "trainer.mixed_precision=true")
     assert "trainer.mixed_precision=true: no GPU found" in out.stdout + out.stderr
-    (model_file,) = (tmp_path / "runs").rglob("fold_5/model.keras")
+    (model_file,) = (tmp_path / "runs" / "fp16").rglob("fold_5/model.keras")
     with zipfile.ZipFile(model_file) as zf:
         config = zf.read("config.json").decode()
     assert "mixed_float16" not in config and '"float32"' in config
-    (results,) = (tmp_path / "runs").rglob("fold_5/results.json")
-    assert 0.0 <= json.loads(results.read_text())["accuracy"] <= 1.0
+    run_train(tmp_path, *one, "name=fp32")
+    ignored, plain = fold_results(tmp_path, "fp16"), fold_results(tmp_path, "fp32")
+    assert ignored["history"] == plain["history"]
+    assert ignored["test_report"] == plain["test_report"]
 
 
 @pytest.mark.slow
 def test_bfloat16_training_on_cpu(tmp_path):
-    out = run_train(tmp_path, *TINY, "trainer.epochs=1", "trainer.mixed_precision=bfloat16")
+    """bfloat16 compute, float32 variables and logits; a run that learns."""
+    import keras
+
+    from src.models import load_model
+
+    out = run_train(tmp_path, *COMPARABLE, "name=bf16", "trainer.mixed_precision=bfloat16")
     (model_file,) = (tmp_path / "runs").rglob("fold_5/model.keras")
     with zipfile.ZipFile(model_file) as zf:
         config = zf.read("config.json").decode()
     assert "mixed_bfloat16" in config, out.stderr[-2000:]
-    (results,) = (tmp_path / "runs").rglob("fold_5/results.json")
-    assert 0.0 <= json.loads(results.read_text())["accuracy"] <= 1.0
+    model = load_model(model_file)
+    assert model.backbone.dtype_policy.name == "mixed_bfloat16"
+    assert {keras.backend.standardize_dtype(w.dtype) for w in model.weights} == {"float32"}
+    wave = np.random.default_rng(0).standard_normal((2, 16000)).astype("float32") * 0.1
+    logits = model(wave)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    assert np.isfinite(keras.ops.convert_to_numpy(logits)).all()
+    r = fold_results(tmp_path, "bf16")
+    loss = r["history"]["loss"]
+    assert all(math.isfinite(v) for v in loss) and loss[-1] < loss[0]
+    m = np.array(r["test_report"]["confusion_matrix"])
+    assert m.sum() == r["num_test"] and np.trace(m) / m.sum() == pytest.approx(
+        r["test_accuracy"])
 
 
 def test_bfloat16_policy_leaves_the_frontend_and_logits_in_float32(tmp_path):
@@ -305,3 +448,8 @@ def test_only_the_chief_writes_the_run_dir(monkeypatch, tmp_path):
     task("chief", 0, with_chief)
     assert distribute.is_chief(cfg)
     assert distribute.output_dir({"strategy": "mirrored"}, run_dir) == run_dir
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    probe_worker(sys.argv[2].format(index=task["index"]), sys.argv[3:])

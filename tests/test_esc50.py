@@ -172,13 +172,30 @@ def test_category_on_two_targets(tmp_path):
         read_esc50(root)
 
 
-def test_non_contiguous_targets(tmp_path):
+def test_non_contiguous_targets_are_remapped_and_the_mapping_recorded(tmp_path, caplog):
     root = _write_tree(
         tmp_path / "ds",
-        "1-1-A-0.wav,1,0,dog,False,1,A\n1-2-A-2.wav,1,2,cat,False,2,A\n",
+        "1-1-A-0.wav,1,0,dog,False,1,A\n1-2-A-5.wav,1,5,cat,False,2,A\n"
+        "2-3-A-2.wav,2,2,cow,False,3,A\n2-4-A-5.wav,2,5,cat,False,4,A\n",
     )
-    with pytest.raises(DatasetError, match=r"contiguous.*\[0, 2\]"):
-        read_esc50(root)
+    with caplog.at_level("INFO", logger="src.data.esc50"):
+        index = read_esc50(root)
+    assert index.class_names == ("dog", "cow", "cat")  # in the order of the csv's targets
+    assert [r.label for r in index.records] == [0, 2, 1, 2]
+    assert index.info["target_remap"] == {"0": 0, "2": 1, "5": 2}
+    (message,) = [r.getMessage() for r in caplog.records if "remapped" in r.getMessage()]
+    assert str(root / "meta" / "esc50.csv") in message and "0, 2, 5" in message
+    assert "0..2" in message
+
+
+def test_contiguous_targets_are_kept_as_they_are(tree):
+    index = read_esc50(tree)
+    assert "target_remap" not in index.info
+    # ESC-10's subset of the targets is remapped to 0..9, in the order of the targets.
+    kept = sorted(index.class_names.index(c) for c in ESC10_CLASSES)
+    assert kept != list(range(10))
+    remap = read_esc50(tree, esc10_only=True).info["target_remap"]
+    assert remap == {str(t): i for i, t in enumerate(kept)}
 
 
 def test_empty_csv(tmp_path):

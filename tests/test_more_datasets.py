@@ -315,7 +315,7 @@ def test_esc10_data_config():
     cfg = make_cfg("data=esc10")
     validate_config(cfg)
     esc50 = make_cfg("data=esc50").data
-    assert cfg.data.name == "esc10" and cfg.name == "esc10"
+    assert cfg.data.name == "esc10" and cfg.name == "base-esc10"  # no experiment: base-
     assert cfg.data.esc10 is True and cfg.data.format == "esc50"
     assert (cfg.data.root, list(cfg.data.folds)) == (esc50.root, list(esc50.folds))
 
@@ -338,4 +338,32 @@ def test_urbansound8k_trains_end_to_end(tmp_path, us8k_tree):
     r = json.loads(results.read_text())
     assert r["dataset"] == "urbansound8k" and r["class_names"] == list(US8K_CLASSES)
     (fold,) = r["per_fold"]
-    assert (fold["fold"], fold["num_test"], fold["num_train"]) == (1, 6, 12)
+    # Folds 2-3 train (12 clips, 4 per class); one clip per class is carved off to validate.
+    assert (fold["fold"], fold["num_train"], fold["num_val"], fold["num_test"]) == (1, 9, 3, 6)
+    assert "carved from the training folds" in fold["splits"]["val_source"]
+
+
+def test_fixed_train_validation_and_test_lists_train_end_to_end(tmp_path, sc_tree):
+    """data.train_folds / data.val_folds: Speech Commands' lists are the splits, exactly."""
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", "data=speech_commands", f"data.root={sc_tree}",
+         *TINY_MODEL, "trainer.epochs=1", "trainer.attention_maps=0"],
+        cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    (run_dir,) = {p.parent for p in (tmp_path / "runs").rglob("results.json")
+                  if not p.parent.name.startswith("fold_")}
+    fold = json.loads((run_dir / "fold_3" / "results.json").read_text())
+    listed = {name: set((sc_tree / name).read_text().split())
+              for name in ("validation_list.txt", "testing_list.txt")}
+    clips = {f"{w}/{s}_nohash_{n}.wav" for w in WORDS for s in SPEAKERS for n in range(2)}
+    train = clips - listed["validation_list.txt"] - listed["testing_list.txt"]
+    assert fold["splits"] == {
+        "num_train": len(train), "num_val": len(listed["validation_list.txt"]),
+        "num_test": len(listed["testing_list.txt"]), "val_source": "fixed: validation",
+    }
+    assert (len(train), len(listed["validation_list.txt"])) == (20, 10)
+    # The test split is the testing list: its clips are the ones scored.
+    keys = np.load(run_dir / "fold_3" / "predictions" / "test_last.npz")["keys"]
+    assert {Path(k).relative_to(sc_tree).as_posix() for k in keys} == listed["testing_list.txt"]
+    assert json.loads((run_dir / "results.json").read_text())["cv"]["folds"] == [3]

@@ -15,7 +15,14 @@ def _env(tmp_path):
     return train_env(tmp_path, WANDB_MODE="disabled", PYTHON=sys.executable)
 
 
-def test_pipeline_benchmark_reports_throughput(tmp_path):
+def _finite_positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_pipeline_benchmark_report_is_consistent(tmp_path):
+    """Relations the report must satisfy whatever the machine's speed: the clips it timed
+    are the clips it generated, the feature shape is the frontend's, every timed stage has
+    its rate and CPU use, and loading stored features beats computing them."""
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "pipeline", "--clips", "12", "--seconds",
          "0.5", "--repeats", "1", "--json"],
@@ -23,10 +30,25 @@ def test_pipeline_benchmark_reports_throughput(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["clips"] == 12 and r["file_rate"] == 44100 and r["feature_shape"] == [48, 128]
-    for key in ("decode_resample_clips_per_s", "first_epoch_features_clips_per_s",
-                "cache_load_clips_per_s", "cached_epoch_clips_per_s"):
-        assert r[key] > 0
+    from src.models.frontend import LogMel
+
+    frames = LogMel(sample_rate=16000, n_mels=128).num_frames(8000)  # 0.5 s at 16 kHz
+    assert (r["clips"], r["tfio_clips"], r["clip_seconds"]) == (12, 12, 0.5)
+    assert (r["file_rate"], r["model_rate"], r["n_mels"]) == (44100, 16000, 128)
+    assert r["feature_shape"] == [frames, 128]
+    rates = {k[: -len("_clips_per_s")]: v for k, v in r.items() if k.endswith("_clips_per_s")}
+    timed = ("decode_only", "decode_wav_only", "one_thread", "all_cores", "graph_sequential",
+             "decode_resample", "tfio_resample")
+    assert set(timed) | {"first_epoch_features", "cache_load", "cached_epoch"} <= set(rates)
+    for stage, rate in rates.items():
+        assert _finite_positive(rate), (stage, rate)
+    for stage in timed:
+        busy, others = r[f"{stage}_cpu_cores"], r[f"{stage}_other_processes_cpu_cores"]
+        # process CPU time / wall time: at most the cores it may run on
+        assert math.isfinite(busy) and 0.0 <= busy <= r["cpu_count"] + 0.5, (stage, busy)
+        assert others is None or (math.isfinite(others) and others >= 0.0), (stage, others)
+    # Reading the stored features (np.load) beats decoding, resampling and computing them.
+    assert r["cache_load_clips_per_s"] > r["first_epoch_features_clips_per_s"]
 
 
 @pytest.mark.parametrize(
@@ -96,8 +118,25 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
     assert r["gflops_per_clip_forward_all_rows"] * 1e9 == pytest.approx(full)
     assert r["gflops_per_clip_forward"] * 1e9 == pytest.approx(pooled + head)
     assert r["pooled_last_block"] is True
+    assert r["grid"] == [2, 4] and r["train_patches"] == 8  # no patchout: every patch
+    from src.models.build import build_model
+
+    cfg = dict(embed_dim=16, num_layers=1, num_heads=2, ff_dim=32, f_stride=16, t_stride=16,
+               norm_first=True, activation="gelu", pooling="cls_dist")
+    model = build_model(cfg, dict(n_mels=32), num_classes=50, clip_samples=63 * 160 + 400)
+    assert r["parameters"] == model.backbone.count_params()
     for key in ("train_clips_per_s", "infer_clips_per_s", "latency_ms", "peak_gflops_per_s"):
-        assert r[key] > 0
+        assert _finite_positive(r[key]), key
+    # The derived rates are the FLOPs per clip times the measured clips per second, and a
+    # fraction of the measured peak (a 16-wide model is nowhere near it).
+    assert r["train_gflops_per_s"] == pytest.approx(
+        3 * r["gflops_per_clip_train_forward"] * r["train_clips_per_s"])
+    assert r["infer_gflops_per_s"] == pytest.approx(
+        r["gflops_per_clip_forward"] * r["infer_clips_per_s"])
+    for kind in ("train", "infer"):
+        fraction = r[f"{kind}_fraction_of_peak"]
+        assert fraction == pytest.approx(r[f"{kind}_gflops_per_s"] / r["peak_gflops_per_s"])
+        assert 0.0 < fraction < 1.0
 
 
 def test_ast_esc50_script_smoke_run_from_imported_weights(tmp_path):

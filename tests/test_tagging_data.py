@@ -685,7 +685,7 @@ def test_data_configs(monkeypatch):
     assert (tq.format, tq.root) == ("synthetic_tagging", "/cache/tagging_quickstart")
     assert list(tq.folds) == [3] and list(tq.train_folds) == [1] and tq.val_folds is None
     assert set(quick) - {"generate"} <= set(tq)
-    assert dict(tq.generate) == {"train_clips": 600, "eval_clips": 200, "duration": 3.0,
+    assert dict(tq.generate) == {"train_clips": 600, "eval_clips": 200, "duration": 2.0,
                                  "max_events": 3, "seed": 0, "sample_rate": 16000}
 
     bal = make_cfg("data=audioset_balanced").data

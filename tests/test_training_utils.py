@@ -45,36 +45,143 @@ def test_adam_gets_the_ast_betas():
     assert (opt.beta_1, opt.beta_2, opt.weight_decay) == (0.95, 0.999, 5e-7)
 
 
-def test_mixup_power_domain_matches_mixed_power():
-    x = np.log(np.stack([np.full((3, 2), 4.0), np.full((3, 2), 1.0)])).astype("float32")
-    y = np.eye(2, dtype="float32")
-    mx, my = mixup_batch(tf.constant(x), tf.constant(y), prob=1.0, alpha=10.0, domain="power",
-                         seed=tf.constant([1, 2]))
-    mx, my = mx.numpy(), my.numpy()
-    np.testing.assert_allclose(my.sum(-1), 1.0, atol=1e-6)
-    for i in range(2):
-        lam = my[i, i]
-        other = 1 - i
-        if lam == 1.0:  # permuted onto itself
-            np.testing.assert_allclose(mx[i], x[i], atol=1e-5)
-            continue
-        expected = np.log(lam**2 * np.exp(x[i]) + (1 - lam) ** 2 * np.exp(x[other]))
-        np.testing.assert_allclose(mx[i], expected, atol=1e-5)
+def _one_step(opt, start: float, grad: float) -> float:
+    """The value of a scalar weight ``start`` after one step of ``opt`` with ``grad``."""
+    w = keras.Variable(np.float32(start))
+    opt.apply_gradients([(tf.constant(np.float32(grad)), w)])
+    return float(keras.ops.convert_to_numpy(w))
 
 
-def test_mixup_probability_zero_and_one():
-    x = tf.random.normal((64, 5, 4))
-    y = tf.one_hot(tf.range(64), 64)  # one class per example: lam = the largest label
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_weight_decay_zero_is_no_decay_and_epsilon_is_used(name):
+    """``weight_decay: 0.0`` means no decay for AdamW too (not Keras' default of 0.01), and
+    ``epsilon`` reaches AdamW as it reaches Adam."""
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1.0
+    cfg = {"name": name, "lr": lr, "beta_1": b1, "beta_2": b2, "weight_decay": 0.0,
+           "epsilon": eps}
+    opt = build_optimizer(cfg, lr)
+    assert type(opt) is {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}[name]
+    assert not opt.weight_decay and opt.epsilon == eps
+    # A zero gradient moves nothing but decay: the weight stays where it is.
+    assert _one_step(build_optimizer(cfg, lr), 3.0, 0.0) == 3.0
+    # One step with gradient g from m = v = 0 (Keras' Adam): the weight moves by
+    # lr * sqrt(1 - b2) / (1 - b1) * (1 - b1) g / (sqrt((1 - b2) g^2) + eps); the
+    # default epsilon (1e-7) would move it by about lr.
+    g = 1.0
+    step = lr * np.sqrt(1 - b2) * g / (np.sqrt((1 - b2) * g * g) + eps)
+    assert _one_step(build_optimizer(cfg, lr), 3.0, g) == pytest.approx(3.0 - step, rel=1e-6)
+    # A decay that is asked for is decoupled: w <- w - lr * wd * w, on top of the step.
+    decayed = build_optimizer({**cfg, "weight_decay": 0.5}, lr)
+    assert _one_step(decayed, 3.0, 0.0) == pytest.approx(3.0 * (1 - lr * 0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        ({"name": "adam", "momentum": 0.9}, "momentum"),  # an SGD key under Adam
+        ({"name": "adamw", "weight_decy": 0.01}, "weight_decy"),  # a typo
+        ({"name": "sgd", "amsgrad": True}, "amsgrad"),
+    ],
+)
+def test_unknown_optimizer_key_is_an_error_naming_it(cfg, key):
+    with pytest.raises(ValueError, match=rf"trainer\.optimizer\.{key} is not an option"):
+        build_optimizer(cfg, 1e-3)
+
+
+# Mixup. With one-hot targets of distinct classes (the identity matrix), each mixed target
+# row shows the pairing and lam: row i is lam_i at i and 1 - lam_i at its partner.
+
+
+def _pairing(my: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(partner of each example, its lam) from mixed identity targets."""
+    lam = np.diag(my).copy()
+    off = my - np.diag(lam)
+    partner = np.where(lam < 1.0, off.argmax(1), np.arange(len(my)))
+    return partner, lam
+
+
+def _expected_mix(x, partner, lam, domain):
+    lx = lam[:, None, None]
+    x2 = x[partner]
+    if domain == "power":
+        return np.log(lx**2 * np.exp(x) + (1 - lx) ** 2 * np.exp(x2))
+    return lx * x + (1 - lx) * x2
+
+
+def test_mixup_mixes_features_and_targets_with_one_lam_in_both_domains():
+    rng = np.random.default_rng(0)
+    x = np.log(rng.uniform(0.1, 10.0, (4, 3, 2))).astype("float32")  # distinct log-mels
+    seed = tf.constant([7, 0])  # pairs every example with another one (checked below)
+    out = {}
+    for domain in ("power", "logmel"):
+        mx, my = mixup_batch(tf.constant(x), tf.eye(4), prob=1.0, alpha=10.0, domain=domain,
+                             seed=seed)
+        out[domain] = mx.numpy(), my.numpy()
+    my = out["power"][1]
+    np.testing.assert_array_equal(out["logmel"][1], my)  # the seed alone draws pairs and lam
+    partner, lam = _pairing(my)
+    assert (partner != np.arange(4)).all(), f"the seed must pair no example with itself: {my}"
+    assert ((lam > 0.2) & (lam < 0.8) & (np.abs(lam - 0.5) > 0.05)).all(), lam
+    np.testing.assert_allclose(my.sum(1), 1.0, atol=1e-6)
+    for domain in ("power", "logmel"):
+        np.testing.assert_allclose(out[domain][0], _expected_mix(x, partner, lam, domain),
+                                   rtol=1e-5, atol=1e-5, err_msg=domain)
+    # The two domains give different mixes (lam**2 of the powers vs lam of the logs).
+    assert np.abs(out["power"][0] - out["logmel"][0]).max() > 0.05
+
+    # Multi-hot targets: mixed with the same pairs and the same lam as the features.
+    y = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 0, 1, 1], [1, 0, 0, 0, 1]],
+                 "float32")
+    mx, my_multi = mixup_batch(tf.constant(x), tf.constant(y), prob=1.0, alpha=10.0,
+                               domain="power", seed=seed)
+    np.testing.assert_array_equal(mx.numpy(), out["power"][0])
+    np.testing.assert_allclose(
+        my_multi.numpy(), lam[:, None] * y + (1 - lam[:, None]) * y[partner], atol=1e-6
+    )
+
+
+def test_mixup_leaves_an_example_paired_with_itself_unchanged():
+    rng = np.random.default_rng(1)
+    x = np.log(rng.uniform(0.1, 10.0, (4, 3, 2))).astype("float32")
+    mx, my = mixup_batch(tf.constant(x), tf.eye(4), prob=1.0, alpha=10.0, domain="power",
+                         seed=tf.constant([7, 4]))  # example 3 draws itself
+    partner, lam = _pairing(my.numpy())
+    assert partner[3] == 3 and (partner[:3] != np.arange(3)).all(), my.numpy()
+    np.testing.assert_array_equal(mx.numpy()[3], x[3])
+    np.testing.assert_array_equal(my.numpy()[3], np.eye(4)[3])
+    np.testing.assert_allclose(mx.numpy(), _expected_mix(x, partner, lam, "power"), atol=1e-5)
+    # prob = 0: nothing is mixed.
+    mx0, my0 = mixup_batch(tf.constant(x), tf.eye(4), prob=0.0, alpha=10.0, domain="power",
+                           seed=tf.constant([7, 0]))
+    np.testing.assert_array_equal(mx0.numpy(), x)
+    np.testing.assert_array_equal(my0.numpy(), np.eye(4))
+
+
+def test_apply_mixup_probability_zero_and_one():
+    x = tf.random.stateless_normal((64, 5, 4), seed=[1, 2])
+    y = tf.one_hot(tf.range(64), 64)  # one class per example: the pairing shows in y
     ds = tf.data.Dataset.from_tensors((x, y))
-    assert apply_mixup(ds, prob=0.0, alpha=10, domain="logmel", seed=0) is ds
-    (mx, my), = list(apply_mixup(ds, prob=1.0, alpha=10, domain="logmel", seed=0))
-    lam = my.numpy().max(-1)
-    # Beta(10, 10) concentrates around 0.5 (max(lam, 1 - lam) in [0.5, 0.8] mostly);
-    # an example paired with itself is left unchanged (lam = 1).
-    assert np.mean((lam >= 0.5) & (lam < 0.8)) > 0.8
-    np.testing.assert_allclose(my.numpy().sum(-1), 1.0, atol=1e-6)
-    (mx2, _), = list(apply_mixup(ds, prob=1.0, alpha=10, domain="logmel", seed=0))
-    np.testing.assert_array_equal(mx.numpy(), mx2.numpy())  # deterministic per seed
+    assert apply_mixup(ds, prob=0.0, alpha=10, domain="logmel") is ds
+
+    def mixed(global_seed):
+        keras.utils.set_random_seed(global_seed)
+        ((mx, my),) = list(apply_mixup(ds, prob=1.0, alpha=10, domain="logmel"))
+        return mx.numpy(), my.numpy()
+
+    mx, my = mixed(0)
+    partner, lam = _pairing(my)
+    paired = partner != np.arange(64)
+    assert paired.mean() > 0.9  # prob=1: all but the examples that drew themselves
+    # Beta(10, 10) concentrates around 0.5: lam within [0.2, 0.8] nearly always.
+    assert np.mean((lam[paired] > 0.2) & (lam[paired] < 0.8)) > 0.95
+    np.testing.assert_allclose(my.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mx, _expected_mix(x.numpy(), partner, lam, "logmel"),
+                               rtol=1e-5, atol=1e-5)
+    # Stateful random ops, seeded by keras.utils.set_random_seed: the same global seed
+    # gives the same mix, another seed another one.
+    again, _ = mixed(0)
+    np.testing.assert_array_equal(mx, again)
+    assert not np.array_equal(mx, mixed(1)[0])
 
 
 def test_classification_report_and_confusion():

@@ -186,13 +186,16 @@ def _decode(path: str, sample_rate: int, clip_samples: int | None):
 
 
 def check_file(
-    path: str | os.PathLike, *, sample_rate: int, clip_samples: int
+    path: str | os.PathLike, *, sample_rate: int, clip_samples: int | None,
+    min_samples: int = 0,
 ) -> list[FileProblem]:
     """Problems of one audio file as the pipeline would read it; ``[]`` when there are none.
 
     See :func:`inspect_file`, which also returns the decoded samples.
     """
-    return inspect_file(path, sample_rate=sample_rate, clip_samples=clip_samples)[1]
+    return inspect_file(
+        path, sample_rate=sample_rate, clip_samples=clip_samples, min_samples=min_samples
+    )[1]
 
 
 def inspect_file(
@@ -332,8 +335,8 @@ class _Cache:
             log.warning("ignoring unreadable check cache %s: %s", self.file, err)
 
     @staticmethod
-    def key(path: str, sample_rate: int, clip_samples: int) -> str:
-        return f"{path}|{sample_rate}|{clip_samples}"
+    def key(path: str, sample_rate: int, clip_samples: int | None, min_samples: int) -> str:
+        return f"{path}|{sample_rate}|{clip_samples}|{min_samples}"
 
     def get(self, key: str, stat_key: tuple[int, int]) -> list[FileProblem] | None:
         entry = self.entries.get(key)
@@ -364,20 +367,28 @@ def check_records(
     records: Iterable[Record | str | os.PathLike],
     *,
     sample_rate: int,
-    clip_samples: int,
+    clip_samples: int | None,
+    min_samples: int = 0,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     workers: int | None = None,
 ) -> CheckReport:
     """Run :func:`check_file` over the records' files (each distinct path once).
 
-    Files are checked by ``workers`` threads (default: one per CPU core). With ``cache_dir``, results are kept in
-    ``cache_dir/data_check.json`` and reused for files whose size and mtime are unchanged
-    (a missing file is checked every time); ``num_checked`` of the report counts the files
-    actually checked. Problems are listed in the order of ``records``.
+    ``clip_samples``: the clip length files are cropped / padded to; None for a dataset
+    stored at its own length (``data.variable_length``), where a file shorter than
+    ``min_samples`` (one analysis window) is fatal, as the feature store finds it.
+
+    Files are checked by ``workers`` threads (default: one per CPU core). With
+    ``cache_dir``, results are kept in ``cache_dir/data_check.json`` and reused for files
+    whose size and mtime are unchanged (a missing file is checked every time);
+    ``num_checked`` of the report counts the files actually checked. Problems are listed
+    in the order of ``records``.
     """
-    sample_rate, clip_samples = int(sample_rate), int(clip_samples)
-    if sample_rate <= 0 or clip_samples <= 0:
+    sample_rate = int(sample_rate)
+    clip_samples = None if clip_samples is None else int(clip_samples)
+    min_samples = int(min_samples or 0)
+    if sample_rate <= 0 or (clip_samples is not None and clip_samples <= 0):
         raise ValueError(
             f"sample_rate and clip_samples must be positive, got {sample_rate}, {clip_samples}"
         )
@@ -390,14 +401,16 @@ def check_records(
         stat_key = _stat_key(path)  # taken before the check: a file changed meanwhile
         cached = None  # is re-checked next time
         if cache is not None and stat_key is not None:
-            cached = cache.get(cache.key(path, sample_rate, clip_samples), stat_key)
+            cached = cache.get(cache.key(path, sample_rate, clip_samples, min_samples),
+                               stat_key)
         if cached is None:
             todo.append((path, stat_key))
         else:
             results[path] = cached
 
     def run(path: str) -> list[FileProblem]:
-        return check_file(path, sample_rate=sample_rate, clip_samples=clip_samples)
+        return check_file(path, sample_rate=sample_rate, clip_samples=clip_samples,
+                          min_samples=min_samples)
 
     with tqdm(
         total=len(paths),
@@ -411,7 +424,8 @@ def check_records(
         for (path, stat_key), problems in zip(todo, pool.map(run, [p for p, _ in todo])):
             results[path] = problems
             if cache is not None and stat_key is not None:
-                cache.put(cache.key(path, sample_rate, clip_samples), stat_key, problems)
+                cache.put(cache.key(path, sample_rate, clip_samples, min_samples), stat_key,
+                          problems)
             bar.update(1)
     if cache is not None:
         try:

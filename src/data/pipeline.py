@@ -199,8 +199,9 @@ def training_dataset(
 ) -> tf.data.Dataset:
     """Batches ``(features (B, frames, n_mels), targets (B, K))`` of one epoch (or, with
     ``repeat``, an endless stream; the caller sets steps per epoch). ``shard_by_file``:
-    under a multi-worker strategy, tf.distribute gives each worker its own shard files
-    (the epoch then ends when the first worker runs out of clips)."""
+    under a multi-worker strategy, tf.distribute gives each worker its own shard files;
+    the trainer then repeats the stream and sets the steps per epoch, so that every step
+    has a full batch on every worker (workers hold different numbers of clips)."""
     rows = np.asarray(rows, np.int64)
     shape = _Shape(store, target_frames)
     ds, _files = _records(store, index, rows, shuffle_files=True, seed=seed)
