@@ -55,6 +55,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -534,6 +535,7 @@ def bench_model(args):
                 args.batch / _timed(lambda: plain[1].train_on_batch(x, y)))
             ours.setdefault("infer_plain", []).append(
                 args.batch / _timed(lambda: plain[2](x).numpy()))
+    profile = profile_train_step(backbone, x, y, args.profile) if args.profile else None
     flops, patches = model_flops(args.embed, args.layers, args.ff, args.mels, args.frames, 16,
                                  args.stride, args.stride, args.classes,
                                  last_rows=None if args.full_last_block else 2)
@@ -555,6 +557,7 @@ def bench_model(args):
                       mels=args.mels, frames=args.frames, stride=args.stride,
                       patches=patches, batch=args.batch),
         "grid": list(backbone.grid),
+        "profile": profile,
         "patchout": patchout,
         "train_patches": int(backbone.patch_embed.num_train_patches),
         "jit_compile": args.jit,
@@ -587,6 +590,66 @@ def bench_model(args):
         out["train_ratio"] = train_cps / out["pytorch_train_clips_per_s"]
         out["infer_ratio"] = infer_cps / out["pytorch_infer_clips_per_s"]
     return out
+
+
+_PARTS = (  # (part, a regular expression over an op's name), the first match wins
+    ("optimizer", r"(^|/)adam(_\d+)?/"),
+    ("layer norm", r"layernorm|final_norm|head_norm"),
+    ("MLP (fc1, GELU, fc2)", r"/(ffn|fc1|fc2)(_\d+)?/"),
+    ("attention projections (q, k, v, out)",
+     r"/(query_dense|key_dense|value_dense|qkv_dense|combine_heads)(_\d+)?/"),
+    ("attention core (scores, softmax, weighted sum)", r"/att(_\d+)?/"),
+    ("patch embedding", r"patch_embed"),
+    ("loss, head", r"classifier|loss|Loss"),
+)
+
+
+def profile_train_step(backbone, x, y, steps=5):
+    """Where a training step spends its time: ``steps`` steps traced with TensorFlow's
+    profiler; the execution time of each op (as seen by TensorFlow's inter-op threads,
+    intra-op work included) summed by op type and by part of the model, per step."""
+    import glob
+    import tempfile as _tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with _tempfile.TemporaryDirectory(prefix="profile-") as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        for _ in range(steps):
+            backbone.train_on_batch(x, y)
+        wall = (time.perf_counter() - start) / steps
+        tf.profiler.experimental.stop()
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as fh:
+            space.ParseFromString(fh.read())
+    by_type: dict[str, float] = {}
+    by_part: dict[str, float] = {}
+    for plane in space.planes:
+        meta = plane.event_metadata
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                m = meta[event.metadata_id]
+                if ":" not in m.name or "::" in m.name:  # executor bookkeeping, not an op
+                    continue
+                ms = event.duration_ps / 1e9 / steps
+                op_type = m.display_name or m.name.rsplit(":", 1)[-1]
+                by_type[op_type] = by_type.get(op_type, 0.0) + ms
+                part = next((p for p, pattern in _PARTS if re.search(pattern, m.name)),
+                            "other")
+                by_part[part] = by_part.get(part, 0.0) + ms
+    total = sum(by_type.values()) or 1.0
+
+    def table(d):
+        return [{"name": k, "ms_per_step": v, "share": v / total}
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])]
+
+    return {"step_ms": wall * 1000, "op_ms_per_step": total, "by_type": table(by_type),
+            "by_part": table(by_part)}
 
 
 def hf_ast_config(config_cls, embed, layers, heads, ff, mels, frames, stride, classes):
@@ -695,6 +758,9 @@ def main(argv=None) -> int:
                    help="PaSST's AudioSet shape: 128 mels x 998 frames (10 s), stride 10 "
                         "(12 x 99 patches), patchout 40,4 unless --patchout is given")
     m.add_argument("--vs-pytorch", action="store_true")
+    m.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also trace STEPS training steps with TensorFlow's profiler and print "
+                        "the time per op type and per part of the model")
     m.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.what == "model":
@@ -755,6 +821,15 @@ def main(argv=None) -> int:
               f"({r['infer_gflops_per_s']:.0f} GFLOP/s, {100 * r['infer_fraction_of_peak']:.0f}%"
               " of peak)")
         print(f"  latency    {r['latency_ms']:8.1f} ms for one clip (waveform in)")
+        if r.get("profile"):
+            pr = r["profile"]
+            print(f"  profile of a training step ({pr['step_ms']:.0f} ms wall; op time "
+                  f"{pr['op_ms_per_step']:.0f} ms, intra-op threads included):")
+            for title, rows, top in (("by part", pr["by_part"], 10), ("by op", pr["by_type"], 15)):
+                print(f"    {title}:")
+                for row in rows[:top]:
+                    print(f"      {row['name']:<48} {row['ms_per_step']:8.1f} ms  "
+                          f"{100 * row['share']:5.1f}%")
         if "patchout_train_speedup" in r:
             print(f"  without patchout: training {r['train_clips_per_s_without_patchout']:.2f} "
                   f"clips/s, inference {r['infer_clips_per_s_without_patchout']:.2f} clips/s; "
