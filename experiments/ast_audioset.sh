@@ -9,8 +9,11 @@
 #
 # Needs the AudioSet audio (data.root / data.file_pattern, see src/data/audioset.py),
 # the DeiT weights (imported on first use) and a GPU: AST base384 has 87 M parameters.
-# For a smoke run on the generated multi-label set:
-#   experiments/ast_audioset.sh experiment=tagging_quickstart model=small logger=none
+# For a smoke run on the generated multi-label set (the stride sweep then starts from
+# scratch, as the quickstart does; the model keeps AST base384's shape, which the DeiT
+# weights need: model=small would not load them):
+#   experiments/ast_audioset.sh experiment=tagging_quickstart model=ast_base384 \
+#     data.generate.train_clips=60 data.generate.eval_clips=30 trainer.epochs=1 logger=none
 cd "$(dirname "$0")/.." && source experiments/sweep.sh
 # A smoke run may replace the experiment; AST's recipe is the default.
 case " $* " in *" experiment="*) base=() ;; *) base=(experiment=audioset_balanced) ;; esac

@@ -1,14 +1,15 @@
 """Evaluate an ensemble of finished runs: the average of their test probabilities.
 
-    python -m scripts.ensemble RUN_DIR [RUN_DIR ...] [--variant last|best_val|averaged]
+    python -m scripts.ensemble RUN_DIR [RUN_DIR ...] [--variant last|best_val|averaged|ensemble]
         [--json]
 
 Every fold writes the clip-level test probabilities of each model it tests to
 ``fold_<k>/predictions/test_<variant>.npz``. For each fold present in every run, the
 probabilities are averaged over the runs (the clips must be the same: same dataset and
-split) and scored as in training (accuracy, or mAP / AUC / d' / lwlrap). No model is run
-and the test split is not read again. Folds are summarised as the runs are (mean and
-population std). Exit status 2 when the runs cannot be combined.
+split) and scored as in training (accuracy, or mAP / AUC / d' / lwlrap); the folds that
+are not in every run are left out, with a warning. No model is run and the test split is
+not read again. Folds are summarised as the runs are (mean and population std). Exit
+status 2 when the runs cannot be combined.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def ensemble(run_dirs: list[Path], variant: str = "last") -> dict:
     from src.evaluation.cv import mean_std
     from src.evaluation.metrics import evaluation_report
 
+    for d in run_dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"{d}: not a run directory (no such directory)")
     found = [_predictions(Path(d), variant) for d in run_dirs]
     for d, f in zip(run_dirs, found):
         if not f:
@@ -42,7 +46,8 @@ def ensemble(run_dirs: list[Path], variant: str = "last") -> dict:
                              "of this version writes them)")
     folds = sorted(set.intersection(*(set(f) for f in found)))
     if not folds:
-        raise ValueError("the runs have no test fold in common")
+        raise ValueError("the runs have no test fold in common: "
+                         + "; ".join(f"{d}: folds {sorted(f)}" for d, f in zip(run_dirs, found)))
     per_fold = []
     for fold in folds:
         parts = [np.load(f[fold]) for f in found]
@@ -58,6 +63,10 @@ def ensemble(run_dirs: list[Path], variant: str = "last") -> dict:
                                    [str(c) for c in ref["class_names"]])
         per_fold.append({"fold": fold, "primary_metric": report["primary_metric"],
                          "value": report["primary"], "report": report})
+    for d, f in zip(run_dirs, found):
+        if set(f) - set(folds):
+            print(f"warning: {d}: fold(s) {sorted(set(f) - set(folds))} left out (their "
+                  f"test_{variant}.npz is not in every run)", file=sys.stderr)
     values = [p["value"] for p in per_fold]
     mean, std = mean_std(values)
     return {"runs": [str(d) for d in run_dirs], "variant": variant, "folds": folds,

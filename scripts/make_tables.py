@@ -50,13 +50,16 @@ log = logging.getLogger("scripts.make_tables")
 
 
 def _parse_value(text: str) -> Any:
-    """A command-line value as Hydra would read it: ``4`` -> 4, ``1e-3`` -> 0.001."""
+    """A command-line value as Hydra would read it: ``4`` -> 4, ``1e-3`` -> 0.001,
+    ``null`` -> None (as ``model.pretrained=null`` is no pretrained weights)."""
     import yaml
 
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if value is None and text.strip():
+        return None
     return value if isinstance(value, int | float | str | bool) else text
 
 
