@@ -27,6 +27,36 @@ def _positive(cfg: DictConfig, dotted: str, integer=True):
     return value
 
 
+def _check_store_content(cfg: DictConfig) -> None:
+    """``data.store.content`` and ``augment.mixup_domain`` must fit together: waveform
+    mixup needs the waveform store's batches, power / logmel mixup the feature store's."""
+    from src.data.store import CONTENTS
+    from src.training.mixup import DOMAINS
+
+    content = (cfg.data.get("store") or {}).get("content", "features")
+    if content not in CONTENTS:
+        raise ConfigError(
+            f"data.store.content={content!r} is unknown; use one of {CONTENTS}."
+        )
+    augment = cfg.get("augment") or {}
+    domain = augment.get("mixup_domain", "power")
+    if domain not in DOMAINS:
+        raise ConfigError(f"augment.mixup_domain={domain!r} is unknown; use one of {DOMAINS}.")
+    if domain == "waveform" and content != "waveform":
+        raise ConfigError(
+            f"augment.mixup_domain=waveform mixes waveforms, but data.store.content={content} "
+            "feeds log-mel features to training; set data.store.content=waveform (or "
+            "augment.mixup_domain=power / logmel)."
+        )
+    mixup = float(augment.get("mixup", 0.0) or 0.0)
+    if content == "waveform" and mixup > 0 and domain != "waveform":
+        raise ConfigError(
+            f"augment.mixup_domain={domain} mixes log-mel features, but "
+            "data.store.content=waveform feeds waveforms to training; set "
+            "augment.mixup_domain=waveform (or data.store.content=features)."
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Cheap checks of a composed config, including building the model once."""
     if cfg.data.get("format") not in DATA_FORMATS:
@@ -41,6 +71,7 @@ def validate_config(cfg: DictConfig) -> None:
     verify = (cfg.data.get("store") or {}).get("verify", "auto")
     if verify not in ("auto", "always", "never"):
         raise ConfigError(f"data.store.verify={verify!r} is unknown; use auto, always or never.")
+    _check_store_content(cfg)
     epochs = int(cfg.trainer.epochs) if cfg.trainer.get("epochs") else 0
     for key in ("average_epochs", "ensemble_epochs"):
         value = cfg.trainer.get(key)

@@ -6,6 +6,13 @@ model -> fit (validation every epoch: checkpoint choice, early stopping) -> test
 for the last-epoch model (and the validation-chosen, averaged or ensembled checkpoints)
 -> fold_<k>/results.json -> run summary over every finished fold -> results.json (+ W&B).
 
+``data.store.content=features`` (the default) fits the backbone on the stored features.
+``data.store.content=waveform`` stores the decoded waveforms instead and fits the whole
+waveform model (preprocessing, frontend, backbone: the frontend runs per batch in the
+training step, on the accelerator), which waveform mixup (``augment.mixup_domain=
+waveform``) needs. The trained weights are the backbone's either way (the frontend has
+none), and so are the checkpoint, backup and averaging files.
+
 Returns the mean validation metric over the folds (what a Hydra sweeper maximises: the
 test split chooses nothing).
 """
@@ -146,6 +153,34 @@ def _subset_report(report: dict, primary: str) -> dict:
     return keep
 
 
+def _waveform_training(model):
+    """``model`` (an ``AudioTransformer``: waveform in) as ``fit`` trains it on waveform
+    batches. Its variables are the backbone's (the frontend has none) and it reads and
+    writes weight files as the backbone does (same layout, the optimizer's state
+    included: the backbone and this model share one optimizer), so checkpoints, the
+    resume backup and weight averaging are the same files as when the backbone is fit on
+    stored features."""
+    import keras
+
+    class WaveformTraining(keras.Model):
+        def __init__(self, audio_model, **kwargs):
+            super().__init__(**kwargs)
+            self.audio_model = audio_model
+            self.built = True  # the waveform model is built
+
+        def call(self, waveform, training=None):
+            # (B, samples) -> preprocessing, frontend, target_frames -> backbone -> (B, K)
+            return self.audio_model(waveform, training=training)
+
+        def save_weights(self, filepath, *args, **kwargs):
+            return self.audio_model.backbone.save_weights(filepath, *args, **kwargs)
+
+        def load_weights(self, filepath, *args, **kwargs):
+            return self.audio_model.backbone.load_weights(filepath, *args, **kwargs)
+
+    return WaveformTraining(model, name="waveform_training", dtype="float32")
+
+
 def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved: dict):
     """Train a fresh model with ``fold`` as the test split; returns the fold's results."""
     import keras
@@ -256,6 +291,20 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         metrics=train_metrics,
         jit_compile=jit_compile(t),
     )
+    # The model that fit trains and evaluation scores: the backbone on stored features,
+    # or the whole waveform model on stored waveforms (same weights, same optimizer).
+    waveform = bool(getattr(store, "waveform", False))
+    trained = backbone
+    if waveform:
+        trained = _waveform_training(model)
+        trained.compile(
+            optimizer=backbone.optimizer,
+            loss=loss,
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")] if train_metrics else [],
+            jit_compile=jit_compile(t),
+        )
+        log.info("fold %d: training on waveforms (the frontend runs in the training step)",
+                 fold)
     exit_strategy()  # the model keeps its strategy; what follows runs as before
 
     labels = LabelTable(index)
@@ -291,7 +340,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     if resumed:
         log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
     monitor = f"val_{primary}"
-    validation = ValidationMetrics(lambda: evaluate(backbone, val_ds, index)[0], index.label_type)
+    validation = ValidationMetrics(lambda: evaluate(trained, val_ds, index)[0], index.label_type)
     callbacks = [
         LearningRateLogger(),  # first: the loggers below record its value
         validation,  # then val_*: everything after it may read them
@@ -318,7 +367,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     paper = None
     if t.get("paper_protocol", False):
         paper = PaperProtocolCurve(
-            lambda: evaluate(backbone, test_ds, index)[0], primary,
+            lambda: evaluate(trained, test_ds, index)[0], primary,
             fold_dir / "paper_protocol_test_curve.json", resumed_epochs=resumed,
         )
         callbacks.append(paper)
@@ -337,7 +386,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     start = time.time()
     exit_code = 1
     try:
-        history = backbone.fit(
+        history = trained.fit(
             train_ds,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch if stream else None,
@@ -351,8 +400,8 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         # Validation of the final model (the last epoch's report) and the test split, read
         # once per model variant, to report.
         eval_start = time.time()
-        last_val = validation.last_report or evaluate(backbone, val_ds, index)[0]
-        report, scores = evaluate(backbone, test_ds, index)
+        last_val = validation.last_report or evaluate(trained, val_ds, index)[0]
+        report, scores = evaluate(trained, test_ds, index)
         eval_time = time.time() - eval_start
         pred_dir = fold_dir / "predictions"
         scores.save(pred_dir / "test_last.npz", index)
@@ -375,7 +424,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         best_file = ckpt_dir / "best.weights.h5"
         if best_file.exists():
             backbone.load_weights(best_file)
-            rep, sc = evaluate(backbone, test_ds, index)
+            rep, sc = evaluate(trained, test_ds, index)
             sc.save(pred_dir / "test_best_val.npz", index)
             result["test_best_val"] = {"epoch": result.get("best_epoch"),
                                        **_subset_report(rep, primary)}
@@ -383,7 +432,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         if kept:
             average_weights(backbone, [keep.path(e) for e in kept])
             backbone.save_weights(ckpt_dir / "averaged.weights.h5")
-            rep, sc = evaluate(backbone, test_ds, index)
+            rep, sc = evaluate(trained, test_ds, index)
             sc.save(pred_dir / "test_averaged.npz", index)
             result["test_averaged"] = {"epochs": kept, **_subset_report(rep, primary)}
         members = [e for e in ens_epochs if keep.path(e).exists()]
@@ -391,7 +440,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             probs = None
             for e in members:
                 backbone.load_weights(keep.path(e))
-                sc = score_clips(backbone, test_ds, index.multi_label)
+                sc = score_clips(trained, test_ds, index.multi_label)
                 probs = sc.probs if probs is None else probs + sc.probs
             sc.probs = probs / len(members)
             from src.evaluation.metrics import evaluation_report
@@ -423,7 +472,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             result["paper_protocol"] = {f"test_{primary}": paper.values}
         _write_json(done, result)
         maps = save_fold_attention_maps(
-            cfg, model, best_file, test_ds, index, fold_dir / "attention",
+            cfg, model, best_file, test_ds, index, fold_dir / "attention", waveforms=waveform,
         )
         if logger is not None:
             for path in maps:
@@ -452,9 +501,12 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             logger.finish(exit_code=exit_code)
 
 
-def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir):
+def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir,
+                             waveforms=False):
     """Attention rollout PNGs of the fold's validation-chosen model for a few test clips
-    (one per class, ``trainer.attention_maps`` of them). A plot never fails a run."""
+    (one per class, ``trainer.attention_maps`` of them). A plot never fails a run.
+    ``waveforms``: ``test_ds`` holds waveform windows (their features are computed with
+    the model's frontend)."""
     count = int(cfg.trainer.get("attention_maps", 0) or 0)
     backbone = model.backbone
     if count <= 0 or not hasattr(backbone, "patch_embed"):
@@ -466,7 +518,9 @@ def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir):
             backbone.load_weights(best_weights)  # model.keras already holds the last epoch
         picked, labels, seen = [], [], set()
         for x, rows, _w in test_ds:
-            for xi, row in zip(x.numpy(), rows.numpy()):
+            if waveforms:
+                x = model.features(x)
+            for xi, row in zip(np.asarray(x), rows.numpy()):
                 label = index.label_lists()[int(row)]
                 first = label[0] if label else -1
                 if first not in seen and int(row) not in {r for r, _ in picked}:
@@ -492,9 +546,10 @@ def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir):
 
 
 def build_features(cfg: DictConfig, index):
-    """The dataset's feature store, each file decoded once; bad files stop the run (with
-    the list) unless ``data.skip_bad_files``. Returns ``(store, index without the bad
-    files, skipped files)``."""
+    """The dataset's feature store (or, with ``data.store.content=waveform``, its
+    waveform store), each file decoded once; bad files stop the run (with the list)
+    unless ``data.skip_bad_files``. Returns ``(store, index without the bad files,
+    skipped files)``."""
     import dataclasses
 
     from src.data.check import CheckReport
@@ -503,12 +558,14 @@ def build_features(cfg: DictConfig, index):
 
     frontend = build_frontend(cfg.frontend)
     st = cfg.data.get("store") or {}
+    content = str(st.get("content", "features"))
     store = build_store(
         index, frontend, sample_rate=int(cfg.data.sample_rate), clip_samples=_clip_samples(cfg),
-        cache_dir=Path(cfg.paths.cache_dir) / "features", name=str(cfg.data.name),
-        remove_mean=bool(cfg.data.remove_mean),
+        cache_dir=Path(cfg.paths.cache_dir) / ("waveforms" if content == "waveform" else "features"),
+        name=str(cfg.data.name), remove_mean=bool(cfg.data.remove_mean),
         variable_length=bool(cfg.data.get("variable_length", False)),
         shard_clips=int(st.get("shard_clips", 512)), verify=str(st.get("verify", "auto")),
+        content=content,
     )
     report = CheckReport(problems=store.problems, num_files=len({r.path for r in index.records}))
     notes = report.notes()

@@ -16,6 +16,18 @@ clip's row and the window's weight, so that scores are averaged per clip.
 Memory does not grow with the number of clips: only the shuffle buffer, the prefetched
 batches and (for small splits, by choice) the cache hold features. The same code serves
 small and large data: the cache is the only difference.
+
+Over a waveform store (``data.store.content=waveform``) the same streams carry waveforms
+``(B, samples)`` instead of features, in samples: the training crop is a random
+``clip_samples`` stretch of a longer clip and a shorter clip is zero-padded; evaluation
+windows are ``clip_samples`` long every half window (one window per clip for data of a
+fixed length). The model (preprocessing, frontend, ``target_frames``) turns them into
+features per batch. For data of a fixed length both kinds of store give the model the
+same features. For variable-length data they differ slightly: a waveform window has its
+own mean removed and its edge frames see the window's samples only (as
+:mod:`src.predict` does it), while the feature store crops the features of the whole
+clip (its mean removed, edge frames computed with the neighbouring samples), and pads a
+short clip with the features of silence rather than with zero samples.
 """
 
 from __future__ import annotations
@@ -86,11 +98,13 @@ def _row_table(index: DatasetIndex, rows: Sequence[int]) -> tf.lookup.StaticHash
 
 
 def _fit(feats, frames: int, pad_value: float):
-    """Crop (first frames) or pad ``(T, M)`` to ``(frames, M)``."""
+    """Crop (first frames) or pad ``(T, M)`` to ``(frames, M)`` (or a waveform ``(T,)`` to
+    ``(frames,)`` samples)."""
     feats = feats[:frames]
     missing = frames - tf.shape(feats)[0]
-    feats = tf.pad(feats, [[0, missing], [0, 0]], constant_values=pad_value)
-    return tf.ensure_shape(feats, [frames, None])
+    inner = feats.shape.rank - 1
+    feats = tf.pad(feats, [[0, missing]] + [[0, 0]] * inner, constant_values=pad_value)
+    return tf.ensure_shape(feats, [frames] + [None] * inner)
 
 
 def fit_frames_np(feats: np.ndarray, frames: int | None, pad_value: float = 0.0) -> np.ndarray:
@@ -109,17 +123,28 @@ class _Shape:
     ``clip_frames``: frames of data.clip_seconds (the crop of a longer clip; a shorter
     clip is padded with the features of silence). ``target_frames`` (AST's 512 / 1024):
     the crop is then zero-padded or cut to that many frames, as the saved model does
-    after its frontend."""
+    after its frontend.
+
+    Over a waveform store the unit is the sample: ``clip_frames`` is then the clip's
+    samples, a shorter clip is zero-padded, and ``target_frames`` is left to the model
+    (it pads its features after its frontend)."""
 
     def __init__(self, store: FeatureStore, target_frames: int | None):
-        self.clip_frames = int(store.clip_frames)
-        self.target_frames = None if target_frames is None else int(target_frames)
-        self.silence = float(store.silence_value)
+        self.waveform = bool(store.waveform)
+        self.clip_frames = int(store.clip_length)
+        self.target_frames = (
+            None if target_frames is None or self.waveform else int(target_frames)
+        )
+        self.silence = float(store.pad_value)
         self.variable = bool(store.variable_length)
 
     @property
     def model_frames(self) -> int:
         return self.target_frames or self.clip_frames
+
+    def element_shape(self) -> list:
+        """Static shape of one finished crop."""
+        return [self.model_frames] if self.waveform else [self.model_frames, None]
 
     def finish(self, crop):
         crop = _fit(crop, self.clip_frames, self.silence)
@@ -150,12 +175,9 @@ def _records(store: FeatureStore, index: DatasetIndex, rows, *, shuffle_files: b
     ds = ds.interleave(
         tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1, **parallel
     )
-    n_mels = store.n_mels
 
     def parse(serialized):
-        from src.data.store import parse_example
-
-        key, feats = parse_example(serialized, n_mels)
+        key, feats = store.parse(serialized)
         return table.lookup(key), feats
 
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
@@ -163,12 +185,17 @@ def _records(store: FeatureStore, index: DatasetIndex, rows, *, shuffle_files: b
     return ds, files
 
 
+def _value_bytes(store: FeatureStore) -> int:
+    """Bytes per stored frame (n_mels float32) or sample (one float32)."""
+    return 4 if store.waveform else store.n_mels * 4
+
+
 def _cache_bytes(store: FeatureStore, index: DatasetIndex, rows) -> int:
     frames = store.frames_of()
     total = 0
     for r in rows:
         total += frames.get(index.records[int(r)].path, 0)
-    return total * store.n_mels * 4
+    return total * _value_bytes(store)
 
 
 def balanced_weights(index: DatasetIndex, rows: Sequence[int]) -> np.ndarray:
@@ -198,7 +225,8 @@ def training_dataset(
     shard_by_file: bool = False,
 ) -> tf.data.Dataset:
     """Batches ``(features (B, frames, n_mels), targets (B, K))`` of one epoch (or, with
-    ``repeat``, an endless stream; the caller sets steps per epoch). ``shard_by_file``:
+    ``repeat``, an endless stream; the caller sets steps per epoch); over a waveform store
+    ``(waveforms (B, clip_samples), targets)``. ``shard_by_file``:
     under a multi-worker strategy, tf.distribute gives each worker its own shard files;
     the trainer then repeats the stream and sets the steps per epoch, so that every step
     has a full batch on every worker (workers hold different numbers of clips)."""
@@ -223,11 +251,11 @@ def training_dataset(
         ds = ds.flat_map(repeat_clip)
     # The shuffle buffer holds the split when it is cached (a full shuffle), else as many
     # clips as fit in shuffle_buffer_mb.
-    clip_bytes = max(shape.model_frames, store.clip_frames) * store.n_mels * 4
+    clip_bytes = max(shape.model_frames, store.clip_length) * _value_bytes(store)
     if store.variable_length:  # stored clips are longer than the crop: count them whole
         frames = store.frames_of()
         longest = max((frames.get(index.records[int(r)].path, 0) for r in rows), default=0)
-        clip_bytes = max(clip_bytes, longest * store.n_mels * 4)
+        clip_bytes = max(clip_bytes, longest * _value_bytes(store))
     buffer = max(len(rows), 1) if cached else max(int(shuffle_buffer_mb * 2**20 // clip_bytes), 1)
     if balanced and cached:
         buffer = int(samples_per_epoch or len(rows)) + len(rows)
@@ -269,7 +297,9 @@ def eval_dataset(
 ) -> tf.data.Dataset:
     """Batches ``(windows (B, frames, n_mels), rows (B,), weights (B,))``: every clip of
     ``rows`` once, cut into windows of the model's input length every ``hop_frames``
-    (default: half a window) when it is longer; see :mod:`src.data.windows`."""
+    (default: half a window) when it is longer; see :mod:`src.data.windows`. Over a
+    waveform store the windows are waveforms ``(B, clip_samples)`` and ``hop_frames``
+    counts samples."""
     rows = np.asarray(rows, np.int64)
     shape = _Shape(store, target_frames)
     ds, _files = _records(store, index, rows, shuffle_files=False, seed=0)
@@ -286,7 +316,7 @@ def eval_dataset(
             crops = tf.map_fn(
                 lambda s: shape.finish(feats[s : s + window]),
                 starts,
-                fn_output_signature=tf.TensorSpec([shape.model_frames, None], tf.float32),
+                fn_output_signature=tf.TensorSpec(shape.element_shape(), tf.float32),
             )
             n = tf.shape(starts)[0]
             return tf.data.Dataset.from_tensor_slices(
@@ -299,6 +329,19 @@ def eval_dataset(
     return ds.batch(int(batch_size)).prefetch(AUTOTUNE)
 
 
+def _features_of(frontend, remove_mean: bool, target_frames):
+    """Waveform batches -> the backbone's inputs, as the waveform model computes them
+    (:meth:`src.models.audio_transformer.AudioTransformer.features`)."""
+    from src.models.audio_transformer import fit_frames
+    from src.models.waveform import preprocess_waveform
+
+    @tf.function(reduce_retracing=True)
+    def run(waves):
+        return fit_frames(frontend(preprocess_waveform(waves, remove_mean)), target_frames)
+
+    return run
+
+
 def feature_stats(
     store: FeatureStore,
     index: DatasetIndex,
@@ -307,19 +350,34 @@ def feature_stats(
     target_frames: int | None = None,
     max_clips: int | None = 20000,
     seed: int = 0,
+    frontend=None,
+    remove_mean: bool | None = None,
 ) -> tuple[float, float]:
     """Mean and std over every value of the model's inputs of ``rows`` (AST's dataset
     normalisation), in float64, streamed. With more than ``max_clips`` clips, a random
-    subset of that many (drawn with ``seed``)."""
+    subset of that many (drawn with ``seed``).
+
+    Over a waveform store the features are computed batch by batch with ``frontend``
+    and ``remove_mean`` (default: the store's), from each clip's first ``clip_samples``
+    (a shorter clip zero-padded): the model's input for the clip's first window."""
     rows = np.asarray(rows, np.int64)
     if max_clips and len(rows) > int(max_clips):
         rows = np.sort(np.random.default_rng(seed).choice(rows, int(max_clips), replace=False))
     shape = _Shape(store, target_frames)
     ds, files = _records(store, index, rows, shuffle_files=False, seed=0)
     ds = ds.map(lambda row, feats: shape.finish(feats), num_parallel_calls=AUTOTUNE).batch(64)
+    to_features = None
+    if store.waveform:
+        frontend = store.frontend if frontend is None else frontend
+        if frontend is None:
+            raise ValueError("feature_stats over a waveform store needs the frontend")
+        remove_mean = store.remove_mean if remove_mean is None else remove_mean
+        to_features = _features_of(frontend, bool(remove_mean), target_frames)
     total, total_sq, count = 0.0, 0.0, 0
     try:
         for batch in ds:
+            if to_features is not None:
+                batch = to_features(batch)
             x = batch.numpy().astype(np.float64)
             total += float(x.sum())
             total_sq += float(np.square(x).sum())

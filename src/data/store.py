@@ -1,23 +1,44 @@
-"""A sharded, versioned feature store on disk (TFRecord), built once and streamed.
+"""A sharded, versioned store of a dataset on disk (TFRecord), built once and streamed.
 
 Every audio file of a dataset is decoded once (:func:`src.data.check.inspect_file`: the
-data check and the decode are one step), preprocessed as the saved model does it
-(:func:`src.models.waveform.preprocess_waveform`) and turned into frontend features
-``(frames, n_mels)`` float32, which are written to TFRecord shards. Training streams the
-shards (:mod:`src.data.pipeline`); nothing holds the whole dataset in memory.
+data check and the decode are one step) and written to TFRecord shards, as one of two
+kinds of record (``content``, ``data.store.content``):
+
+* ``"features"`` (the default): the waveform is preprocessed as the saved model does it
+  (:func:`src.models.waveform.preprocess_waveform`) and turned into frontend features
+  ``(frames, n_mels)`` float32. Training feeds them to the backbone: the STFT is computed
+  once per clip, not once per epoch.
+* ``"waveform"``: the decoded mono waveform itself, ``(samples,)`` at the data's sample
+  rate, cropped / zero-padded to the clip length (or at its own length with
+  ``variable_length``), exactly as the decoder returns it (before the model's own
+  preprocessing). Training runs the whole waveform model (preprocessing, frontend,
+  backbone) per batch, which waveform augmentation and AST's waveform mixup need. The
+  samples are stored as float32, not int16: the decoder's output is in general not a
+  multiple of 1/32768 (resampled or mixed-down audio, 24-bit or float files), and only
+  the exact float32 samples give the features the feature store holds, so that both
+  kinds of store train the same model. A 16 kHz clip takes 64 kB per second (half that
+  as int16; log-mel features at a 10 ms hop with 128 mel bins: 51 kB).
+
+Training streams the shards (:mod:`src.data.pipeline`); nothing holds the whole dataset
+in memory.
 
 Layout::
 
-    <paths.cache_dir>/features/<dataset>-<store key>/
+    <paths.cache_dir>/features/<dataset>-<store key>/    (waveform stores: .../waveforms/)
         store.json                      # what the key covers; shards per fold
         shards/f<fold>-b<bucket>-<content key>.tfrecord
         shards/f<fold>-b<bucket>-<content key>.json    # the shard's manifest
 
-* **Versioned.** The store key covers the frontend's config and ``feature_version``,
-  the decoder's version, the sample rate, clip handling, the mean removal, the dataset
-  root and the versions of the libraries that compute features (TensorFlow, NumPy,
-  librosa, soxr, soundfile and libsndfile). Features of another code or library version
-  live in another directory and are never read.
+* **Versioned.** The key of a feature store covers the frontend's config and
+  ``feature_version``, the decoder's version, the sample rate, clip handling, the mean
+  removal, the dataset root and the versions of the libraries that compute features
+  (TensorFlow, NumPy, librosa, soxr, soundfile and libsndfile). Features of another code
+  or library version live in another directory and are never read. The key of a
+  waveform store covers ``content``, the sample type, the decoder's version, the sample
+  rate, clip handling, the shortest usable clip, the root and the decoding libraries
+  (NumPy, soxr, soundfile, libsndfile); it never equals a feature store's key. The
+  frontend is not part of it (for variable-length data only its window length is, as
+  the shortest usable clip): one waveform store serves every frontend config.
 * **Incremental.** The files of each fold are spread over a fixed number of buckets by
   a hash of their path; a shard's content key covers its files (path, size, mtime). A
   new, removed or modified file changes only its own bucket's key, so only that shard is
@@ -58,11 +79,14 @@ from src.data.check import FileProblem, inspect_file
 from src.data.index import DatasetError, DatasetIndex
 
 __all__ = [
+    "CONTENTS",
     "STORE_FORMAT",
     "CorruptShardError",
     "FeatureStore",
     "Shard",
     "build_store",
+    "parse_example",
+    "parse_waveform_example",
     "store_key_material",
 ]
 
@@ -71,6 +95,10 @@ log = logging.getLogger(__name__)
 # Bump when the shard or manifest layout changes.
 STORE_FORMAT = 1
 _LIBRARIES = ("tensorflow", "numpy", "librosa", "soxr", "soundfile")
+# What a waveform store holds depends on the decoder only (soundfile + soxr, NumPy).
+_DECODE_LIBRARIES = ("numpy", "soxr", "soundfile")
+# What a store's records are: frontend features (frames, n_mels) or waveforms (samples,).
+CONTENTS = ("features", "waveform")
 _MAX_BUCKET_FACTOR = 4
 
 
@@ -85,7 +113,7 @@ class Shard:
     path: str  # the .tfrecord file
     count: int  # records in it
     keys: tuple[str, ...]  # the file paths stored in it, in order
-    frames: tuple[int, ...]  # frames of each record
+    frames: tuple[int, ...]  # length of each record: frames (features) or samples (waveform)
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -100,9 +128,9 @@ def _bucket(path: str, buckets: int) -> int:
     return int(hashlib.sha1(path.encode()).hexdigest()[:12], 16) % buckets
 
 
-def _library_versions() -> dict:
+def _library_versions(names: Sequence[str] = _LIBRARIES) -> dict:
     out = {}
-    for name in _LIBRARIES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -117,11 +145,27 @@ def _library_versions() -> dict:
 
 
 def store_key_material(
-    frontend, *, sample_rate: int, clip_samples: int | None, remove_mean: bool, root: str
+    frontend, *, sample_rate: int, clip_samples: int | None, remove_mean: bool, root: str,
+    content: str = "features", min_samples: int = 0,
 ) -> dict:
-    """Everything the stored features depend on (the store's key is its hash)."""
+    """Everything the stored records depend on (the store's key is its hash). A waveform
+    store's records do not depend on the frontend (nor on the mean removal, which the
+    model applies), only on the decoder and on which files are too short to keep
+    (``min_samples``)."""
     from src.data import audio
 
+    if content == "waveform":
+        return {
+            "format": STORE_FORMAT,
+            "content": "waveform",
+            "dtype": "float32",
+            "decoder_version": int(getattr(audio, "DECODER_VERSION", 0)),
+            "sample_rate": int(sample_rate),
+            "clip_samples": None if clip_samples is None else int(clip_samples),
+            "min_samples": int(min_samples),
+            "root": str(root),
+            "libraries": _library_versions(_DECODE_LIBRARIES),
+        }
     config = {
         k: v for k, v in frontend.get_config().items() if k not in ("name", "dtype", "trainable")
     }
@@ -184,12 +228,35 @@ def parse_example(serialized, n_mels: int):
     return parsed["key"], feats
 
 
+def _waveform_example(key: str, samples: np.ndarray) -> bytes:
+    samples = np.ascontiguousarray(samples, dtype="<f4")
+    feature = {
+        "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
+        "samples": tf.train.Feature(int64_list=tf.train.Int64List(value=[samples.shape[0]])),
+        "waveform": tf.train.Feature(bytes_list=tf.train.BytesList(value=[samples.tobytes()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_waveform_example(serialized):
+    """A waveform store's record -> ``(key string, samples (samples,) float32)``."""
+    parsed = tf.io.parse_single_example(
+        serialized,
+        {
+            "key": tf.io.FixedLenFeature([], tf.string),
+            "samples": tf.io.FixedLenFeature([], tf.int64),
+            "waveform": tf.io.FixedLenFeature([], tf.string),
+        },
+    )
+    return parsed["key"], tf.io.decode_raw(parsed["waveform"], tf.float32)
+
+
 @dataclasses.dataclass
 class FeatureStore:
-    """The shards of one dataset's features, after :func:`build_store`."""
+    """The shards of one dataset's features (or waveforms), after :func:`build_store`."""
 
     directory: Path
-    n_mels: int
+    n_mels: int  # mel bins of the frontend's features (of the stored ones, or computed later)
     clip_frames: int  # frames of a clip of data.clip_seconds (the model's input length)
     variable_length: bool
     silence_value: float  # the features of digital silence (padding of short clips)
@@ -197,11 +264,33 @@ class FeatureStore:
     problems: list[FileProblem]  # per file, from decoding (fatal and notes)
     built: int = 0  # shards (re)computed by this build
     reused: int = 0
+    content: str = "features"  # what a record is: one of CONTENTS
+    clip_samples: int = 0  # samples of a clip of data.clip_seconds
+    # The frontend that computed the stored features, or that computes them from the
+    # stored waveforms (normalisation statistics), with the model's mean removal.
+    frontend: object = None
+    remove_mean: bool = True
+
+    @property
+    def waveform(self) -> bool:
+        """Whether the records are waveforms (else frontend features)."""
+        return self.content == "waveform"
+
+    @property
+    def clip_length(self) -> int:
+        """The model's input length in the records' unit: samples or frames."""
+        return int(self.clip_samples) if self.waveform else int(self.clip_frames)
+
+    @property
+    def pad_value(self) -> float:
+        """What pads a record shorter than a clip: zeros or the features of silence."""
+        return 0.0 if self.waveform else float(self.silence_value)
 
     def fatal_paths(self) -> set[str]:
         return {p.path for p in self.problems if p.fatal}
 
     def frames_of(self) -> dict[str, int]:
+        """Each stored file's record length (frames, or samples in a waveform store)."""
         return {k: f for s in self.shards for k, f in zip(s.keys, s.frames)}
 
     def shards_for(self, paths: Iterable[str]) -> list[Shard]:
@@ -213,11 +302,19 @@ class FeatureStore:
         wanted = set(paths)
         return sum(1 for s in self.shards for k in s.keys if k in wanted)
 
+    def parse(self, serialized):
+        """A record of this store -> ``(key, features (frames, n_mels))`` or, in a
+        waveform store, ``(key, samples (samples,))``."""
+        if self.waveform:
+            return parse_waveform_example(serialized)
+        return parse_example(serialized, self.n_mels)
+
     def records(self, shards: Sequence[Shard]) -> tf.data.Dataset:
-        """``(key, features)`` of every record of ``shards``, in order."""
+        """``(key, features)`` (or ``(key, samples)``) of every record of ``shards``, in
+        order."""
         files = [s.path for s in shards]
         ds = tf.data.TFRecordDataset(files)
-        return ds.map(lambda r: parse_example(r, self.n_mels))
+        return ds.map(self.parse)
 
 
 def _clip_samples_or_none(clip_samples: int, variable_length: bool) -> int | None:
@@ -245,6 +342,11 @@ class _Featurizer:
             out = self._run(tf.constant(np.stack(waves).astype(np.float32))).numpy()
             return list(out)
         return [self._run(tf.constant(w[None].astype(np.float32))).numpy()[0] for w in waves]
+
+
+def _as_stored_waveforms(waves: list[np.ndarray]) -> list[np.ndarray]:
+    """A waveform store keeps the decoder's samples as they are (float32)."""
+    return [np.asarray(w, np.float32) for w in waves]
 
 
 def _decoded(
@@ -296,24 +398,30 @@ def build_store(
     verify: str = "auto",
     workers: int | None = None,
     progress: bool = True,
+    content: str = "features",
 ) -> FeatureStore:
     """Bring the store of ``index`` up to date (computing only what is missing or stale)
     and return it. ``verify``: "auto" (hash shards whose size or mtime changed),
-    "always" (hash every shard) or "never"."""
+    "always" (hash every shard) or "never". ``content``: "features" (frontend features)
+    or "waveform" (the decoded samples; ``frontend`` and ``remove_mean`` then only say
+    how features are computed from them, and which files are too short to keep)."""
+    if content not in CONTENTS:
+        raise ValueError(f"data.store.content must be one of {CONTENTS}, got {content!r}.")
     if verify not in ("auto", "always", "never"):
         raise ValueError(f"data.store.verify must be auto, always or never, got {verify!r}.")
     if int(shard_clips) < 1:
         raise ValueError(f"data.store.shard_clips must be positive, got {shard_clips}.")
     workers = int(workers or os.cpu_count() or 1)
     crop = _clip_samples_or_none(clip_samples, variable_length)
+    min_samples = int(getattr(frontend, "win_samples", 0) or 0) if variable_length else 0
+    waveform = content == "waveform"
     material = store_key_material(
         frontend, sample_rate=sample_rate, clip_samples=crop, remove_mean=remove_mean,
-        root=index.root,
+        root=index.root, content=content, min_samples=min_samples,
     )
     store_key = _digest(material)
     directory = Path(cache_dir) / f"{name}-{store_key[:16]}"
     shard_dir = directory / "shards"
-    min_samples = int(getattr(frontend, "win_samples", 0) or 0) if variable_length else 0
 
     # Each distinct file once, in the fold of its first record.
     fold_of: dict[str, int] = {}
@@ -360,11 +468,11 @@ def build_store(
 
         shards, problems, todo = [], [], []
         for (fold, bucket), files in sorted(plan.items()):
-            content = _digest([store_key, files])[:16]
-            stem = f"f{fold}-b{bucket:05d}-{content}"
-            loaded = _load_shard(shard_dir, stem, content, verify)
+            shard_key = _digest([store_key, files])[:16]
+            stem = f"f{fold}-b{bucket:05d}-{shard_key}"
+            loaded = _load_shard(shard_dir, stem, shard_key, verify)
             if loaded is None:
-                todo.append((fold, bucket, stem, content, files))
+                todo.append((fold, bucket, stem, shard_key, files))
             else:
                 shards.append(loaded[0])
                 problems.extend(loaded[1])
@@ -372,30 +480,33 @@ def build_store(
 
         if todo:
             total = sum(len(t[4]) for t in todo)
-            featurize = _Featurizer(frontend, remove_mean)
+            featurize = _as_stored_waveforms if waveform else _Featurizer(frontend, remove_mean)
             all_paths = [f[0] for t in todo for f in t[4]]
             decoded = _decoded(all_paths, sample_rate, crop, min_samples, workers)
-            with tqdm(total=total, desc=f"{name} features", unit="clip", disable=not progress,
+            desc = f"{name} {'waveforms' if waveform else 'features'}"
+            with tqdm(total=total, desc=desc, unit="clip", disable=not progress,
                       leave=False, dynamic_ncols=True) as bar:
-                for fold, bucket, stem, content, files in todo:
+                for fold, bucket, stem, shard_key, files in todo:
                     shard, probs = _write_shard(
-                        shard_dir, stem, content, fold, bucket, files, decoded, featurize, bar
+                        shard_dir, stem, shard_key, fold, bucket, files, decoded, featurize,
+                        bar, waveform=waveform,
                     )
                     shards.append(shard)
                     problems.extend(probs)
         _remove_stale(shard_dir, {s.path for s in shards}, layout)
 
-    silence = _silence_value(frontend, clip_samples)
+    silence = 0.0 if waveform else _silence_value(frontend, clip_samples)
     order = {(s.fold, s.bucket): i for i, s in enumerate(sorted(shards, key=lambda s: (s.fold, s.bucket)))}
     shards.sort(key=lambda s: order[(s.fold, s.bucket)])
     clip_frames = int(frontend.num_frames(int(clip_samples)))
     store = FeatureStore(
         directory=directory, n_mels=int(frontend.n_mels), clip_frames=clip_frames,
         variable_length=bool(variable_length), silence_value=silence, shards=shards,
-        problems=problems, built=len(todo), reused=reused,
+        problems=problems, built=len(todo), reused=reused, content=content,
+        clip_samples=int(clip_samples), frontend=frontend, remove_mean=bool(remove_mean),
     )
-    log.info("feature store %s: %d shard(s), %d computed now, %d reused", directory,
-             len(shards), len(todo), reused)
+    log.info("%s store %s: %d shard(s), %d computed now, %d reused",
+             "waveform" if waveform else "feature", directory, len(shards), len(todo), reused)
     return store
 
 
@@ -440,11 +551,14 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featurize, bar):
+def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featurize, bar,
+                 waveform=False):
     record = shard_dir / f"{stem}.tfrecord"
     tmp = shard_dir / f".{stem}.tfrecord.tmp"
     keys, frames, problems = [], [], []
     batch: list[tuple[str, np.ndarray]] = []
+    example = _waveform_example if waveform else _example
+    what = "samples" if waveform else "features"
 
     with tf.io.TFRecordWriter(str(tmp)) as writer:
 
@@ -454,11 +568,11 @@ def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featuri
                 if not np.isfinite(f).all():
                     problems.append(FileProblem(
                         path=path, kind="unreadable", fatal=True,
-                        message=f"{path}: its features are not finite (NaN or infinite "
+                        message=f"{path}: its {what} are not finite (NaN or infinite "
                                 "samples in the file); replace it",
                     ))
                     continue
-                writer.write(_example(path, f))
+                writer.write(example(path, f))
                 keys.append(path)
                 frames.append(int(f.shape[0]))
             batch.clear()

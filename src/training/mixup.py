@@ -1,19 +1,23 @@
-"""Mixup (Zhang et al. 2018) on batches of cached log-mel features.
+"""Mixup (Zhang et al. 2018) on training batches: log-mel features or waveforms.
 
 AST mixes waveforms: ``w = lam * w1 + (1 - lam) * w2`` with ``lam ~ Beta(a, a)``,
-per example with probability ``prob``, and mixes the labels the same way. Our
-training pipeline caches log-mel features, so by default the mix is done in
-the power domain, where it matches waveform mixing up to the cross terms of
-the two spectra (zero in expectation for independent sounds):
-``mel = lam**2 * mel1 + (1 - lam)**2 * mel2``. ``domain="logmel"`` mixes the
-log-mel values linearly instead (cheaper, common in other repos).
+per example with probability ``prob``, and mixes the labels the same way.
+``domain="waveform"`` does exactly that, on the waveform batches ``(B, samples)`` of a
+waveform store (``data.store.content=waveform``; the model's frontend then computes the
+features of the mix). The feature store's batches are log-mel features, so there the
+mix is done in the power domain by default, where it matches waveform mixing up to the
+cross terms of the two spectra (zero in expectation for independent sounds):
+``mel = lam**2 * mel1 + (1 - lam)**2 * mel2``. ``domain="logmel"`` mixes the log-mel
+values linearly instead (cheaper, common in other repos).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-DOMAINS = ("power", "logmel")
+DOMAINS = ("power", "logmel", "waveform")
+# The rank of the batches each domain mixes: (B, samples) or (B, frames, n_mels).
+_RANK = {"power": 3, "logmel": 3, "waveform": 2}
 
 
 def _beta(shape, alpha, seed=None):
@@ -27,8 +31,9 @@ def _beta(shape, alpha, seed=None):
 
 
 def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed=None):
-    """Mix a batch ``x (B, T, F)`` log-mel, ``y (B, K)`` one-hot or multi-hot targets with
-    a shuffled copy of itself.
+    """Mix a batch ``x`` (log-mel ``(B, T, F)``, or waveforms ``(B, samples)`` with
+    ``domain="waveform"``), ``y (B, K)`` one-hot or multi-hot targets with a shuffled
+    copy of itself.
 
     ``seed``: an int32 tensor of shape (2,), a stateless seed for this batch; None uses
     TensorFlow's stateful random ops (seeded by ``keras.utils.set_random_seed``), which
@@ -36,6 +41,13 @@ def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed=None):
     """
     if domain not in DOMAINS:
         raise ValueError(f"augment.mixup_domain must be one of {DOMAINS}, got {domain!r}.")
+    rank = x.shape.rank
+    if rank is not None and rank != _RANK[domain]:
+        kind = "waveforms (B, samples)" if rank == 2 else f"rank-{rank} batches"
+        raise ValueError(
+            f"augment.mixup_domain={domain} cannot mix {kind}: waveform mixup needs "
+            "data.store.content=waveform, power and logmel mixup data.store.content=features."
+        )
     batch = tf.shape(x)[0]
     if seed is None:
         perm = tf.random.shuffle(tf.range(batch))
@@ -49,14 +61,15 @@ def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed=None):
     apply = apply & (perm != tf.range(batch))  # an example mixed with itself stays as it is
     lam = tf.where(apply, lam, tf.ones_like(lam))  # lam = 1: the example unchanged
     x2, y2 = tf.gather(x, perm), tf.gather(y, perm)
-    lx = lam[:, None, None]
+    inner = [1] * (_RANK[domain] - 1)
+    lx = tf.reshape(lam, [-1, *inner])
     if domain == "power":
         mixed = tf.math.log(lx**2 * tf.exp(x) + (1.0 - lx) ** 2 * tf.exp(x2))
-    else:
+    else:  # logmel values or waveform samples: linear
         mixed = lx * x + (1.0 - lx) * x2
     # An example that is not mixed keeps its exact values (log(exp(x)) is x only up to
-    # rounding).
-    mixed = tf.where(apply[:, None, None], mixed, x)
+    # rounding, and lam * x + 0 * x2 is x only up to the sign of zero).
+    mixed = tf.where(tf.reshape(apply, [-1, *inner]), mixed, x)
     ly = lam[:, None]
     return mixed, ly * y + (1.0 - ly) * tf.cast(y2, y.dtype)
 
