@@ -240,14 +240,15 @@ def test_masked_content_is_hidden_from_the_encoder():
 
 
 def test_pretraining_trains_the_shared_layers():
-    """One fit step moves the backbone's own layers (the same objects, not a copy), the
-    mask token and both heads; the backbone's classifier head stays as it was."""
+    """One fit step moves the backbone's own layers (the same objects, not a copy; the
+    patch embedding too, though model.freeze=1 keeps it fixed in fine-tuning), the mask
+    token and both heads; the backbone's classifier head stays as it was."""
     import keras
     import tensorflow as tf
 
     from src.models.ssast import MaskedPatchPretrainer, cluster_masks
 
-    bb = _tiny_backbone()
+    bb = _tiny_backbone(freeze=1)
     pre = MaskedPatchPretrainer(bb)
     pre.build()
     pre.compile(optimizer=keras.optimizers.Adam(1e-2))
@@ -263,6 +264,7 @@ def test_pretraining_trains_the_shared_layers():
     assert any("disc_out" in p for p in moved) and any("gen_out" in p for p in moved)
     assert not any("classifier" in p or "head_norm" in p for p in moved)
     assert pre.release_backbone() is bb and bb.classifier.trainable
+    assert not bb.patch_embed.trainable and bb.blocks[0].trainable  # freeze=1 again
 
 
 # ----------------------------------------------------------------------------- config
@@ -275,6 +277,7 @@ def test_pretraining_trains_the_shared_layers():
     (["pretrain.mask.count=12"], "pretrain.mask.count=12"),
     (["pretrain.mask.count=null", "pretrain.mask.fraction=1.5"], "pretrain.mask.fraction"),
     (["pretrain.mask.cluster_min=4", "pretrain.mask.cluster_max=3"], "cluster_min"),
+    (["data.store.content=waveform"], "data.store.content=waveform"),
 ])
 def test_config_errors_name_the_key(overrides, needle):
     from src.pretrain import validate_pretrain_config
@@ -399,14 +402,37 @@ def test_backbone_loads_for_fine_tuning_with_overlapping_strides(pretrained):
     assert logits.shape == (2, 2) and np.isfinite(np.asarray(logits)).all()
 
 
+def test_freeze_keeps_the_pretrained_patch_embedding(pretrained):
+    """model.freeze=1 (experiment=ssast_quickstart): fine-tuning trains the blocks and the
+    head, not the pretrained patch embedding; freeze=0 trains everything."""
+    import keras
+
+    from src.models.pretrained import load_pretrained
+
+    _, run_dir, _, _ = pretrained
+    x = np.random.default_rng(3).normal(size=(4, 98, 32)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    for freeze in (1, 0):
+        bb = _tiny_backbone(freeze=freeze, pooling="mean", norm_first=True, activation="gelu")
+        load_pretrained(bb, run_dir / "backbone.keras")
+        before = {v.path: v.numpy().copy() for v in bb.weights}
+        bb.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+        bb.fit(x, y, epochs=1, verbose=0)
+        moved = {v.path for v in bb.weights if not np.allclose(v.numpy(), before[v.path])}
+        assert any("block_0" in m for m in moved) and any("classifier" in m for m in moved)
+        assert any("patch_embed" in m for m in moved) == (freeze == 0), moved
+    with pytest.raises(ValueError, match="model.freeze=3"):
+        _tiny_backbone(freeze=3)  # one block: at most 2 stages
+
+
 def test_fine_tuning_run_from_the_backbone(pretrained, folder):
     """`python -m src.train ... model.pretrained=PATH model.pooling=mean` with stride 10."""
     tmp, run_dir, _, _ = pretrained
     out = subprocess.run(
         [sys.executable, "-m", "src.train", "data=folder", f"data.root={folder}",
          "data.labels_from_subdirs=true", "data.num_folds=2", "data.folds=[1]",
-         "data.skip_bad_files=true", *TINY_MODEL, "model.norm_first=true",
-         "model.activation=gelu", "model.stride=10", "model.pooling=mean",
+         "data.skip_bad_files=true", "model=ssast", *TINY_MODEL, "model.stride=10",
+         "model.pooling=mean",
          # The run dir's name holds "=" and ",": quoted for Hydra, as src.pretrain prints it.
          f"model.pretrained='{run_dir / 'backbone.keras'}'", "trainer.epochs=1",
          "trainer.attention_maps=0", "name=finetune"],

@@ -45,6 +45,10 @@ class SpectrogramTransformer(keras.Model):
     patch grid and then ``r`` random patches, the same ones for the whole batch (see
     :class:`~src.models.patch.PatchEmbedding`); inference and attention maps use every
     patch.
+
+    ``freeze`` (default 0): the lowest stages whose weights training leaves as they are,
+    for fine-tuning a pretrained backbone on few labels: 1 the patch embedding
+    (projection, [CLS] and position embeddings), 2 also ``block_0``, and so on.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class SpectrogramTransformer(keras.Model):
         pooled_last_block=True,
         pos_embedding="grid",
         patchout=None,
+        freeze=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -90,6 +95,12 @@ class SpectrogramTransformer(keras.Model):
             raise ValueError(f"model.num_layers must be >= 1, got {num_layers}.")
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if isinstance(freeze, bool) or not 0 <= int(freeze) <= int(num_layers) + 1:
+            raise ValueError(
+                f"model.freeze={freeze!r}: the number of lowest stages kept fixed (1: the "
+                f"patch embedding, 2: it and block_0, ...), from 0 to num_layers + 1 = "
+                f"{int(num_layers) + 1}."
+            )
         self.hparams = dict(
             num_classes=int(num_classes),
             num_frames=int(num_frames),
@@ -123,6 +134,7 @@ class SpectrogramTransformer(keras.Model):
             pooled_last_block=bool(pooled_last_block),
             pos_embedding=str(pos_embedding),
             patchout=patchout_config(patchout),
+            freeze=int(freeze),
         )
         h = self.hparams
         # Sub-layers take this model's dtype policy (set by the global policy when built
@@ -188,6 +200,10 @@ class SpectrogramTransformer(keras.Model):
         self.head_dropout = layers.Dropout(h["head_dropout"])
         # float32 logits under mixed precision: a stable softmax / cross-entropy.
         self.classifier = layers.Dense(h["num_classes"], dtype="float32", name="classifier")
+        # Fine-tuning a pretrained backbone with few labels: the lowest stages keep their
+        # (pretrained) weights.
+        for layer in [self.patch_embed, *self.blocks][: h["freeze"]]:
+            layer.trainable = False
 
     @property
     def num_patches(self):

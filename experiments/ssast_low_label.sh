@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Does masked patch pretraining (SSAST, src.pretrain) pay off with few labels?
+#
+# On a generated set (the synthetic quickstart generator, ESC-50 layout, 12 classes,
+# CLIPS_PER_CLASS clips of 2 s per class in 5 folds):
+#   1. pretrain a small transformer on folds 1-3, labels ignored (experiment=ssast);
+#   2. fine-tune it with k labelled clips per class from fold 4 (data.train_per_class=k;
+#      validation: a quarter of fold 4, carved before the k are drawn), test on fold 5
+#      (experiment=ssast_quickstart: mean pooling, the pretrained patch embedding kept);
+#   3. the same model from scratch (model.pretrained=null model.freeze=0), and the
+#      linear baseline (model=linear_baseline) on the same splits;
+# for k in KS and every seed in SEEDS (the seed also draws the k clips and the
+# validation split: data.split_seed), then print a markdown table of the test accuracy
+# (last epoch; mean +- std over the seeds) into $OUT/table.md.
+#
+#   experiments/ssast_low_label.sh                    # about 40 min on 2 CPU cores
+#   KS="5" SEEDS="0" experiments/ssast_low_label.sh   # one setting
+#   experiments/ssast_low_label.sh logger=wandb       # extra overrides go to every run
+#
+# Runs go to $OUT (runs/ssast_low_label); a finished run is not run again, so the same
+# command resumes an interrupted comparison. The labelled folds are never read by the
+# pretraining.
+cd "$(dirname "$0")/.."
+set -euo pipefail
+
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-${AUDIO_RUNS_DIR:-runs}/ssast_low_label}
+KS=${KS:-"5 10 20"}
+SEEDS=${SEEDS:-"0 1"}
+CLIPS_PER_CLASS=${CLIPS_PER_CLASS:-200}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-50}
+
+# Shared by every run: the data (its own root, so the quickstart set is left alone) and
+# the transformer's shape (experiment=ssast and experiment=ssast_quickstart agree on it).
+DATA=(data=quickstart "data.root=\${paths.cache_dir}/ssast_low_label"
+      "data.generate.clips_per_class=$CLIPS_PER_CLASS")
+FINETUNE=(data.train_folds=[4] data.folds=[5] data.val_fraction=0.25
+          trainer.verbose=0 trainer.attention_maps=0)
+BACKBONE=$OUT/backbone.keras
+start=$(date +%s)
+
+echo "== pretraining on folds 1-3 (labels ignored): $BACKBONE"
+"$PY" -m src.pretrain experiment=ssast "${DATA[@]}" pretrain.folds=[1,2,3] \
+  pretrain.mask.fraction=0.9 "trainer.epochs=$PRETRAIN_EPOCHS" trainer.verbose=2 \
+  name=ssast_low_label "pretrain.export=$BACKBONE" "hydra.run.dir=$OUT/pretrain" "$@"
+
+finetune() {  # variant k seed overrides...
+  local variant=$1 k=$2 seed=$3
+  shift 3
+  local dir=$OUT/$variant/k$k-seed$seed
+  if [ -f "$dir/results.json" ]; then return; fi
+  echo "== $variant, k=$k, seed $seed"
+  "$PY" -m src.train "${DATA[@]}" "${FINETUNE[@]}" "data.train_per_class=$k" \
+    "seed=$seed" "data.split_seed=$seed" "name=ssast_low_label_$variant" \
+    "hydra.run.dir=$dir" "$@" | tail -n 1
+}
+
+for k in $KS; do
+  for seed in $SEEDS; do
+    finetune pretrained "$k" "$seed" experiment=ssast_quickstart \
+      "model.pretrained=$BACKBONE" "${@}"
+    finetune scratch "$k" "$seed" experiment=ssast_quickstart model.pretrained=null \
+      model.freeze=0 "${@}"
+    finetune linear "$k" "$seed" experiment=ssast_quickstart model=linear_baseline "${@}"
+  done
+done
+
+"$PY" - "$OUT" "$KS" "$SEEDS" "$(($(date +%s) - start))" <<'EOF' | tee "$OUT/table.md"
+import json
+import statistics
+import sys
+from pathlib import Path
+
+out, ks, seeds, wall = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+variants = ("pretrained", "scratch", "linear")
+
+
+def accuracy(variant, k, seed):
+    path = out / variant / f"k{k}-seed{seed}" / "results.json"
+    return json.loads(path.read_text())["accuracy"] * 100 if path.exists() else None
+
+
+def cell(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}"
+
+
+pre = json.loads((out / "pretrain" / "results.json").read_text())
+print(f"Test accuracy (%) on fold 5 with k labelled clips per class from fold 4 (last "
+      f"epoch, seeds {', '.join(seeds)}); pretraining: {pre['num_train']} unlabeled clips "
+      f"of folds 1-3, {pre['epochs']} epochs, {pre['mask_count']} of "
+      f"{pre['num_patches']} patches masked.\n")
+print("| k | " + " | ".join(variants) + " | pretrained - scratch |")
+print("|---|" + "---|" * (len(variants) + 1))
+for k in ks:
+    acc = {v: [accuracy(v, k, s) for s in seeds] for v in variants}
+    gain = [p - s for p, s in zip(acc["pretrained"], acc["scratch"])
+            if p is not None and s is not None]
+    print(f"| {k} | " + " | ".join(cell(acc[v]) for v in variants) + f" | {cell(gain)} |")
+print(f"\nwall time {int(wall) / 60:.0f} min (this invocation)")
+EOF
