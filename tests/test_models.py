@@ -10,6 +10,7 @@ from src.models.build import build_model
 from src.models.patch import PatchEmbedding, grid_size
 from src.models.spec import SpecAugment
 from src.models.transformer import TransformerBlock
+from src.models.waveform import preprocess_waveform
 
 RNG = np.random.default_rng(0)
 
@@ -292,7 +293,8 @@ def test_target_frames_pads_like_ast_and_survives_saving(tmp_path):
                         dict(n_mels=32), num_classes=3, clip_samples=8000, target_frames=64)
     x = rand(2, 8000)
     feats = keras.ops.convert_to_numpy(model.features(x))
-    raw = keras.ops.convert_to_numpy(model.frontend(x))
+    # The waveform model's preprocessing (the clip's mean removed), then the frontend.
+    raw = keras.ops.convert_to_numpy(model.frontend(preprocess_waveform(x, model.remove_mean)))
     assert raw.shape == (2, 48, 32) and feats.shape == (2, 64, 32)
     np.testing.assert_array_equal(feats[:, :48], raw)
     assert not feats[:, 48:].any()
@@ -435,3 +437,31 @@ def test_mean_pooling_computes_every_row():
                                    ff_dim=64, pooling="mean")
     assert model.pooled_rows() is None
     assert SpectrogramTransformer(5, 48, 32, pooling="cls_dist").pooled_rows() == 2
+
+
+def test_models_saved_with_keras_layer_normalization_still_load(tmp_path):
+    # Blocks used keras.layers.LayerNormalization before src.models.layers.LayerNorm:
+    # the same weights under the same names, so such a file loads into today's blocks.
+    from src.models import load_model
+    from src.models.layers import LayerNorm
+
+    kw = dict(num_classes=3, num_frames=48, num_mels=32, embed_dim=32, num_layers=2,
+              num_heads=4, ff_dim=64, norm_first=True, activation="gelu", pooling="cls_dist")
+    old = SpectrogramTransformer(**kw)
+    for block in old.blocks:
+        block.layernorm1 = keras.layers.LayerNormalization(epsilon=block.epsilon,
+                                                           name="layernorm1")
+        block.layernorm2 = keras.layers.LayerNormalization(epsilon=block.epsilon,
+                                                           name="layernorm2")
+    old.build((None, 48, 32))
+    for block in old.blocks:
+        for ln in (block.layernorm1, block.layernorm2):
+            ln.set_weights([rand(32), rand(32)])
+    x = rand(2, 48, 32)
+    old.save(tmp_path / "old.keras")
+    loaded = load_model(tmp_path / "old.keras")
+    assert isinstance(loaded.blocks[0].layernorm1, LayerNorm)
+    for a, b in zip(loaded.get_weights(), old.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
+                               keras.ops.convert_to_numpy(old(x)), atol=1e-5)
