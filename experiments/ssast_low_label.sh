@@ -77,7 +77,7 @@ variants = ("pretrained", "scratch", "linear")
 
 def accuracy(variant, k, seed):
     path = out / variant / f"k{k}-seed{seed}" / "results.json"
-    return json.loads(path.read_text())["accuracy"] * 100 if path.exists() else None
+    return json.loads(path.read_text())["test_accuracy"] * 100 if path.exists() else None
 
 
 def cell(values):

@@ -34,7 +34,7 @@ def compose(overrides):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=esc50")
     parser.add_argument("--fold", type=int, default=None,
                         help="the test fold whose training split is used (default: the first "

@@ -48,11 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="output .keras file")
     parser.add_argument(
-        "--cache-dir", type=Path, default=Path(".cache/hub"), help="where hub downloads go"
+        "--cache-dir", type=Path,
+        default=Path(os.environ.get("AUDIO_CACHE_DIR", ".cache")) / "hub",
+        help="where hub downloads go (default: $AUDIO_CACHE_DIR/hub, .cache/hub)",
     )
     parser.add_argument(
-        "--weights-dir", type=Path, default=Path("weights"),
-        help="default output directory for --known (default: weights)",
+        "--weights-dir", type=Path, default=Path(os.environ.get("AUDIO_WEIGHTS_DIR", "weights")),
+        help="default output directory for --known (default: $AUDIO_WEIGHTS_DIR, weights), "
+        "where model.pretrained looks",
     )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument(

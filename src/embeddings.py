@@ -27,7 +27,7 @@ Definitions.
   a sound shorter than a window, or the feature padding of a model with
   ``target_frames``: AST pads 998 frames to 1024) are left out. Mean pooling rather than
   the [CLS] token: a [CLS] token only learns to summarise the clip when the model is
-  trained through it; a self-supervised model (SSAST: masked patches) never trains it,
+  trained through it; no loss of a self-supervised model (SSAST: masked patches) reads it,
   and SSAST fine-tunes on mean-pooled patch tokens. The same definition for every model
   keeps embeddings of different models comparable. Measured on generated data (see
   ``SCENE_POOLINGS``): mean pooling is the better probe of an untrained [CLS]; a

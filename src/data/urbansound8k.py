@@ -8,8 +8,8 @@ Layout of the release (``UrbanSound8K.tar.gz``)::
 The clips come at their original rates (mostly 44.1 or 48 kHz, some lower) and lengths;
 the input pipeline resamples them and pads or crops them to ``data.clip_seconds``. The
 official protocol is 10-fold cross-validation over the predefined folds. The release also
-mixes bit depths (16- and 24-bit PCM, a few 8-bit, 32-bit float and ADPCM files), while the
-pipeline decodes 16-bit PCM WAV only: convert such files to 16-bit PCM before training.
+mixes bit depths (16- and 24-bit PCM, a few 8-bit, 32-bit float and ADPCM files); the
+decoder (libsndfile through soundfile) reads them all.
 
 Only the index is read here; whether the audio files exist and decode is checked later,
 when the input pipeline is built.
