@@ -224,6 +224,7 @@ def probe_worker(out: str, overrides: list[str], epochs: int = 2) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+@pytest.mark.slow
 def test_multi_worker_trains_from_shards_two_processes(single_device):
     """Two workers on loopback (one CPU replica each), each streaming its own shard files.
     Only the chief writes the run; both hold the same model; every step gives each worker

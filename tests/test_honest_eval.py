@@ -78,6 +78,7 @@ def test_the_test_split_changes_nothing_that_training_chooses(tmp_path):
     assert not np.allclose(pa, pb)  # the test clips did change
 
 
+@pytest.mark.slow
 def test_summary_covers_every_finished_fold_and_flags_mixed_commits(tmp_path):
     base = ["experiment=quickstart", *TINY, "trainer.epochs=1", "trainer.attention_maps=0"]
     train(tmp_path, *base, "data.folds=[1,2]")
@@ -98,6 +99,7 @@ def test_summary_covers_every_finished_fold_and_flags_mixed_commits(tmp_path):
     assert any("different commits" in w for w in r["cv"]["provenance"]["warnings"])
 
 
+@pytest.mark.slow
 def test_second_process_on_a_run_dir_is_refused_and_a_killed_one_resumes(tmp_path):
     args = [sys.executable, "-m", "src.train", "experiment=quickstart", *TINY,
             "trainer.epochs=200", "trainer.attention_maps=0"]

@@ -448,6 +448,7 @@ def test_flops_of_passt_audioset_shape_with_patchout():
     assert full / dropped > 2.5
 
 
+@pytest.mark.slow
 def test_model_benchmark_times_patchout_against_no_patchout(tmp_path):
     import json
     import subprocess

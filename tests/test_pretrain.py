@@ -451,6 +451,7 @@ def _epochs_logged(csv_path):
     return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
 
 
+@pytest.mark.slow
 def test_killed_pretraining_resumes_with_the_same_command(tmp_path, folder):
     args = pretrain_args(folder, "trainer.epochs=12", "name=resume")
     env = env_for(tmp_path)

@@ -98,6 +98,7 @@ def test_optuna_search_runs_trials(tmp_path):
     assert len(runs) == 2
 
 
+@pytest.mark.slow
 def test_model_benchmark_reports_throughput_and_flops(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "model", "--embed", "16", "--layers", "1",
@@ -139,6 +140,7 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
         assert 0.0 < fraction < 1.0
 
 
+@pytest.mark.slow
 def test_ast_esc50_script_smoke_run_from_imported_weights(tmp_path):
     """experiments/ast_esc50.sh with tiny imported checkpoints under the known names:
     AST-S starts from the DeiT (4x4 grid interpolated to 12x24), AST-P from the AST

@@ -707,7 +707,7 @@ def test_data_configs(monkeypatch):
     assert folder.format == "folder" and folder.labels_from_subdirs is False
     assert tuple(folder.extensions) == DEFAULT_EXTENSIONS
 
-    common = set(OmegaConf.load(CONF / "data" / "common.yaml")) - {"defaults"}
+    common = set(OmegaConf.load(CONF / "data" / "_common.yaml")) - {"defaults"}
     for data in ("tagging_quickstart", "audioset_balanced", "audioset_full", "fsd50k",
                  "folder"):
         assert common <= set(make_cfg(f"data={data}").data), data
