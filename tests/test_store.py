@@ -287,16 +287,18 @@ def _quiet():
     tf.get_logger().setLevel("ERROR")
 
 
-@pytest.mark.slow  # builds and trains on 400 and 1600 ten-second clips (a few minutes)
+@pytest.mark.slow  # builds and trains on 1600 and 4800 ten-second clips (a few minutes)
 def test_training_memory_does_not_grow_with_the_number_of_clips(tmp_path):
-    """The bound of `python -m scripts.benchmark memory` on a smaller set: four times the
-    clips (300 MB more features) may not raise the peak RSS of training by more than a
-    small fraction of that."""
+    """The bound of `python -m scripts.benchmark memory` on a smaller set: three times the
+    clips (780 MB more features) may not raise the peak RSS of training by more than a
+    small fraction of that. Below about 1600 clips the fixed buffers (a shard being
+    written, the shuffle buffer, prefetch) are still filling up, so the smaller set
+    starts there."""
     from scripts.benchmark import bench_memory
 
-    r = bench_memory([400, 1600], 10.0, 64, tmp_path, progress=False, shuffle_mb=32)
+    r = bench_memory([1600, 4800], 10.0, 64, tmp_path, progress=False, shuffle_mb=32)
     small, large = r["sizes"]
     grown_features = large["features_mb"] - small["features_mb"]
-    assert grown_features > 250
+    assert grown_features > 700
     for key in ("build_and_train_peak_rss_mb", "train_peak_rss_mb"):
         assert large[key] - small[key] < 0.2 * grown_features, (key, small, large)
