@@ -268,6 +268,7 @@ def test_run_invariant_keys_name_the_directory(monkeypatch):
     assert run_dir(longer, "trainer.epochs=3") == run_dir(longer) == plain
 
 
+@pytest.mark.slow
 def test_run_invariant_keys_are_the_ones_the_resume_check_ignores(tmp_path):
     """The same list, read from the config, decides the resume check: an earlier run's
     directory with another trainer.epochs is resumed when the key is in the list and

@@ -114,6 +114,7 @@ def single_device(tmp_path_factory):
     return tmp, reference
 
 
+@pytest.mark.slow
 def test_mirrored_on_two_logical_cpus_matches_single_device(single_device):
     tmp, reference = single_device
     out = run_train(

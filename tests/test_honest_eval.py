@@ -182,6 +182,7 @@ def test_multi_label_run_reports_map_and_every_checkpoint_variant(tmp_path):
     assert load_model(run_dir / "fold_3" / "model.keras").multi_label
 
 
+@pytest.mark.slow
 def test_paper_protocol_curve_is_kept_apart_and_labelled(tmp_path):
     train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=2", "data.folds=[4,5]",
           "trainer.paper_protocol=true", "trainer.attention_maps=0")

@@ -54,8 +54,9 @@ def test_pipeline_benchmark_report_is_consistent(tmp_path):
 @pytest.mark.parametrize(
     "script,key,values",
     [
-        ("ablate_heads", "num_heads", [1, 2, 4, 8, 16]),
-        # The others run the same sweep.sh; `make test-slow` runs them.
+        # All run the same sweep.sh, `make test-slow` runs them (tests/test_tables.py runs
+        # a real Hydra sweep and its tables in `make test`).
+        pytest.param("ablate_heads", "num_heads", [1, 2, 4, 8, 16], marks=pytest.mark.slow),
         pytest.param("ablate_ff_dim", "ff_dim", [64, 128, 256, 512], marks=pytest.mark.slow),
         pytest.param("ablate_depth", "num_layers", [1, 2, 4, 6], marks=pytest.mark.slow),
         pytest.param("patch_overlap", "stride", [10, 12, 14, 16], marks=pytest.mark.slow),

@@ -247,6 +247,7 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     assert not (run_dir / "fold_2" / "backup").exists()
 
 
+@pytest.mark.slow
 def test_changed_config_in_the_same_run_dir_is_refused(tmp_path):
     run_train(tmp_path, "experiment=quickstart", *TINY, "trainer.epochs=1")
     # Same overrides (same directory) but a YAML default changed underneath: here via
@@ -319,6 +320,7 @@ def test_bad_clip_stops_training_unless_skipped(tmp_path):
     assert f["num_train"] + f["num_val"] + f["num_test"] == 59
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_result(tmp_path):
     results = []
     for name in ("a", "b"):

@@ -281,6 +281,7 @@ def _h5_names(path):
     return sorted(names)
 
 
+@pytest.mark.slow
 def test_waveform_training_equals_feature_training_without_augmentation(tmp_path):
     """Same seed, deterministic ops, no SpecAugment, no mixup: training on stored
     waveforms (frontend in the training step) and on stored features gives the same
