@@ -239,7 +239,7 @@ def _masked(ds, grid, count, sizes, fixed_seed=None):
 def _prepare(run_dir: Path, resolved: dict, resume: bool, invariant) -> bool:
     """Check an existing run dir before continuing in it, or move its state aside
     (``trainer.resume=false``); True when the run there is complete."""
-    from src.training.rundir import _flatten, is_invariant
+    from src.training.rundir import check_same_config
 
     state = [run_dir / n for n in _STATE if (run_dir / n).exists()]
     if not state:
@@ -252,18 +252,7 @@ def _prepare(run_dir: Path, resolved: dict, resume: bool, invariant) -> bool:
         log.warning("trainer.resume=false: moved the earlier pretraining in %s to %s",
                     run_dir, dest)
         return False
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-        new = _flatten(resolved)
-        diff = sorted(k for k in old if not is_invariant(k, invariant) and old[k] != new.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
-            raise ConfigError(
-                f"{run_dir} holds a pretraining run with a different config ({shown}). Run "
-                f"with trainer.resume=false to start over there (the earlier run is moved "
-                f"to {run_dir}/previous/), or change name=... to use another directory."
-            )
+    check_same_config(run_dir, resolved, invariant, kind="pretraining run")
     return (run_dir / "results.json").exists() and (run_dir / BACKBONE).exists()
 
 

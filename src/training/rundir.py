@@ -147,6 +147,17 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, invariant: Sequ
             shutil.move(str(p), dest / p.name)
         log.warning("trainer.resume=false: moved the earlier results of %s to %s", run_dir, dest)
         return
+    if not (run_dir / "config.yaml").exists():
+        return
+    check_same_config(run_dir, resolved, invariant)
+    log.info("resuming the run in %s", run_dir)
+
+
+def check_same_config(
+    run_dir: Path, resolved: dict, invariant: Sequence[str], kind: str = "run"
+) -> None:
+    """Raise ConfigError when ``run_dir/config.yaml`` (if any) differs from ``resolved``
+    in a key outside ``invariant``, naming the keys and the way out."""
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
@@ -159,8 +170,7 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool, invariant: Sequ
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
         raise ConfigError(
-            f"{run_dir} holds a run with a different config ({shown}). Run with "
+            f"{run_dir} holds a {kind} with a different config ({shown}). Run with "
             f"trainer.resume=false to start over there (the earlier results are moved to "
             f"{run_dir}/previous/), or change name=... to use another directory."
         )
-    log.info("resuming the run in %s", run_dir)
