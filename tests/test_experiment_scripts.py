@@ -2,6 +2,7 @@
 a user runs them, on tiny generated data and tiny models."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,16 @@ def _map_cell(value: float) -> str:
     """mAP as the tables print it: three decimals without the leading zero; one run of
     one fold has a std of 0."""
     return f"{value:.3f}".removeprefix("0") + " ± .000"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "experiments").glob("*.sh")),
+                         ids=lambda p: p.name)
+def test_experiment_scripts_run_as_the_readme_shows(script):
+    """The README runs them as ``experiments/NAME.sh``: executable, valid bash (sweep.sh,
+    which the ablation scripts source, included)."""
+    assert os.access(script, os.X_OK), f"chmod +x {script.relative_to(ROOT)}"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 # --------------------------------------------------------------------- ast_audioset.sh
