@@ -1,0 +1,167 @@
+"""scripts.debian_sounds on .deb files built here with dpkg-deb (and a stand-in apt-get
+that serves them), then read back by the folder dataset."""
+
+import csv
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from helpers import ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
+                                reason="needs Debian's dpkg-deb")
+
+RATE = 22050
+
+
+def _tone(seconds, freq=440.0):
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _build_deb(tmp_path, package, files, version="1.0-1"):
+    """A .deb of ``package`` holding ``files`` ({path inside: bytes | (seconds, fmt)})."""
+    tree = tmp_path / f"tree-{package}"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
+        f"Maintainer: Test <t@example.org>\nDescription: sounds for a test\n")
+    doc = tree / "usr/share/doc" / package
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text("Format: x\n\nFiles: *\nLicense: GPL-2+\n")
+    for rel, content in files.items():
+        path = tree / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            seconds, fmt = content
+            sf.write(str(path), _tone(seconds), RATE, format=fmt)
+    out = tmp_path / "built"
+    out.mkdir(exist_ok=True)
+    deb = out / f"{package}_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("debs")
+    _build_deb(tmp, "game-sounds", {
+        "usr/share/game/sfx/boom.wav": (0.8, "WAV"),
+        "usr/share/game/sfx/zap.oga": (0.5, "OGG"),
+        "usr/share/game/sfx/tick.wav": (0.05, "WAV"),          # shorter than --min-seconds
+        "usr/share/game/sfx/broken.wav": b"RIFF\x00\x00not audio",
+        "usr/share/game/music/theme.flac": (3.0, "FLAC"),
+        "usr/share/game/readme.txt": b"not audio",
+    })
+    _build_deb(tmp, "desktop-theme", {"usr/share/sounds/bell.ogg": (0.4, "OGG")})
+    return tmp / "built"
+
+
+def _run(args, env=None):
+    return subprocess.run([sys.executable, "-m", "scripts.debian_sounds", *map(str, args),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
+
+
+def _manifest(out):
+    with (out / "manifest.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_corpus_from_local_debs_keeps_the_readable_audio(debs, tmp_path):
+    out = tmp_path / "corpus"
+    res = _run([out, "--debs", debs])
+    assert res.returncode == 0, res.stderr
+    rows = {r["file"]: r for r in _manifest(out)}
+    assert set(rows) == {
+        "game-sounds/usr__share__game__sfx__boom.wav",
+        "game-sounds/usr__share__game__sfx__zap.ogg",        # .oga -> .ogg
+        "game-sounds/usr__share__game__music__theme.flac",
+        "desktop-theme/usr__share__sounds__bell.ogg",
+    }
+    boom = rows["game-sounds/usr__share__game__sfx__boom.wav"]
+    assert boom["source"] == "usr/share/game/sfx/boom.wav"
+    assert boom["version"] == "1.0-1" and boom["license"] == "GPL-2+"
+    assert float(boom["seconds"]) == pytest.approx(0.8, abs=1e-3)
+    assert int(boom["sample_rate"]) == RATE and int(boom["channels"]) == 1
+    for name in rows:  # copied as they are: they decode to the same samples
+        assert sf.info(str(out / "audio" / name)).samplerate == RATE
+    with (out / "skipped.csv").open() as f:
+        skipped = {r["source"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(skipped) == {"usr/share/game/sfx/tick.wav", "usr/share/game/sfx/broken.wav"}
+    assert "--min-seconds" in skipped["usr/share/game/sfx/tick.wav"]
+    assert skipped["usr/share/game/sfx/broken.wav"].startswith("unreadable")
+    assert "4 files" in res.stdout
+
+    # The folder dataset reads it, one class per package.
+    from src.data.folder import read_folder
+
+    index = read_folder(out / "audio", labels_from_subdirs=True)
+    assert list(index.class_names) == ["desktop-theme", "game-sounds"]
+    assert len(index.records) == 4
+
+
+def test_limits_on_length_and_count(debs, tmp_path):
+    out = tmp_path / "corpus"
+    res = _run([out, "--debs", debs, "--max-seconds", "2", "--max-files", "1"])
+    assert res.returncode == 0, res.stderr
+    files = [r["file"] for r in _manifest(out)]
+    assert len([f for f in files if f.startswith("game-sounds/")]) == 1
+    assert not any(f.endswith(".flac") for f in files)
+
+
+def test_download_uses_apt_get_once_and_refuses_held_out_packages(debs, tmp_path):
+    # A stand-in apt-get that serves the .deb files built above and logs its calls.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "apt-get"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+[ "$1" = download ] || exit 1
+for f in {debs}/"$2"_*.deb; do [ -e "$f" ] || {{ echo "E: Unable to locate package $2" >&2; exit 100; }}; cp "$f" .; done
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "corpus"
+
+    res = _run([out, "--packages", "game-sounds", "desktop-theme"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert calls.read_text().split("\n")[:2] == ["download game-sounds",
+                                                 "download desktop-theme"]
+    assert sorted(p.name for p in (out / "debs").glob("*.deb")) == [
+        "desktop-theme_1.0-1_all.deb", "game-sounds_1.0-1_all.deb"]
+    assert len(_manifest(out)) == 4
+    res = _run([out, "--packages", "game-sounds", "desktop-theme"], env=env)  # kept .debs
+    assert res.returncode == 0 and len(calls.read_text().splitlines()) == 2
+
+    res = _run([out, "--packages", "no-such-package"], env=env)
+    assert res.returncode == 2
+    assert "apt-get download no-such-package failed" in res.stderr
+    assert "Unable to locate package" in res.stderr
+
+    res = _run([out, "--packages", "game-sounds", "hydrogen-drumkits"], env=env)
+    assert res.returncode == 2
+    assert "'hydrogen-drumkits' is kept for a held-out evaluation" in res.stderr
+    assert len(calls.read_text().splitlines()) == 3  # refused before any download
+
+
+def test_a_held_out_deb_on_disk_is_refused_too(tmp_path):
+    deb = _build_deb(tmp_path, "sonic-pi-samples", {"x/a.wav": (0.5, "WAV")})
+    res = _run([tmp_path / "corpus", "--debs", deb])
+    assert res.returncode == 2 and "held-out" in res.stderr
+
+
+def test_no_audio_at_all_is_a_clear_error(tmp_path):
+    deb = _build_deb(tmp_path, "docs-only", {"usr/share/x/readme.txt": b"text"})
+    res = _run([tmp_path / "corpus", "--debs", deb])
+    assert res.returncode == 2
+    assert "no audio file of at least 0.3 s in 1 package(s)" in res.stderr
