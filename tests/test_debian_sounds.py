@@ -2,6 +2,7 @@
 that serves them), then read back by the folder dataset."""
 
 import csv
+import json
 import os
 import shutil
 import stat
@@ -165,3 +166,45 @@ def test_no_audio_at_all_is_a_clear_error(tmp_path):
     res = _run([tmp_path / "corpus", "--debs", deb])
     assert res.returncode == 2
     assert "no audio file of at least 0.3 s in 1 package(s)" in res.stderr
+
+
+@pytest.mark.slow
+def test_low_label_script_on_a_corpus_keeps_the_test_fold_out_of_pretraining(tmp_path):
+    """experiments/ssast_low_label.sh SET=debian, one epoch everywhere, on a corpus of two
+    .deb files built here: the labelled view, the unlabeled view without folds 4 and 5,
+    and the table."""
+    from helpers import train_env
+
+    for package, freq in (("bells-sounds", 880.0), ("drums-sounds", 110.0)):
+        files = {}
+        for i in range(12):
+            path = tmp_path / f"src-{package}-{i}.wav"
+            sf.write(str(path), _tone(0.6 + 0.05 * i, freq * (1 + 0.02 * i)), RATE)
+            files[f"usr/share/{package}/s{i:02d}.wav"] = path.read_bytes()
+        _build_deb(tmp_path, package, files)
+    corpus = tmp_path / "corpus"
+    assert _run([corpus, "--debs", tmp_path / "built"]).returncode == 0
+    out = tmp_path / "out"
+    env = train_env(tmp_path, WANDB_MODE="disabled", PYTHON=sys.executable, SET="debian",
+                    CORPUS=str(corpus), OUT=str(out), KS="2", SEEDS="0", MIN_FILES="10",
+                    PER_CLASS="10", CLIP_SECONDS="1", PRETRAIN_EPOCHS="1")
+    res = subprocess.run(["experiments/ssast_low_label.sh", "trainer.epochs=1"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    labelled = sorted(p.relative_to(out / "labelled").as_posix()
+                      for p in (out / "labelled").rglob("*.wav"))
+    unlabeled = {p.relative_to(out / "unlabeled").as_posix()
+                 for p in (out / "unlabeled").rglob("*.wav")}
+    assert len(labelled) == 20  # 10 of the 12 files of each package
+    from src.data.folder import read_folder
+
+    index = read_folder(out / "labelled", labels_from_subdirs=True, num_folds=5)
+    held = {r.key for r in index.records if r.fold in (4, 5)}
+    assert len(held) == 8 and not held & unlabeled
+    assert len(unlabeled) == 24 - 8  # everything else, incl. the 2 x 2 unlabelled-only
+    table = (out / "table.md").read_text()
+    assert "| 2 |" in table and "pretrained - scratch" in table
+    for variant in ("pretrained", "scratch", "linear"):
+        results = next((out / variant).glob("lr*/k2-seed0/results.json"))
+        assert json.loads(results.read_text())["dataset"] == "folder"
