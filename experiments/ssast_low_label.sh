@@ -26,7 +26,7 @@
 # and all files of the other packages), never folds 4 and 5. Steps 2 and 3 as above, on
 # CLIP_SECONDS crops.
 #
-#   experiments/ssast_low_label.sh                    # about 50 min on 2 CPU cores
+#   experiments/ssast_low_label.sh                    # about 30 min on 2 CPU cores
 #   KS="5" SEEDS="0" experiments/ssast_low_label.sh   # one setting
 #   SET=debian experiments/ssast_low_label.sh         # real recordings
 #   experiments/ssast_low_label.sh logger=wandb       # extra overrides go to every run
