@@ -11,8 +11,10 @@ oga, flac, mp3, aiff, au) that decodes and lasts at least ``--min-seconds`` to
 ``OUT/audio/PACKAGE/NAME`` (the path inside the package, ``/`` as ``__``; ``.oga``
 becomes ``.ogg``). ``OUT/manifest.csv`` lists each kept file with its package, version,
 path in the package, duration, sample rate, channels and the package's licence line;
-``OUT/skipped.csv`` lists the files left out and why. Files are copied as they are
-(their own format and rate); the data pipeline decodes and resamples them.
+``OUT/skipped.csv`` lists the files left out and why (too short or long, not
+decodable, symbolic links: a second name of a file). Packages in ``OUT/audio`` from an
+earlier run that this run does not list are left there, with a note. Files are copied
+as they are (their own format and rate); the data pipeline decodes and resamples them.
 
 Use it as a dataset (``src.data.folder``):
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import shutil
 import subprocess
@@ -172,11 +175,14 @@ def extract(deb: Deb, audio_dir: Path, min_seconds: float, max_seconds: float,
             raise CorpusError(f"dpkg-deb -x {deb.path} failed: {res.stderr.strip()}")
         license_line = _license(tree, deb.package)
         files = sorted(p for p in tree.rglob("*")
-                       if p.is_file() and not p.is_symlink()
-                       and p.suffix.lower() in AUDIO_EXTENSIONS)
+                       if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir())
         out_dir = audio_dir / deb.package
         for path in files:
             rel = path.relative_to(tree).as_posix()
+            if path.is_symlink():  # usually another file of the package under a 2nd name
+                skipped.append(dict(package=deb.package, source=rel,
+                                    reason=f"symbolic link to {os.readlink(path)}"))
+                continue
             try:
                 info = sf.info(str(path))
                 seconds = float(info.frames) / float(info.samplerate)
@@ -230,6 +236,12 @@ def build_corpus(out: Path, debs: list[Deb], min_seconds=0.3, max_seconds=0.0,
         skipped_all += skipped
         if not kept:
             log(f"{deb.package}: no audio file kept ({len(skipped)} skipped)")
+    listed = {deb.package for deb in debs}
+    others = sorted(p.name for p in audio_dir.glob("*/") if p.name not in listed)
+    if others:
+        log(f"note: {audio_dir} also holds {', '.join(others)} from an earlier run; they are "
+            "not in this manifest, and a data=folder run reads them too (delete them to "
+            "leave them out)")
     if not kept_all:
         raise CorpusError(f"no audio file of at least {min_seconds} s in {len(debs)} "
                           f"package(s); see {out / 'skipped.csv'}.")

@@ -40,6 +40,8 @@ def _build_deb(tmp_path, package, files, version="1.0-1"):
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             path.write_bytes(content)
+        elif isinstance(content, str):  # a symbolic link to this target
+            path.symlink_to(content)
         else:
             seconds, fmt = content
             sf.write(str(path), _tone(seconds), RATE, format=fmt)
@@ -60,6 +62,7 @@ def debs(tmp_path_factory):
         "usr/share/game/sfx/tick.wav": (0.05, "WAV"),          # shorter than --min-seconds
         "usr/share/game/sfx/broken.wav": b"RIFF\x00\x00not audio",
         "usr/share/game/music/theme.flac": (3.0, "FLAC"),
+        "usr/share/game/sfx/boom2.wav": "boom.wav",              # a second name
         "usr/share/game/readme.txt": b"not audio",
     })
     _build_deb(tmp, "desktop-theme", {"usr/share/sounds/bell.ogg": (0.4, "OGG")})
@@ -97,7 +100,9 @@ def test_corpus_from_local_debs_keeps_the_readable_audio(debs, tmp_path):
         assert sf.info(str(out / "audio" / name)).samplerate == RATE
     with (out / "skipped.csv").open() as f:
         skipped = {r["source"]: r["reason"] for r in csv.DictReader(f)}
-    assert set(skipped) == {"usr/share/game/sfx/tick.wav", "usr/share/game/sfx/broken.wav"}
+    assert set(skipped) == {"usr/share/game/sfx/tick.wav", "usr/share/game/sfx/broken.wav",
+                            "usr/share/game/sfx/boom2.wav"}
+    assert skipped["usr/share/game/sfx/boom2.wav"] == "symbolic link to boom.wav"
     assert "--min-seconds" in skipped["usr/share/game/sfx/tick.wav"]
     assert skipped["usr/share/game/sfx/broken.wav"].startswith("unreadable")
     assert "4 files" in res.stdout
@@ -143,6 +148,11 @@ for f in {debs}/"$2"_*.deb; do [ -e "$f" ] || {{ echo "E: Unable to locate packa
     assert len(_manifest(out)) == 4
     res = _run([out, "--packages", "game-sounds", "desktop-theme"], env=env)  # kept .debs
     assert res.returncode == 0 and len(calls.read_text().splitlines()) == 2
+
+    res = _run([out, "--packages", "game-sounds"], env=env)  # one package less
+    assert res.returncode == 0
+    assert "also holds desktop-theme from an earlier run" in res.stdout
+    assert {r["package"] for r in _manifest(out)} == {"game-sounds"}
 
     res = _run([out, "--packages", "no-such-package"], env=env)
     assert res.returncode == 2
