@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.models.attention import MultiHeadSelfAttention, softmax_attention
+from src.models.attention import MultiHeadSelfAttention, dense_over_tokens, softmax_attention
 from src.models.audio_transformer import SpectrogramTransformer
 from src.models.layers import LayerNorm, gelu, layer_norm
 from src.models.transformer import TransformerBlock
@@ -151,6 +151,47 @@ def test_layer_norm_under_mixed_bfloat16_returns_bfloat16():
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
     ref = keras.layers.LayerNormalization(epsilon=1e-6)(tf.cast(x, "float32"))
     assert_close(tf.cast(y, "float32"), ref, 1e-2)
+
+
+# ------------------------------------------------------- dense over tokens
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_dense_over_tokens_matches_dense_and_its_gradients(activation):
+    dense = keras.layers.Dense(6, activation=activation)
+    x = rand(3, 5, 4)
+    dense.build(x.shape)
+    dense.bias.assign(rand(6))
+    up = rand(3, 5, 6)
+    ours, (dx_ours,) = value_and_grads(lambda t: dense_over_tokens(dense, t), x, upstream=up)
+    ref, (dx_ref,) = value_and_grads(dense, x, upstream=up)
+    assert ours.shape == (3, 5, 6)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx_ours, dx_ref, rtol=1e-5, atol=1e-5)
+    with tf.GradientTape() as tape:  # the weights' gradients, same upstream
+        loss_ours = tf.reduce_sum(dense_over_tokens(dense, tf.constant(x)) * up)
+    g_ours = tape.gradient(loss_ours, dense.trainable_variables)
+    with tf.GradientTape() as tape:
+        loss_ref = tf.reduce_sum(dense(tf.constant(x)) * up)
+    g_ref = tape.gradient(loss_ref, dense.trainable_variables)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_over_tokens_under_mixed_bfloat16_and_lora():
+    dense = keras.layers.Dense(6, dtype="mixed_bfloat16")
+    x = tf.constant(rand(2, 5, 4))
+    dense.build(x.shape)
+    dense.bias.assign(rand(6))
+    out = dense_over_tokens(dense, x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert_close(tf.cast(out, "float32"), tf.cast(dense(x), "float32"), 1e-2)
+    dense = keras.layers.Dense(6)
+    dense.build(x.shape)
+    dense.enable_lora(2)
+    dense.lora_kernel_b.assign(rand(2, 6))  # zero at first: make the low-rank part count
+    np.testing.assert_allclose(dense_over_tokens(dense, x).numpy(), dense(x).numpy(),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------- the model against autodiff

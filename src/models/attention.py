@@ -31,13 +31,30 @@ _MASK_PENALTY = -1e9
 
 
 def dense_over_tokens(dense, x):
-    """``dense(x)`` for tokens ``(B, S, D_in)``, computed as one 2-D matmul over the
-    B * S rows: the same numbers, but on CPU TensorFlow runs a 2-D MatMul + bias
-    faster than the broadcast batched matmul it uses for 3-D inputs (about 4% of
-    inference end to end)."""
+    """``dense(x)`` for tokens ``(B, S, D_in)``: the same numbers, computed as one 2-D
+    matmul over the B * S rows, then the bias and the activation.
+
+    On CPU, TensorFlow runs a 2-D MatMul faster than the broadcast batched matmul it
+    uses for 3-D inputs (about 4% of inference end to end in float32). The bias is
+    added after the reshape back to 3-D, so TensorFlow's graph optimiser does not fuse
+    it into the matmul: its fused MatMul + BiasAdd kernel runs bfloat16 at a third of
+    the plain bfloat16 MatMul's speed on AMX CPUs (1.19x inference, 1.09x training
+    end to end under ``mixed_bfloat16``; float32 unchanged). A quantized Dense is
+    called as is."""
     shape = ops.shape(x)
-    y = dense(ops.reshape(x, (-1, shape[-1])))
-    return ops.reshape(y, (shape[0], shape[1], dense.units))
+    if getattr(dense, "quantization_mode", None) is not None:
+        y = dense(ops.reshape(x, (-1, shape[-1])))
+        return ops.reshape(y, (shape[0], shape[1], dense.units))
+    dtype = dense.compute_dtype
+    with keras.name_scope(dense.name):
+        y = ops.matmul(ops.reshape(ops.cast(x, dtype), (-1, shape[-1])),
+                       ops.cast(dense.kernel, dtype))
+        y = ops.reshape(y, (shape[0], shape[1], dense.units))
+        if dense.bias is not None:
+            y = ops.add(y, ops.cast(dense.bias, dtype))
+        if dense.activation is not None:
+            y = dense.activation(y)
+    return y
 
 
 def gradient_scope():
