@@ -3,7 +3,7 @@
     python -m scripts.benchmark model [--embed 192 --layers 4 --heads 4 --ff 768 --mels 128
         --frames 512 --stride 10 --batch 32] [--jit] [--fused] [--fused-qkv]
         [--full-last-block] [--precision float32|mixed_bfloat16|mixed_float16]
-        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--inter-op auto|N] [--json]
+        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
@@ -483,9 +483,7 @@ def bench_model(args):
     import tensorflow as tf
 
     from src.models.build import build_model
-    from src.training.distribute import set_inter_op_threads
 
-    set_inter_op_threads({"inter_op_threads": args.inter_op})  # as trainer.inter_op_threads
     hop = 160
     clip_samples = (args.frames - 1) * hop + 400  # exactly `frames` frames
     if args.precision != "float32":
@@ -563,8 +561,6 @@ def bench_model(args):
         "patchout": patchout,
         "train_patches": int(backbone.patch_embed.num_train_patches),
         "jit_compile": args.jit,
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "inter_op_threads_setting": args.inter_op,
         "fused_attention": args.fused,
         "fused_qkv": args.fused_qkv,
         "pooled_last_block": not args.full_last_block,
@@ -707,18 +703,6 @@ def _pytorch_ast(args):
     return {"train": train, "infer": infer}
 
 
-def _inter_op(text):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use auto, 0 or a positive number")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -774,9 +758,6 @@ def main(argv=None) -> int:
                    help="PaSST's AudioSet shape: 128 mels x 998 frames (10 s), stride 10 "
                         "(12 x 99 patches), patchout 40,4 unless --patchout is given")
     m.add_argument("--vs-pytorch", action="store_true")
-    m.add_argument("--inter-op", type=_inter_op, default="auto", metavar="auto|N",
-                   help="TensorFlow ops run at once, as trainer.inter_op_threads (auto: 1 "
-                        "without a GPU; 0: TensorFlow's default)")
     m.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also trace STEPS training steps with TensorFlow's profiler and print "
                         "the time per op type and per part of the model")
@@ -823,7 +804,6 @@ def main(argv=None) -> int:
               f"({sh['patches']} patches), batch {sh['batch']}, jit={r['jit_compile']}, "
               f"fused={r['fused_attention']}, fused_qkv={r['fused_qkv']}, "
               f"pooled_last_block={r['pooled_last_block']}, "
-              f"inter_op_threads={r['inter_op_threads'] or 'default'}, "
               f"{r['precision']}; {r['device']}, {r['cpu_count']} CPU(s)")
         print(f"  parameters {r['parameters']:,}; {r['gflops_per_clip_forward']:.2f} GFLOP/clip "
               f"forward ({r['gflops_per_clip_forward_all_rows']:.2f} when every row of the "

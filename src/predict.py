@@ -616,9 +616,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import tensorflow as tf
 
-    from src.training.distribute import set_inter_op_threads
-
-    set_inter_op_threads({"inter_op_threads": "auto"})  # one op at a time without a GPU
     tf.get_logger().setLevel(logging.ERROR)
     try:
         resolved = resolve_model(args.model)

@@ -511,9 +511,6 @@ def main(cfg: DictConfig) -> float:
     _quiet_tensorflow()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        from src.training import distribute
-
-        distribute.set_inter_op_threads(cfg)  # before TensorFlow runs an op
         checked = validate_pretrain_config(cfg)
         results = run(cfg, run_dir, checked)
     except (ConfigError, DatasetError, PretrainedError) as err:

@@ -730,9 +730,6 @@ def main(cfg: DictConfig) -> float:
     _quiet_tensorflow()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        from src.training import distribute
-
-        distribute.set_inter_op_threads(cfg)  # before TensorFlow runs an op
         validate_config(cfg)
         return run(cfg, run_dir)
     except (ConfigError, DatasetError) as err:

@@ -396,9 +396,6 @@ def test_check_config_names_the_key():
         ({"mixed_precision": "yes"}, "trainer.mixed_precision"),
         ({"mixed_precision": "fp8"}, "trainer.mixed_precision"),
         ({"jit_compile": "xla"}, "trainer.jit_compile"),
-        ({"inter_op_threads": -1}, "trainer.inter_op_threads"),
-        ({"inter_op_threads": "many"}, "trainer.inter_op_threads"),
-        ({"inter_op_threads": True}, "trainer.inter_op_threads"),
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             distribute.check_config(cfg)
@@ -409,21 +406,6 @@ def test_jit_compile_values():
     assert distribute.jit_compile({"jit_compile": "auto"}) == "auto"
     assert distribute.jit_compile({"jit_compile": True}) is True
     assert distribute.jit_compile({"jit_compile": "false"}) is False
-
-
-def test_inter_op_threads_values():
-    import tensorflow as tf
-
-    auto = 0 if tf.config.list_physical_devices("GPU") else 1
-    assert distribute.inter_op_threads({}) == auto
-    assert distribute.inter_op_threads({"inter_op_threads": "auto"}) == auto
-    assert distribute.inter_op_threads({"inter_op_threads": None}) == auto
-    # replicas side by side keep TensorFlow's default
-    assert distribute.inter_op_threads({"strategy": "mirrored"}) == 0
-    assert distribute.inter_op_threads({"logical_cpus": 2}) == 0
-    assert distribute.inter_op_threads({"logical_cpus": 1}) == auto
-    assert distribute.inter_op_threads({"inter_op_threads": 3}) == 3
-    assert distribute.inter_op_threads({"inter_op_threads": 0}) == 0
 
 
 def test_tf_config_is_checked(monkeypatch):

@@ -42,14 +42,6 @@ not depend on the policy) and in the saved waveform model, whose frontend stays 
 ``trainer.jit_compile``: ``true`` | ``false`` | ``auto`` (Keras' default: XLA on a GPU
 without a distribution strategy), passed to ``compile``.
 
-``trainer.inter_op_threads``: how many TensorFlow ops may run at once. ``auto`` (default):
-1 on a machine without a GPU, where every op (matmul, softmax, ...) already spreads over
-all cores and two ops at once only compete for them (on 2 cores: 1.05-1.10x training and
-1.11-1.14x inference throughput); TensorFlow's default with a GPU, under ``mirrored`` /
-``multi_worker`` and with ``logical_cpus`` (whose replicas run side by side). ``0``:
-TensorFlow's default; N: N. It applies to a process whose TensorFlow has not run an op
-yet (``python -m src.train`` / ``src.pretrain`` / ``src.predict`` set it first thing).
-
 In ``src.train``: :func:`setup` at the start of a run, :func:`enter_strategy` right before
 the model is built and :func:`exit_strategy` after ``compile`` (the model and its optimizer
 are created in the strategy's scope), :func:`jit_compile` for ``compile``.
@@ -125,48 +117,8 @@ def check_config(trainer_cfg: Mapping) -> None:
             "only) or bfloat16."
         )
     jit_compile(trainer_cfg)
-    _inter_op_value(trainer_cfg)
     if name == "multi_worker":
         read_tf_config()
-
-
-def _inter_op_value(trainer_cfg: Mapping) -> int | str:
-    value = trainer_cfg.get("inter_op_threads", "auto")
-    if value is None or (isinstance(value, str) and value.lower() == "auto"):
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(
-            f"trainer.inter_op_threads={value!r} is invalid; use auto (1 without a GPU), "
-            "0 (TensorFlow's default) or a positive number of ops run at once."
-        )
-    return value
-
-
-def inter_op_threads(trainer_cfg: Mapping) -> int:
-    """``trainer.inter_op_threads`` resolved: the number to set, 0 for TensorFlow's default."""
-    value = _inter_op_value(trainer_cfg)
-    if value != "auto":
-        return value
-    if _strategy_name(trainer_cfg) != "default" or (_logical_cpus(trainer_cfg) or 1) > 1:
-        return 0
-    import tensorflow as tf
-
-    return 0 if tf.config.list_physical_devices("GPU") else 1
-
-
-def set_inter_op_threads(cfg: Mapping) -> None:
-    """Apply ``trainer.inter_op_threads`` (see the module's doc) if TensorFlow has not
-    started yet in this process; otherwise say that it could not."""
-    n = inter_op_threads(_trainer(cfg))
-    import tensorflow as tf
-
-    if not n or tf.config.threading.get_inter_op_parallelism_threads() == n:
-        return
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(n)
-    except RuntimeError:  # TensorFlow has run an op already
-        log.info("trainer.inter_op_threads=%d not applied: TensorFlow started before the "
-                 "setting was read in this process", n)
 
 
 def read_tf_config() -> dict:
@@ -275,8 +227,7 @@ def _set_logical_cpus(n: int | None) -> None:
 def configure_devices(cfg: Mapping) -> None:
     """Apply ``trainer.*`` device settings; call it before any TensorFlow work of a run.
 
-    Checks the keys, sets ``inter_op_threads``, splits the CPU (``logical_cpus``), sets
-    the float32 policy for the
+    Checks the keys, splits the CPU (``logical_cpus``), sets the float32 policy for the
     feature computation, and creates the strategy of ``mirrored`` / ``multi_worker``
     now: a MultiWorkerMirroredStrategy has to exist before the run's first TensorFlow op,
     and the batch size is checked against the number of replicas before any data work.
@@ -285,7 +236,6 @@ def configure_devices(cfg: Mapping) -> None:
 
     t = _trainer(cfg)
     check_config(t)
-    set_inter_op_threads(t)
     _set_logical_cpus(_logical_cpus(t))
     keras.mixed_precision.set_global_policy("float32")  # enter_strategy sets the model's
     if _strategy_name(t) != "default":

@@ -63,8 +63,6 @@ def device_info() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "gpus": names,
-        # TensorFlow ops run at once (trainer.inter_op_threads; 0: TensorFlow's default)
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
     }
 
 
