@@ -535,7 +535,10 @@ def bench_model(args):
                 args.batch / _timed(lambda: plain[1].train_on_batch(x, y)))
             ours.setdefault("infer_plain", []).append(
                 args.batch / _timed(lambda: plain[2](x).numpy()))
-    profile = profile_train_step(backbone, x, y, args.profile) if args.profile else None
+    profile = profile_infer = None
+    if args.profile:
+        profile = profile_steps(lambda: backbone.train_on_batch(x, y), args.profile)
+        profile_infer = profile_steps(lambda: infer(x).numpy(), args.profile)
     flops, patches = model_flops(args.embed, args.layers, args.ff, args.mels, args.frames, 16,
                                  args.stride, args.stride, args.classes,
                                  last_rows=None if args.full_last_block else 2)
@@ -558,6 +561,7 @@ def bench_model(args):
                       patches=patches, batch=args.batch),
         "grid": list(backbone.grid),
         "profile": profile,
+        "profile_inference": profile_infer,
         "patchout": patchout,
         "train_patches": int(backbone.patch_embed.num_train_patches),
         "jit_compile": args.jit,
@@ -604,10 +608,11 @@ _PARTS = (  # (part, a regular expression over an op's name), the first match wi
 )
 
 
-def profile_train_step(backbone, x, y, steps=5):
-    """Where a training step spends its time: ``steps`` steps traced with TensorFlow's
-    profiler; the execution time of each op (as seen by TensorFlow's inter-op threads,
-    intra-op work included) summed by op type and by part of the model, per step."""
+def profile_steps(step, steps=5):
+    """Where a step (``step()``: a training step or a batch's inference) spends its
+    time: ``steps`` steps traced with TensorFlow's profiler; the execution time of each
+    op (as seen by TensorFlow's inter-op threads, intra-op work included) summed by op
+    type and by part of the model, per step."""
     import glob
     import tempfile as _tempfile
 
@@ -618,7 +623,7 @@ def profile_train_step(backbone, x, y, steps=5):
         tf.profiler.experimental.start(logdir)
         start = time.perf_counter()
         for _ in range(steps):
-            backbone.train_on_batch(x, y)
+            step()
         wall = (time.perf_counter() - start) / steps
         tf.profiler.experimental.stop()
         (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
@@ -642,14 +647,17 @@ def profile_train_step(backbone, x, y, steps=5):
                 part = next((p for p, pattern in _PARTS if re.search(pattern, m.name)),
                             "other")
                 by_part[part] = by_part.get(part, 0.0) + ms
-    total = sum(by_type.values()) or 1.0
+    total = sum(by_type.values())
 
     def table(d):
         return [{"name": k, "ms_per_step": v, "share": v / total}
                 for k, v in sorted(d.items(), key=lambda kv: -kv[1])]
 
-    return {"step_ms": wall * 1000, "op_ms_per_step": total, "by_type": table(by_type),
-            "by_part": table(by_part)}
+    out = {"step_ms": wall * 1000, "op_ms_per_step": total, "by_type": table(by_type),
+           "by_part": table(by_part)}
+    if not total:  # an XLA-compiled step runs as one cluster: no TensorFlow ops to time
+        out["note"] = "no per-op times (an XLA-compiled step); profile without --jit"
+    return out
 
 
 def hf_ast_config(config_cls, embed, layers, heads, ff, mels, frames, stride, classes):
@@ -759,8 +767,9 @@ def main(argv=None) -> int:
                         "(12 x 99 patches), patchout 40,4 unless --patchout is given")
     m.add_argument("--vs-pytorch", action="store_true")
     m.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="also trace STEPS training steps with TensorFlow's profiler and print "
-                        "the time per op type and per part of the model")
+                   help="also trace STEPS training steps and STEPS batches' inference with "
+                        "TensorFlow's profiler and print the time per op type and per part of "
+                        "the model")
     m.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.what == "model":
@@ -821,9 +830,15 @@ def main(argv=None) -> int:
               f"({r['infer_gflops_per_s']:.0f} GFLOP/s, {100 * r['infer_fraction_of_peak']:.0f}%"
               " of peak)")
         print(f"  latency    {r['latency_ms']:8.1f} ms for one clip (waveform in)")
-        if r.get("profile"):
-            pr = r["profile"]
-            print(f"  profile of a training step ({pr['step_ms']:.0f} ms wall; op time "
+        for what, key in (("a training step", "profile"), ("a batch's inference",
+                                                               "profile_inference")):
+            pr = r.get(key)
+            if not pr:
+                continue
+            if pr.get("note"):
+                print(f"  profile of {what}: {pr['note']}")
+                continue
+            print(f"  profile of {what} ({pr['step_ms']:.0f} ms wall; op time "
                   f"{pr['op_ms_per_step']:.0f} ms, intra-op threads included):")
             for title, rows, top in (("by part", pr["by_part"], 10), ("by op", pr["by_type"], 15)):
                 print(f"    {title}:")

@@ -99,16 +99,52 @@ def test_optuna_search_runs_trials(tmp_path):
     assert len(runs) == 2
 
 
+def test_profile_splits_training_and_inference_by_part_and_op():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from scripts.benchmark import profile_steps
+    from src.models.build import build_model
+
+    cfg = dict(embed_dim=16, num_layers=1, num_heads=2, ff_dim=32, f_stride=16, t_stride=16,
+               norm_first=True, activation="gelu", pooling="cls_dist")
+    backbone = build_model(cfg, dict(n_mels=32), num_classes=5,
+                           clip_samples=63 * 160 + 400).backbone
+    backbone.compile(optimizer=keras.optimizers.Adam(1e-4),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).standard_normal((4, 64, 32)).astype("float32")
+    y = np.arange(4, dtype="int32")
+    backbone.train_on_batch(x, y)
+    infer = tf.function(lambda v: backbone(v, training=False))
+    infer(x)
+    train = profile_steps(lambda: backbone.train_on_batch(x, y), 2)
+    inference = profile_steps(lambda: infer(x).numpy(), 2)
+    for pr in (train, inference):
+        assert pr["step_ms"] > 0 and pr["op_ms_per_step"] > 0
+        for table in (pr["by_part"], pr["by_type"]):
+            assert sum(row["share"] for row in table) == pytest.approx(1.0)
+            assert sum(row["ms_per_step"] for row in table) == pytest.approx(pr["op_ms_per_step"])
+        parts = {row["name"] for row in pr["by_part"]}
+        assert {"MLP (fc1, GELU, fc2)", "attention projections (q, k, v, out)",
+                "attention core (scores, softmax, weighted sum)"} <= parts
+    assert "optimizer" in {row["name"] for row in train["by_part"]}
+    assert "optimizer" not in {row["name"] for row in inference["by_part"]}
+
+
 @pytest.mark.slow
 def test_model_benchmark_reports_throughput_and_flops(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "model", "--embed", "16", "--layers", "1",
          "--heads", "2", "--ff", "32", "--mels", "32", "--frames", "64", "--stride", "16",
-         "--batch", "4", "--repeats", "1", "--jit", "--fused", "--json"],
+         "--batch", "4", "--repeats", "1", "--jit", "--fused", "--profile", "1", "--json"],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("profile", "profile_inference"):  # under --jit: one XLA cluster, no ops
+        assert r[key]["step_ms"] > 0 and "XLA" in r[key]["note"], key
+        assert r[key]["op_ms_per_step"] == 0 and not r[key]["by_type"], key
     assert r["shape"]["patches"] == 2 * 4 and r["parameters"] > 0
     # FLOPs from the shapes: conv + 1 block (4 projections, 2 attention matmuls, FFN) + head,
     # over 8 patches + [CLS] + [DIST]. The (last) block computes the 2 pooled rows only:
