@@ -178,7 +178,7 @@ def test_dense_over_tokens_matches_dense_and_its_gradients(activation):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_dense_over_tokens_under_mixed_bfloat16_and_lora():
+def test_dense_over_tokens_under_mixed_bfloat16_lora_and_int8():
     dense = keras.layers.Dense(6, dtype="mixed_bfloat16")
     x = tf.constant(rand(2, 5, 4))
     dense.build(x.shape)
@@ -192,6 +192,11 @@ def test_dense_over_tokens_under_mixed_bfloat16_and_lora():
     dense.lora_kernel_b.assign(rand(2, 6))  # zero at first: make the low-rank part count
     np.testing.assert_allclose(dense_over_tokens(dense, x).numpy(), dense(x).numpy(),
                                rtol=1e-5, atol=1e-5)
+    dense = keras.layers.Dense(6)
+    dense.build(x.shape)
+    dense.quantize("int8")  # a quantized Dense is called as is
+    np.testing.assert_allclose(dense_over_tokens(dense, x).numpy(), dense(x).numpy(),
+                               rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------- the model against autodiff
