@@ -3,7 +3,7 @@
     python -m scripts.benchmark model [--embed 192 --layers 4 --heads 4 --ff 768 --mels 128
         --frames 512 --stride 10 --batch 32] [--jit] [--fused] [--fused-qkv]
         [--full-last-block] [--precision float32|mixed_bfloat16|mixed_float16]
-        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--json]
+        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--profile N] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
@@ -23,7 +23,9 @@ prints the with/without ratios; FLOPs are then given for a training step's forwa
 pass over the patches left as well. ``--passt-audioset``: PaSST's AudioSet shape, a
 10 s clip of 128 mel bins x 998 frames, stride 10 (a 12 x 99 grid), with its
 structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
-says otherwise.
+says otherwise. ``--profile N`` traces N training steps and N inference batches with
+TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
+step under ``--jit`` has no per-op times).
 
 ``pipeline``: input pipeline throughput on generated 16-bit WAV clips in ESC-50
 layout (5 s at 44.1 kHz by default, like ESC-50), resampled to 16 kHz: decode
@@ -650,7 +652,7 @@ def profile_steps(step, steps=5):
     total = sum(by_type.values())
 
     def table(d):
-        return [{"name": k, "ms_per_step": v, "share": v / total}
+        return [{"name": k, "ms_per_step": v, "share": v / total if total else 0.0}
                 for k, v in sorted(d.items(), key=lambda kv: -kv[1])]
 
     out = {"step_ms": wall * 1000, "op_ms_per_step": total, "by_type": table(by_type),
