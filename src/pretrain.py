@@ -89,7 +89,9 @@ def _mask_settings(cfg: DictConfig, num_patches: int) -> tuple[int, tuple[int, i
 def validate_pretrain_config(cfg: DictConfig) -> dict:
     """Every check that needs no data: the shared ones (:func:`validate_config`), then
     what masked patch pretraining needs of the model and the masking. Returns
-    ``{"grid", "num_patches", "mask_count", "cluster_sizes"}``."""
+    ``{"grid", "num_patches", "mask_count", "cluster_sizes", "train_grid",
+    "train_mask_count"}`` (the last two differ from the first two with structured
+    patchout, which shrinks the grid of a training step)."""
     if cfg.model.get("type", "transformer") != "transformer":
         raise ConfigError(
             f"model.type={cfg.model.get('type')}: masked patch pretraining needs a "
@@ -126,10 +128,19 @@ def validate_pretrain_config(cfg: DictConfig) -> dict:
     hidden = cfg.pretrain.get("head_hidden")
     if hidden is not None and (isinstance(hidden, bool) or int(hidden) < 1):
         raise ConfigError(f"pretrain.head_hidden={hidden!r}: a positive width, or null.")
+    from src.models.ssast import training_grid, training_mask_count
+
     backbone = model.backbone
     count, sizes = _mask_settings(cfg, backbone.num_patches)
+    train_grid = training_grid(backbone)
+    try:
+        train_count = training_mask_count(count, int(backbone.num_patches),
+                                          train_grid[0] * train_grid[1])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return {"grid": list(backbone.grid), "num_patches": int(backbone.num_patches),
-            "mask_count": count, "cluster_sizes": list(sizes)}
+            "mask_count": count, "cluster_sizes": list(sizes),
+            "train_grid": list(train_grid), "train_mask_count": train_count}
 
 
 def _folds(cfg: DictConfig, index) -> list[int]:
@@ -376,6 +387,11 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         d.name, len(train_rows), extra["folds"], len(val_rows), grid[0], grid[1], count,
         checked["num_patches"], sizes[0], sizes[1],
     )
+    train_grid, train_count = tuple(checked["train_grid"]), checked["train_mask_count"]
+    if train_grid != grid:
+        log.info("patchout: training steps keep a %d x %d grid, %d of its %d patches masked "
+                 "(validation: the whole grid)", train_grid[0], train_grid[1], train_count,
+                 train_grid[0] * train_grid[1])
     target_frames = d.get("target_frames")
     if d.norm_mean is None or d.norm_std is None:
         mean, std = feature_stats(
@@ -419,7 +435,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         memory_cache_mb=float(d.get("memory_cache_mb", 1024)),
         shard_by_file=str(t.get("strategy", "default")) == "multi_worker",
     )
-    train_ds = _masked(train_ds, grid, count, sizes)
+    train_ds = _masked(train_ds, train_grid, train_count, sizes)
     val_ds = None
     if len(val_rows):
         eval_batch = int(t.eval_batch_size)
@@ -474,6 +490,8 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
             "num_patches": checked["num_patches"],
             "mask_count": count,
             "cluster_sizes": list(sizes),
+            "train_grid": list(train_grid),
+            "train_mask_count": train_count,
             "epochs": len(hist.get("loss", [])),
             "final": final,
             "history": hist,

@@ -239,6 +239,62 @@ def test_masked_content_is_hidden_from_the_encoder():
     assert np.abs(run(visible) - base).max() > 1e-3
 
 
+def _frames_of_columns(cols):
+    return np.concatenate([np.arange(16 * c, 16 * c + 16) for c in cols])
+
+
+def test_structured_patchout_masks_the_grid_a_step_keeps():
+    """With model.patchout.time, a training step keeps 4 of the 6 time columns and the
+    masks index that 2 x 4 grid: each kept position maps to one whole-grid patch, in
+    order, the same for every clip; the targets are those patches' contents; what the
+    step drops or masks reaches nothing the heads see, and a kept visible patch does.
+    In evaluation the whole grid is used."""
+    from src.models.ssast import MaskedPatchPretrainer, patch_targets
+
+    bb = _tiny_backbone(patchout={"time": 2})
+    pre = MaskedPatchPretrainer(bb)
+    pre.build()
+    pe = bb.patch_embed
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 98, 32)).astype(np.float32)
+    index = np.array([[0, 1, 2, 3], [1, 3, 4, 6]], np.int32)  # on the kept 2 x 4 grid
+    state = pe.seed_generator.state.numpy()
+
+    def run(feats, training=True):
+        pe.seed_generator.state.assign(state)  # the same columns kept in every call
+        out = pre({"features": feats, "mask_index": index}, training=training)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    out = run(x)
+    patch = out["patch_index"]
+    rows, cols = patch // 6, patch % 6
+    np.testing.assert_array_equal(rows, index // 4)  # no frequency rows dropped
+    kept = {}
+    for r, c in zip((index % 4).ravel(), cols.ravel(), strict=True):
+        assert kept.setdefault(int(r), int(c)) == c  # one whole-grid column per kept one
+    assert sorted(kept) == [0, 1, 2, 3] and list(kept.values()) == sorted(kept.values())
+    content = np.asarray(patch_targets(np.asarray(bb.normalize(x)), 16, 2, 6))
+    expected = np.take_along_axis(content, patch[..., None], axis=1)
+    np.testing.assert_allclose(out["target"], expected, atol=1e-5)
+
+    dropped = sorted(set(range(6)) - set(kept.values()))
+    assert len(dropped) == 2
+    changed = x.copy()
+    changed[:, _frames_of_columns(dropped)] += 3.0  # columns the step drops: nothing moves
+    again = run(changed)
+    for key in ("reconstruction", "logits", "target"):
+        np.testing.assert_allclose(again[key], out[key], atol=1e-5)
+    changed[0][np.ix_(_frames_of_columns(list(kept.values())), np.arange(16))] += 3.0
+    np.testing.assert_allclose(  # clip 0's masked patches: only their targets move
+        run(changed)["reconstruction"], out["reconstruction"], atol=1e-5)
+    visible = x.copy()
+    visible[0][np.ix_(_frames_of_columns([kept[0]]), np.arange(16, 32))] += 3.0  # kept, visible
+    assert np.abs(run(visible)["reconstruction"][0] - out["reconstruction"][0]).max() > 1e-3
+
+    whole = run(x, training=False)  # evaluation: the masks index the whole 2 x 6 grid
+    np.testing.assert_array_equal(whole["patch_index"], index)
+
+
 def test_pretraining_trains_the_shared_layers():
     """One fit step moves the backbone's own layers (the same objects, not a copy; the
     patch embedding too, though model.freeze=1 keeps it fixed in fine-tuning), the mask
@@ -273,7 +329,8 @@ def test_pretraining_trains_the_shared_layers():
 @pytest.mark.parametrize("overrides,needle", [
     (["model.stride=10"], "model.f_stride=10"),
     (["model.t_stride=8"], "non-overlapping"),
-    (["model.patchout.time=1"], "model.patchout"),
+    (["model.patchout.random=1"], "model.patchout.random=1"),
+    (["model.patchout.time=5"], "model.patchout keeps"),  # 2 patches left: 1 masked
     (["pretrain.mask.count=12"], "pretrain.mask.count=12"),
     (["pretrain.mask.count=null", "pretrain.mask.fraction=1.5"], "pretrain.mask.fraction"),
     (["pretrain.mask.cluster_min=4", "pretrain.mask.cluster_max=3"], "cluster_min"),
@@ -304,12 +361,34 @@ def test_default_masking_is_ssast():
     assert checked["cluster_sizes"] == [3, 5]
 
 
+def test_patchout_shrinks_the_training_grid_only():
+    from src.pretrain import validate_pretrain_config
+
+    checked = validate_pretrain_config(make("experiment=ssast", *TINY, "model.patchout.time=2"))
+    assert checked["grid"] == [2, 6] and checked["mask_count"] == 6
+    assert checked["train_grid"] == [2, 4] and checked["train_mask_count"] == 4  # 6/12 of 8
+    plain = validate_pretrain_config(make("experiment=ssast", *TINY))
+    assert plain["train_grid"] == [2, 6] and plain["train_mask_count"] == 6
+
+
 def _run_in_process(tmp_path, root, *overrides):
     from src.pretrain import run
 
     cfg = make("experiment=ssast", f"data.root={root}", *TINY,
                f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
     return run(cfg, tmp_path / "run")
+
+
+def test_pretraining_with_structured_patchout(tmp_path, folder):
+    """A run with model.patchout.time: training steps on the kept grid, validation on
+    the whole one, both recorded."""
+    results = _run_in_process(tmp_path, folder, "model.patchout.time=2", "trainer.epochs=1",
+                              "data.skip_bad_files=true")
+    assert results["grid"] == [2, 6] and results["mask_count"] == 6
+    assert results["train_grid"] == [2, 4] and results["train_mask_count"] == 4
+    for key in ("loss", "nce_loss", "val_loss", "val_retrieval_accuracy"):
+        assert math.isfinite(results["final"][key]), key
+    assert (tmp_path / "run" / "backbone.keras").is_file()
 
 
 def test_empty_folder_fails_before_any_work(tmp_path):

@@ -294,6 +294,18 @@ class PatchEmbedding(layers.Layer):
         _, keep = ops.top_k(scores, size - drop, sorted=False)
         return ops.sort(keep)
 
+    def structured_keep(self, t_dim=None):
+        """What one training step's structured patchout keeps: ``(time, freq)``, the time
+        columns (of ``t_dim``, default the model's) and frequency rows left, ascending
+        int32 indices, each ``None`` where ``model.patchout`` drops none. Fresh draws on
+        every call; :meth:`tokens_from_grid` draws them the same way unless given
+        ``keep``."""
+        po = self.patchout
+        t_dim = self.t_dim if t_dim is None else t_dim
+        time = self._keep(t_dim, po["time"]) if po["time"] else None
+        freq = self._keep(self.f_dim, po["freq"]) if po["freq"] else None
+        return time, freq
+
     def call(self, features, training=None, patchout=True):
         return self.tokens_from_grid(
             self.patch_grid(features), training=training, patchout=patchout
@@ -312,10 +324,12 @@ class PatchEmbedding(layers.Layer):
         x = ops.expand_dims(ops.transpose(features, (0, 2, 1)), -1)
         return self.projection(x)  # (B, f_dim, t_dim, D)
 
-    def tokens_from_grid(self, x, training=None, patchout=True):
+    def tokens_from_grid(self, x, training=None, patchout=True, keep=None):
         """``(B, f_dim, t_dim, D)`` patch embeddings -> the token sequence
         ``(B, prefix + N', D)``: position embedding, patchout (training only), prefix
-        tokens, dropout."""
+        tokens, dropout. ``keep``: ``(time, freq)`` indices from :meth:`structured_keep`
+        to keep instead of drawing them (then only these columns and rows are dropped,
+        in any mode; masked patch pretraining needs to know them)."""
         shape = ops.shape(x)
         batch, t_dim = shape[0], shape[2]
         dim = self.embed_dim
@@ -330,10 +344,13 @@ class PatchEmbedding(layers.Layer):
             x = x + freq[None, :, None, :] + time[None, None, :, :]
         po = self.patchout if (training and patchout) else dict.fromkeys(PATCHOUT_KEYS, 0)
         # Structured patchout: whole time columns, then whole frequency rows.
-        if po["time"]:
-            x = ops.take(x, self._keep(t_dim, po["time"]), axis=2)
-        if po["freq"]:
-            x = ops.take(x, self._keep(self.f_dim, po["freq"]), axis=1)
+        if keep is None:
+            keep = self.structured_keep(t_dim) if po["time"] or po["freq"] else (None, None)
+        time_keep, freq_keep = keep
+        if time_keep is not None:
+            x = ops.take(x, time_keep, axis=2)
+        if freq_keep is not None:
+            x = ops.take(x, freq_keep, axis=1)
         # (B, f', t', D) -> (B, f' * t', D), frequency-major; static when the shape is
         f_keep, t_keep = x.shape[1], x.shape[2]
         n = f_keep * t_keep if f_keep is not None and t_keep is not None else -1

@@ -24,6 +24,13 @@ masked position to the 256 values of a patch:
 ``loss = InfoNCE + mse_weight * MSE`` (SSAST: 10), from one forward pass (SSAST runs
 the two objectives as two passes with two masks).
 
+Structured patchout (``model.patchout.time`` / ``.freq``, PaSST) makes pretraining
+cheaper the way it makes fine-tuning cheaper: in training, each step keeps a random
+subset of the time columns and frequency rows, and the masks are drawn on that smaller
+grid (:func:`training_grid`, with the same masked fraction, :func:`training_mask_count`),
+so every masked patch is one the encoder sees as a mask token. Validation uses the whole
+grid. Random patchout is refused: it leaves no grid to draw clusters on.
+
 The mask token and the heads live in the pretrainer, not in the backbone: the saved
 backbone has exactly the weights of a fine-tuning model and loads with
 ``model.pretrained`` (:mod:`src.models.pretrained`), which adapts its position grid to
@@ -50,6 +57,8 @@ __all__ = [
     "patch_targets",
     "retrieval_accuracy",
     "retrieval_logits",
+    "training_grid",
+    "training_mask_count",
 ]
 
 
@@ -204,13 +213,39 @@ def check_pretrainable(backbone) -> None:
             f"model.stride={pe.patch_size}; fine-tuning may use overlapping strides "
             "(model.pretrained adapts the position grid)."
         )
-    if any(pe.patchout.values()):
+    if pe.patchout["random"]:
         raise ValueError(
-            f"model.patchout={dict(pe.patchout)}: patchout is not supported while "
-            "pretraining (it would drop masked patches, whose predictions are the "
-            "loss); set model.patchout.time=0 model.patchout.freq=0 model.patchout.random=0 "
-            "and use patchout when fine-tuning."
+            f"model.patchout.random={pe.patchout['random']}: random patchout is not "
+            "supported while pretraining (masks are clusters on the patch grid, and random "
+            "drops leave no grid); set model.patchout.random=0. Structured patchout "
+            "(model.patchout.time / model.patchout.freq) works: the masks are drawn on the "
+            "columns and rows each step keeps."
         )
+
+
+def training_grid(backbone) -> tuple[int, int]:
+    """The patch grid ``(f, t)`` of a training step: the backbone's, less the frequency
+    rows and time columns that structured patchout drops."""
+    pe = backbone.patch_embed
+    return int(pe.f_dim) - pe.patchout["freq"], int(pe.t_dim) - pe.patchout["time"]
+
+
+def training_mask_count(count: int, num_patches: int, kept: int) -> int:
+    """Masked patches per clip in a training step that keeps ``kept`` of the
+    ``num_patches`` patches: ``count`` scaled to the same fraction (``count`` itself
+    without patchout); a clear error when that leaves fewer than 2 masked or no visible
+    patch."""
+    if kept == num_patches:
+        return int(count)
+    value = int(round(count * kept / num_patches))
+    if value < 2 or value >= kept:
+        raise ValueError(
+            f"pretrain.mask: {count} of {num_patches} patches masked is {value} of the "
+            f"{kept} that model.patchout keeps in a training step; masking needs at least "
+            "2 masked patches and one visible one: mask a different share, or drop fewer "
+            "columns / rows (model.patchout.time / model.patchout.freq)."
+        )
+    return value
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -219,8 +254,11 @@ class MaskedPatchPretrainer(keras.Model):
     and the discriminative and generative heads (``D -> head_hidden -> patch_size**2``).
 
     Input: ``{"features": (B, T, F) log-mel, "mask_index": (B, K) int}`` (K masked
-    patches per clip, :func:`cluster_masks`). Output: ``{"logits": (B, K, K),
-    "reconstruction": (B, K, P), "target": (B, K, P)}``; :meth:`compute_loss` turns them
+    patches per clip, :func:`cluster_masks`; in training with structured patchout, on
+    the :func:`training_grid` of the columns and rows the step keeps). Output:
+    ``{"logits": (B, K, K), "reconstruction": (B, K, P), "target": (B, K, P),
+    "patch_index": (B, K)}`` (``patch_index``: the masked patches' indices on the
+    whole grid, frequency-major); :meth:`compute_loss` turns them
     into the loss and tracks ``nce_loss``, ``mse_loss`` and ``retrieval_accuracy``. Train
     it with ``compile(optimizer)`` and ``fit`` (no loss argument).
     """
@@ -277,27 +315,41 @@ class MaskedPatchPretrainer(keras.Model):
         x = bb.normalize(features)  # (B, T, F), no SpecAugment: the mask is the task
         grid = pe.patch_grid(x)  # (B, f, t, D), before the position embedding
         b = ops.shape(grid)[0]
+        keep, patch_index = None, index
+        if training and (pe.patchout["time"] or pe.patchout["freq"]):
+            # The masks index the grid of the kept rows and columns; on the whole grid,
+            # kept position r is row freq[r // t'], column time[r % t'].
+            keep = pe.structured_keep()
+            time, freq = keep
+            t_kept = training_grid(bb)[1]
+            rows, cols = index // t_kept, index % t_kept
+            if freq is not None:
+                rows = ops.take(freq, rows)
+            if time is not None:
+                cols = ops.take(time, cols)
+            patch_index = rows * pe.t_dim + cols
         flat = ops.reshape(grid, (b, n, d))
-        hit = ops.sum(ops.one_hot(index, n, dtype=flat.dtype), axis=1)[..., None]  # (B, N, 1)
+        hit = ops.sum(ops.one_hot(patch_index, n, dtype=flat.dtype), axis=1)[..., None]
         token = ops.cast(self.mask_token, flat.dtype)
-        flat = flat * (1.0 - hit) + hit * token
+        flat = flat * (1.0 - hit) + hit * token  # hit: (B, N, 1)
         tokens = pe.tokens_from_grid(
-            ops.reshape(flat, (b, pe.f_dim, pe.t_dim, d)), training=training, patchout=False
+            ops.reshape(flat, (b, pe.f_dim, pe.t_dim, d)), training=training, patchout=False,
+            keep=keep,
         )
         encoded, _ = bb.encode_tokens(tokens, training=training)
-        encoded = encoded[:, pe.num_prefix_tokens:]  # (B, N, D)
+        encoded = encoded[:, pe.num_prefix_tokens:]  # (B, N or the kept N', D)
         k = ops.shape(index)[1]
         at = ops.broadcast_to(index[..., None], (b, k, d))
         hidden = ops.take_along_axis(encoded, at, axis=1)  # (B, K, D)
         content = ops.stop_gradient(
             ops.cast(patch_targets(x, pe.patch_size, pe.f_dim, pe.t_dim), "float32")
         )
-        at = ops.broadcast_to(index[..., None], (b, k, self.patch_dim))
+        at = ops.broadcast_to(patch_index[..., None], (b, k, self.patch_dim))
         target = ops.take_along_axis(content, at, axis=1)  # (B, K, P)
         pred = self.disc_out(self.disc_hidden(hidden))
         recon = self.gen_out(self.gen_hidden(hidden))
         return {"logits": retrieval_logits(pred, target), "reconstruction": recon,
-                "target": target}
+                "target": target, "patch_index": patch_index}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         parts = masked_patch_losses(
