@@ -4,6 +4,8 @@
         --frames 512 --stride 10 --batch 32] [--jit] [--fused] [--fused-qkv]
         [--full-last-block] [--precision float32|mixed_bfloat16|mixed_float16]
         [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--profile N] [--json]
+    python -m scripts.benchmark pretrain [--embed 192 --layers 4 --heads 4 --ff 768
+        --mels 128 --frames 998 --batch 16] [--patchout T,F] [--mask-fraction 0.78] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
@@ -26,6 +28,12 @@ structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
 says otherwise. ``--profile N`` traces N training steps and N inference batches with
 TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
 step under ``--jit`` has no per-op times).
+
+``pretrain``: masked patch pretraining (SSAST: cluster masks, InfoNCE + MSE heads,
+Adam) steps per second with structured patchout (``--patchout T,F``, default 25,3:
+of a 10 s clip's 8 x 62 grid of non-overlapping 16 x 16 patches, 5 x 37 are left, a
+ratio close to PaSST's AudioSet setting) and without it, alternating; the masks cover
+the same fraction of the patches a step sees (``--mask-fraction``).
 
 ``pipeline``: input pipeline throughput on generated 16-bit WAV clips in ESC-50
 layout (5 s at 44.1 kHz by default, like ESC-50), resampled to 16 kHz: decode
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -598,6 +607,70 @@ def bench_model(args):
     return out
 
 
+def bench_pretrain(args):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from src.models.build import build_model
+    from src.models.ssast import (
+        MaskedPatchPretrainer,
+        cluster_masks,
+        mask_count,
+        training_grid,
+        training_mask_count,
+    )
+
+    clip_samples = (args.frames - 1) * 160 + 400  # exactly `frames` frames
+    cfg = dict(embed_dim=args.embed, num_layers=args.layers, num_heads=args.heads,
+               ff_dim=args.ff, patch_size=16, f_stride=16, t_stride=16, dropout_rate=0.0,
+               norm_first=True, activation="gelu", pooling="mean")
+    x = np.random.default_rng(0).standard_normal(
+        (args.batch, args.frames, args.mels)).astype("float32")
+
+    def compiled(patchout):
+        """The pretrainer, a batch with masks on its training grid, and the counts."""
+        model = build_model(dict(cfg, patchout=patchout), dict(n_mels=args.mels),
+                            num_classes=2, clip_samples=clip_samples)
+        backbone = model.backbone
+        pretrainer = MaskedPatchPretrainer(backbone)
+        pretrainer.build()
+        pretrainer.compile(optimizer=keras.optimizers.Adam(1e-4))
+        n = int(backbone.num_patches)
+        count = mask_count(n, fraction=args.mask_fraction)
+        grid = training_grid(backbone)
+        train_count = training_mask_count(count, n, grid[0] * grid[1])
+        masks = cluster_masks(tf.constant([0, 1]), args.batch, grid, train_count)
+        batch = {"features": x, "mask_index": masks}
+        for _ in range(2):  # compile + warm up
+            pretrainer.train_on_batch(batch)
+        info = {"grid": list(backbone.grid), "train_grid": list(grid), "patches": n,
+                "train_patches": grid[0] * grid[1], "mask_count": count,
+                "train_mask_count": train_count}
+        return pretrainer, batch, info
+
+    with_po = compiled(dict(zip(("time", "freq"), args.patchout)))
+    without = compiled(None)
+    times = {"with": [], "without": []}
+    for _ in range(args.repeats):
+        for key, (pretrainer, batch, _) in (("with", with_po), ("without", without)):
+            step = functools.partial(pretrainer.train_on_batch, batch)
+            times[key].append(args.batch / _timed(step))
+    out = {
+        "device": (tf.config.list_physical_devices("GPU") or ["CPU"])[0].__str__(),
+        "cpu_count": os.cpu_count(),
+        "shape": dict(embed=args.embed, layers=args.layers, heads=args.heads, ff=args.ff,
+                      mels=args.mels, frames=args.frames, batch=args.batch),
+        "patchout": dict(zip(("time", "freq"), args.patchout)),
+        **with_po[2],
+        "train_clips_per_s": float(np.median(times["with"])),
+        "train_clips_per_s_without_patchout": float(np.median(times["without"])),
+    }
+    out["patchout_train_speedup"] = (out["train_clips_per_s"]
+                                     / out["train_clips_per_s_without_patchout"])
+    return out
+
+
 _PARTS = (  # (part, a regular expression over an op's name), the first match wins
     ("optimizer", r"(^|/)adam(_\d+)?/"),
     ("layer norm", r"layernorm|final_norm|head_norm"),
@@ -773,7 +846,44 @@ def main(argv=None) -> int:
                         "TensorFlow's profiler and print the time per op type and per part of "
                         "the model")
     m.add_argument("--json", action="store_true")
+    pt = sub.add_parser("pretrain", help="masked patch pretraining steps with and without "
+                        "structured patchout")
+    pt.add_argument("--embed", type=int, default=192)
+    pt.add_argument("--layers", type=int, default=4)
+    pt.add_argument("--heads", type=int, default=4)
+    pt.add_argument("--ff", type=int, default=768)
+    pt.add_argument("--mels", type=int, default=128)
+    pt.add_argument("--frames", type=int, default=998)
+    pt.add_argument("--batch", type=int, default=16)
+    pt.add_argument("--repeats", type=int, default=5)
+    pt.add_argument("--patchout", type=_patchout_counts, default=(25, 3, 0), metavar="T,F",
+                    help="time columns and frequency rows dropped in a training step "
+                         "(default 25,3)")
+    pt.add_argument("--mask-fraction", type=float, default=0.78,
+                    help="masked share of the patches (pretrain.mask.fraction)")
+    pt.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.what == "pretrain":
+        if args.patchout[2]:
+            parser.error("pretrain --patchout: T,F only (random patchout is not supported "
+                         "while pretraining)")
+        r = bench_pretrain(args)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        sh = r["shape"]
+        print(f"masked patch pretraining: embed {sh['embed']}, {sh['layers']} layers, "
+              f"{sh['heads']} heads, ff {sh['ff']}, {sh['mels']} mels x {sh['frames']} "
+              f"frames, 16 x 16 patches, batch {sh['batch']}; {r['device']}, "
+              f"{r['cpu_count']} CPU(s)")
+        (f, t), (kf, kt) = r["grid"], r["train_grid"]
+        print(f"  patchout time={r['patchout']['time']} freq={r['patchout']['freq']}: "
+              f"{f} x {t} = {r['patches']} patches -> {kf} x {kt} = {r['train_patches']} "
+              f"in a step; {r['train_mask_count']} masked (without: {r['mask_count']})")
+        print(f"  training   {r['train_clips_per_s']:8.2f} clips/s with patchout, "
+              f"{r['train_clips_per_s_without_patchout']:.2f} without: "
+              f"{r['patchout_train_speedup']:.2f}x")
+        return 0
     if args.what == "model":
         if args.passt_audioset:
             args.mels, args.frames, args.stride = 128, 998, 10

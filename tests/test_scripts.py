@@ -177,6 +177,25 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
         assert 0.0 < fraction < 1.0
 
 
+def test_pretrain_benchmark_times_patchout_against_the_whole_grid(capsys):
+    from scripts.benchmark import main
+
+    assert main(["pretrain", "--embed", "16", "--layers", "1", "--heads", "2", "--ff", "32",
+                 "--mels", "32", "--frames", "98", "--batch", "4", "--repeats", "1",
+                 "--patchout", "2,0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["grid"] == [2, 6] and r["patches"] == 12  # 32 mels x 98 frames, 16 x 16
+    assert r["train_grid"] == [2, 4] and r["train_patches"] == 8
+    assert r["mask_count"] == round(0.78 * 12) and r["train_mask_count"] == round(9 * 8 / 12)
+    for key in ("train_clips_per_s", "train_clips_per_s_without_patchout"):
+        assert _finite_positive(r[key]), key
+    assert r["patchout_train_speedup"] == pytest.approx(
+        r["train_clips_per_s"] / r["train_clips_per_s_without_patchout"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--patchout", "2,0,1"])
+    assert exit_info.value.code == 2 and "random patchout" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ast_esc50_script_smoke_run_from_imported_weights(tmp_path):
     """experiments/ast_esc50.sh with tiny imported checkpoints under the known names:
