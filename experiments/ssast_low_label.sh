@@ -30,6 +30,8 @@
 #   KS="5" SEEDS="0" experiments/ssast_low_label.sh   # one setting
 #   SET=debian experiments/ssast_low_label.sh         # real recordings
 #   experiments/ssast_low_label.sh logger=wandb       # extra overrides go to every run
+#   PRETRAIN_ARGS="model.patchout.time=4" OUT=runs/ssast_low_label_patchout \
+#     experiments/ssast_low_label.sh                  # overrides for the pretraining only
 #
 # Runs go to $OUT (runs/ssast_low_label, or runs/ssast_low_label_debian; below it
 # VARIANT/lrLR/kK-seedS); a finished run is not run again, so the same command resumes
@@ -45,6 +47,7 @@ PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-50}
 LR_PRETRAINED=${LR_PRETRAINED:-2e-3}
 LR_SCRATCH=${LR_SCRATCH:-2e-4}
 LR_LINEAR=${LR_LINEAR:-5e-4}     # experiment=ssast_quickstart's
+read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_ARGS:-}"  # overrides for the pretraining only
 FINETUNE=(data.train_folds=[4] data.folds=[5] data.val_fraction=0.25
           trainer.verbose=0 trainer.attention_maps=0)
 case $SET in
@@ -117,7 +120,8 @@ start=$(date +%s)
 echo "== pretraining (labels ignored): $BACKBONE"
 "$PY" -m src.pretrain experiment=ssast "${PRETRAIN_DATA[@]}" \
   pretrain.mask.fraction=0.9 "trainer.epochs=$PRETRAIN_EPOCHS" trainer.verbose=2 \
-  "name=ssast_low_label_$SET" "pretrain.export=$BACKBONE" "hydra.run.dir=$OUT/pretrain" "$@"
+  "name=ssast_low_label_$SET" "pretrain.export=$BACKBONE" "hydra.run.dir=$OUT/pretrain" \
+  "${PRETRAIN_EXTRA[@]}" "$@"
 
 finetune() {  # variant k seed lr overrides...
   local variant=$1 k=$2 seed=$3 lr=$4
@@ -171,7 +175,11 @@ pre = json.loads((out / "pretrain" / "results.json").read_text())
 print(f"Test accuracy (%) on fold 5 with k labelled clips per class from fold 4 (last "
       f"epoch, seeds {', '.join(seeds)}); pretraining: {pre['num_train']} unlabeled clips, "
       f"{pre['epochs']} epochs, {pre['mask_count']} of "
-      f"{pre['num_patches']} patches masked; fine-tuning peak learning rates: "
+      f"{pre['num_patches']} patches masked"
+      + (f" ({pre['train_mask_count']} of the {pre['train_grid'][0]} x "
+         f"{pre['train_grid'][1]} a training step keeps, patchout)"
+         if pre.get("train_grid", pre["grid"]) != pre["grid"] else "")
+      + "; fine-tuning peak learning rates: "
       + ", ".join(f"{v} {lrs[v]}" for v in variants) + ".\n")
 print("| k | " + " | ".join(variants) + " | pretrained - scratch |")
 print("|---|" + "---|" * (len(variants) + 1))
