@@ -295,6 +295,34 @@ def test_structured_patchout_masks_the_grid_a_step_keeps():
     np.testing.assert_array_equal(whole["patch_index"], index)
 
 
+@pytest.mark.parametrize("setting", ["mixed_bfloat16", "xla"])
+def test_structured_patchout_trains_under_mixed_precision_and_xla(setting):
+    """A fit step with patchout on the kept grid's masks, in bfloat16 and under XLA:
+    finite losses over the kept grid's masks (K = 4 of its 8 patches)."""
+    import keras
+    import tensorflow as tf
+
+    from src.models.ssast import MaskedPatchPretrainer, cluster_masks, training_grid
+
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if setting == "mixed_bfloat16" else "float32")
+    try:
+        bb = _tiny_backbone(patchout={"time": 2})
+        pre = MaskedPatchPretrainer(bb)
+        pre.build()
+        pre.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=setting == "xla")
+        assert training_grid(bb) == (2, 4)
+        x = np.random.default_rng(4).normal(size=(4, 98, 32)).astype(np.float32)
+        masks = cluster_masks(tf.constant([0, 2]), 4, (2, 4), 4)
+        logs = pre.train_on_batch({"features": x, "mask_index": masks}, return_dict=True)
+        assert all(math.isfinite(float(logs[k])) for k in ("loss", "nce_loss", "mse_loss"))
+        out = pre({"features": x, "mask_index": masks}, training=True)
+        assert tuple(out["logits"].shape) == (4, 4, 4)
+        assert int(np.max(out["patch_index"])) < 12
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_pretraining_trains_the_shared_layers():
     """One fit step moves the backbone's own layers (the same objects, not a copy; the
     patch embedding too, though model.freeze=1 keeps it fixed in fine-tuning), the mask
