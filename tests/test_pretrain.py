@@ -178,6 +178,42 @@ def test_info_nce_and_accuracy_match_a_hand_computation():
     assert float(parts["accuracy"]) == pytest.approx(0.5)
 
 
+def test_constant_patches_are_left_out_of_the_losses():
+    """A masked patch of constant content (padding: the features of silence) is neither
+    an anchor nor a negative: the losses are those of the other patches alone, and a
+    clip with only constant masked patches adds nothing."""
+    from src.models.ssast import (
+        info_nce,
+        informative_targets,
+        masked_patch_losses,
+        retrieval_accuracy,
+        retrieval_logits,
+    )
+
+    pred = np.array([[[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [3.0, 3.0, 3.0]]], np.float32)
+    target = np.array([[[1.0, 1.0, 0.0], [0.0, 2.0, 1.0], [-2.0, -2.0, -2.0]]], np.float32)
+    recon = target + np.array([[[0.5, 0.0, 0.0], [0.0, 0.0, -1.0], [9.0, 9.0, 9.0]]],
+                              np.float32)
+    np.testing.assert_array_equal(np.asarray(informative_targets(target)), [[1.0, 1.0, 0.0]])
+    full = masked_patch_losses(retrieval_logits(pred, target), recon, target)
+    kept = masked_patch_losses(retrieval_logits(pred[:, :2], target[:, :2]), recon[:, :2],
+                               target[:, :2])
+    for key in ("nce", "mse", "accuracy", "loss"):
+        assert float(full[key]) == pytest.approx(float(kept[key]), rel=1e-6), key
+    assert float(full["mse"]) == pytest.approx((0.25 + 1.0) / 6)
+    # Without the weights the constant patch counts (and its own row is a sure miss).
+    logits = retrieval_logits(pred, target)
+    assert float(info_nce(logits)) != pytest.approx(float(full["nce"]))
+    assert float(retrieval_accuracy(logits)) == pytest.approx(1 / 3)
+    # A second clip whose masked patches are all padding changes nothing.
+    pad = np.full((1, 3, 3), -2.0, np.float32)
+    both = masked_patch_losses(retrieval_logits(np.concatenate([pred, pred]),
+                                                np.concatenate([target, pad])),
+                               np.concatenate([recon, pad]), np.concatenate([target, pad]))
+    for key in ("nce", "mse", "accuracy"):
+        assert float(both[key]) == pytest.approx(float(kept[key]), rel=1e-6), key
+
+
 def test_retrieval_accuracy_over_a_batch():
     from src.models.ssast import retrieval_accuracy
 

@@ -22,7 +22,9 @@ masked position to the 256 values of a patch:
 * generative: mean squared error between the reconstruction and the patch content.
 
 ``loss = InfoNCE + mse_weight * MSE`` (SSAST: 10), from one forward pass (SSAST runs
-the two objectives as two passes with two masks).
+the two objectives as two passes with two masks). Masked patches of constant content
+(the silence a short clip is padded with) are left out of both, as targets and as
+negatives (:func:`informative_targets`): any two of them are the same patch.
 
 Structured patchout (``model.patchout.time`` / ``.freq``, PaSST) makes pretraining
 cheaper the way it makes fine-tuning cheaper: in training, each step keeps a random
@@ -52,6 +54,7 @@ __all__ = [
     "check_pretrainable",
     "cluster_masks",
     "info_nce",
+    "informative_targets",
     "mask_count",
     "masked_patch_losses",
     "patch_targets",
@@ -166,30 +169,58 @@ def retrieval_logits(pred, target):
     return ops.einsum("bjp,bip->bji", pred, target)
 
 
-def info_nce(logits):
+def informative_targets(target):
+    """``(B, K)`` float 1/0: whether a masked patch's content varies. A constant patch
+    (the silence features a short clip is padded with, or digital silence) is the same
+    as every other constant patch of its clip: no prediction can tell them apart, so
+    such patches are left out of the losses, as targets and as negatives."""
+    spread = ops.max(target, axis=-1) - ops.min(target, axis=-1)
+    return ops.cast(spread > 1e-6, "float32")
+
+
+def _weighted_mean(values, weights):
+    return ops.sum(values * weights) / ops.maximum(ops.sum(weights), 1.0)
+
+
+def _exclude_columns(logits, valid):
+    """Logits with the columns of left-out targets pushed out of every softmax."""
+    if valid is None:
+        return logits
+    return ops.where(valid[:, None, :] > 0, logits, ops.cast(-1e9, logits.dtype))
+
+
+def info_nce(logits, valid=None):
     """InfoNCE: mean over clips and masked positions ``j`` of
-    ``-log softmax_i(logits[b, j, i])[i = j]``."""
-    logp = ops.log_softmax(logits, axis=-1)
+    ``-log softmax_i(logits[b, j, i])[i = j]``; with ``valid`` ``(B, K)`` (1/0), over
+    the valid positions only, the others being no negatives either."""
+    logp = ops.log_softmax(_exclude_columns(logits, valid), axis=-1)
     eye = ops.eye(ops.shape(logits)[-1], dtype=logp.dtype)
-    return -ops.mean(ops.sum(logp * eye, axis=-1))
+    own = -ops.sum(logp * eye, axis=-1)  # (B, K)
+    return ops.mean(own) if valid is None else _weighted_mean(own, valid)
 
 
-def retrieval_accuracy(logits):
-    """Fraction of masked positions whose prediction scores its own patch highest."""
+def retrieval_accuracy(logits, valid=None):
+    """Fraction of masked positions whose prediction scores its own patch highest
+    (with ``valid``: among the valid patches, over the valid positions)."""
     k = ops.shape(logits)[-1]
-    picked = ops.argmax(logits, axis=-1)  # (B, K)
+    picked = ops.argmax(_exclude_columns(logits, valid), axis=-1)  # (B, K)
     truth = ops.arange(k, dtype=picked.dtype)[None, :]
-    return ops.mean(ops.cast(ops.equal(picked, truth), "float32"))
+    hits = ops.cast(ops.equal(picked, truth), "float32")
+    return ops.mean(hits) if valid is None else _weighted_mean(hits, valid)
 
 
 def masked_patch_losses(logits, reconstruction, target, mse_weight=10.0):
-    """``{"nce", "mse", "accuracy", "loss"}`` with ``loss = nce + mse_weight * mse``."""
-    nce = info_nce(logits)
-    mse = ops.mean(ops.square(reconstruction - target))
+    """``{"nce", "mse", "accuracy", "loss"}`` with ``loss = nce + mse_weight * mse``,
+    over the masked patches whose content varies (:func:`informative_targets`; all of
+    them unless a clip is padded or silent)."""
+    valid = informative_targets(target)
+    nce = info_nce(logits, valid)
+    per_patch = ops.mean(ops.square(reconstruction - target), axis=-1)  # (B, K)
+    mse = _weighted_mean(per_patch, valid)
     return {
         "nce": nce,
         "mse": mse,
-        "accuracy": retrieval_accuracy(logits),
+        "accuracy": retrieval_accuracy(logits, valid),
         "loss": nce + float(mse_weight) * mse,
     }
 
