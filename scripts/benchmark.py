@@ -9,6 +9,9 @@
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
+Every report names the CPU: its model and the features that decide which matmul
+kernels run (AVX2, AVX-512, AVX512-BF16, VNNI, AMX), from ``/proc/cpuinfo``.
+
 ``model``: training throughput (clips/s, steady state after compilation, Adam,
 dropout 0), inference throughput (batch) and single-clip latency (waveform in,
 frontend included), parameters, FLOPs per clip (from the shapes: matmuls and the
@@ -83,6 +86,31 @@ def _best(fn, repeats):
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+# CPU features that decide which matmul kernels run (oneDNN's and PyTorch's).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and the matmul-relevant features it has, from
+    ``/proc/cpuinfo`` (Linux), e.g. ``"AMD EPYC (avx2, avx512f, avx512_bf16)"``; the
+    platform's processor string elsewhere."""
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    have = [f for f in _CPU_FLAGS if f in flags]
+    return f"{name} ({', '.join(have)})" if have else name
 
 
 def _cores():
@@ -567,6 +595,7 @@ def bench_model(args):
     out = {
         "device": (tf.config.list_physical_devices("GPU") or ["CPU"])[0].__str__(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "shape": dict(embed=args.embed, layers=args.layers, heads=args.heads, ff=args.ff,
                       mels=args.mels, frames=args.frames, stride=args.stride,
                       patches=patches, batch=args.batch),
@@ -659,6 +688,7 @@ def bench_pretrain(args):
     out = {
         "device": (tf.config.list_physical_devices("GPU") or ["CPU"])[0].__str__(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "shape": dict(embed=args.embed, layers=args.layers, heads=args.heads, ff=args.ff,
                       mels=args.mels, frames=args.frames, batch=args.batch),
         "patchout": dict(zip(("time", "freq"), args.patchout)),
@@ -875,7 +905,7 @@ def main(argv=None) -> int:
         print(f"masked patch pretraining: embed {sh['embed']}, {sh['layers']} layers, "
               f"{sh['heads']} heads, ff {sh['ff']}, {sh['mels']} mels x {sh['frames']} "
               f"frames, 16 x 16 patches, batch {sh['batch']}; {r['device']}, "
-              f"{r['cpu_count']} CPU(s)")
+              f"{r['cpu_count']} CPU(s); {r['cpu']}")
         (f, t), (kf, kt) = r["grid"], r["train_grid"]
         print(f"  patchout time={r['patchout']['time']} freq={r['patchout']['freq']}: "
               f"{f} x {t} = {r['patches']} patches -> {kf} x {kt} = {r['train_patches']} "
@@ -926,6 +956,7 @@ def main(argv=None) -> int:
               f"fused={r['fused_attention']}, fused_qkv={r['fused_qkv']}, "
               f"pooled_last_block={r['pooled_last_block']}, "
               f"{r['precision']}; {r['device']}, {r['cpu_count']} CPU(s)")
+        print(f"  CPU: {r['cpu']}")
         print(f"  parameters {r['parameters']:,}; {r['gflops_per_clip_forward']:.2f} GFLOP/clip "
               f"forward ({r['gflops_per_clip_forward_all_rows']:.2f} when every row of the "
               f"last block is computed); measured peak {r['peak_gflops_per_s']:.0f} GFLOP/s")

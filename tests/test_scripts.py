@@ -177,6 +177,19 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
         assert 0.0 < fraction < 1.0
 
 
+def test_cpu_description_names_the_model_and_its_matmul_features():
+    from scripts.benchmark import cpu_description
+
+    intel = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+             "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile sse4_2\n\n"
+             "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    assert cpu_description(intel) == (
+        "Intel(R) Xeon(R) Platinum 8480+ (avx2, avx512f, avx512_bf16, amx_bf16, amx_tile)")
+    assert cpu_description("model name : AMD EPYC\nflags : fpu avx2 sse4_2\n") == (
+        "AMD EPYC (avx2)")
+    assert cpu_description("model name : Some CPU\nflags : fpu\n") == "Some CPU"
+
+
 def test_pretrain_benchmark_times_patchout_against_the_whole_grid(capsys):
     from scripts.benchmark import main
 
@@ -185,6 +198,7 @@ def test_pretrain_benchmark_times_patchout_against_the_whole_grid(capsys):
                  "--patchout", "2,0", "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["grid"] == [2, 6] and r["patches"] == 12  # 32 mels x 98 frames, 16 x 16
+    assert isinstance(r["cpu"], str) and r["cpu"]
     assert r["train_grid"] == [2, 4] and r["train_patches"] == 8
     assert r["mask_count"] == round(0.78 * 12) and r["train_mask_count"] == round(9 * 8 / 12)
     for key in ("train_clips_per_s", "train_clips_per_s_without_patchout"):
