@@ -9,7 +9,7 @@
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
-Every report names the CPU: its model and the features that decide which matmul
+The ``model`` and ``pretrain`` reports name the CPU: its model and the features that decide which matmul
 kernels run (AVX2, AVX-512, AVX512-BF16, VNNI, AMX), from ``/proc/cpuinfo``.
 
 ``model``: training throughput (clips/s, steady state after compilation, Adam,
