@@ -9,8 +9,9 @@
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
-The ``model`` and ``pretrain`` reports name the CPU: its model and the features that decide which matmul
-kernels run (AVX2, AVX-512, AVX512-BF16, VNNI, AMX), from ``/proc/cpuinfo``.
+The ``model`` and ``pretrain`` reports name the CPU: its model and the features that
+decide which matmul kernels run (AVX2, AVX-512, AVX512-BF16, VNNI, AMX), from
+``/proc/cpuinfo``.
 
 ``model``: training throughput (clips/s, steady state after compilation, Adam,
 dropout 0), inference throughput (batch) and single-clip latency (waveform in,
