@@ -1,13 +1,16 @@
 """Backbone training / inference steps on a GPU, against Hugging Face's AST on the same GPU.
 
     python -m scripts.benchmark_gpu [--shapes bench,ast_base] [--precisions float32,mixed_bfloat16]
-        [--steps 20] [--vs-pytorch] [--json-out FILE]
+        [--steps 20] [--patchout T,F] [--vs-pytorch] [--json-out FILE]
 
 Times ``SpectrogramTransformer`` (features in, logits out; the shapes below) with
 Keras' ``train_on_batch`` (Adam, XLA) and ``predict_on_batch`` on a batch already on
 the device, under each Keras dtype policy, and, with ``--vs-pytorch``, ``ASTForAudioClassification`` of the same
 dimensions (float32, or ``torch.autocast`` to bfloat16 / float16 for the mixed
 policies; its default SDPA attention). Medians of ``--steps`` steps after warm-up.
+``--patchout T,F`` also times our model with ``model.patchout`` (T time columns and F
+frequency rows dropped in training; PaSST's ESC-50 setting: 10,3), so that one command
+gives the AST-base ESC-50 step with patchout, without it and PyTorch's.
 
 It uses only Keras APIs, so it runs on any Keras 3 backend: set ``KERAS_BACKEND``
 (``tensorflow`` by default; ``jax`` on machines that have JAX and PyTorch but no
@@ -34,7 +37,7 @@ import time
 import types
 from pathlib import Path
 
-from scripts.benchmark import _timed, hf_ast_config
+from scripts.benchmark import _patchout_counts, _timed, hf_ast_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -66,7 +69,7 @@ def _median_time(fn, steps):
     return times[len(times) // 2]
 
 
-def time_keras(shape, precision, steps, jit=True, fused=False):
+def time_keras(shape, precision, steps, jit=True, fused=False, patchout=None):
     import keras
     import numpy as np
 
@@ -78,7 +81,7 @@ def time_keras(shape, precision, steps, jit=True, fused=False):
             num_layers=shape["layers"], num_heads=shape["heads"], ff_dim=shape["ff"],
             f_stride=shape["stride"], t_stride=shape["stride"], dropout_rate=0.0,
             norm_first=True, activation="gelu", pooling="cls_dist",
-            fused_attention=fused, fused_qkv=fused,
+            fused_attention=fused, fused_qkv=fused, patchout=patchout,
         )
         model.build((None, shape["frames"], shape["mels"]))
         model.compile(optimizer=keras.optimizers.Adam(1e-4),
@@ -192,6 +195,9 @@ def main(argv=None) -> int:
                         help="model.fused_attention (keras.ops.dot_product_attention: cuDNN's "
                              "flash attention under JAX on a GPU where it applies) and "
                              "model.fused_qkv")
+    parser.add_argument("--patchout", type=_patchout_counts, default=None, metavar="T,F",
+                        help="also time our model with T time columns and F frequency rows "
+                             "dropped in training (PaSST's ESC-50 setting: 10,3)")
     parser.add_argument("--vs-pytorch", action="store_true")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
@@ -224,6 +230,14 @@ def main(argv=None) -> int:
                                          fused=args.fused)
             except Exception as err:  # report and go on with the other settings
                 row["ours_error"] = f"{type(err).__name__}: {err}"[:2000]
+            if args.patchout:
+                row["patchout"] = dict(zip(("time", "freq", "random"), args.patchout))
+                try:
+                    row["ours_patchout"] = time_keras(shape, precision, args.steps,
+                                                      jit=not args.no_jit, fused=args.fused,
+                                                      patchout=row["patchout"])
+                except Exception as err:
+                    row["ours_patchout_error"] = f"{type(err).__name__}: {err}"[:2000]
             if args.vs_pytorch:
                 try:
                     row["pytorch"] = time_pytorch(shape, precision, args.steps)
@@ -233,7 +247,8 @@ def main(argv=None) -> int:
             _print_row(row)
             if args.json_out:
                 args.json_out.write_text(json.dumps(rows, indent=1))
-    return 0 if all("ours" in r for r in rows) else 1
+    ok = all("ours" in r and ("patchout" not in r or "ours_patchout" in r) for r in rows)
+    return 0 if ok else 1
 
 
 def _print_row(row):
@@ -247,6 +262,14 @@ def _print_row(row):
             f"{o['infer_clips_per_s']:.1f} clips/s (compile {o['compile_train_s']:.0f} s + "
             f"{o['compile_infer_s']:.0f} s, loss {o['first_loss']:.3f} -> "
             f"{o['loss_after_steps']:.3f})")
+    if "ours_patchout" in row:
+        q, po = row["ours_patchout"], row["patchout"]
+        text += (f"; with patchout t={po['time']}, f={po['freq']}: train "
+                 f"{q['train_clips_per_s']:.1f} clips/s "
+                 f"({q['train_clips_per_s'] / o['train_clips_per_s']:.2f}x), infer "
+                 f"{q['infer_clips_per_s']:.1f}")
+    elif "ours_patchout_error" in row:
+        text += f"; with patchout failed: {row['ours_patchout_error']}"
     if "pytorch" in row:
         t = row["pytorch"]
         text += (f"; PyTorch train {t['train_clips_per_s']:.1f}, infer "

@@ -254,7 +254,8 @@ def test_gpu_benchmark_times_the_backbone_on_any_device(tmp_path):
     report = tmp_path / "gpu.json"
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark_gpu", "--shapes", "tiny", "--precisions",
-         "float32,mixed_bfloat16", "--steps", "2", "--fused", "--json-out", str(report)],
+         "float32,mixed_bfloat16", "--steps", "2", "--fused", "--patchout", "1,1",
+         "--json-out", str(report)],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -265,4 +266,9 @@ def test_gpu_benchmark_times_the_backbone_on_any_device(tmp_path):
         o = r["ours"]
         assert o["parameters"] > 0 and o["train_clips_per_s"] > 0 and o["infer_clips_per_s"] > 0
         assert math.isfinite(o["loss_after_steps"]) and o["loss_after_steps"] < o["first_loss"]
+        assert r["patchout"] == {"time": 1, "freq": 1, "random": 0}
+        q = r["ours_patchout"]
+        assert q["parameters"] == o["parameters"] and q["train_clips_per_s"] > 0
+        assert math.isfinite(q["loss_after_steps"])
     assert "tiny (batch 4), mixed_bfloat16, fused: ours train" in out.stdout
+    assert "with patchout t=1, f=1: train" in out.stdout
