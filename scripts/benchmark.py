@@ -898,7 +898,10 @@ def main(argv=None) -> int:
         if args.patchout[2]:
             parser.error("pretrain --patchout: T,F only (random patchout is not supported "
                          "while pretraining)")
-        r = bench_pretrain(args)
+        try:
+            r = bench_pretrain(args)
+        except ValueError as err:  # sizes that do not fit the grid: say so, no traceback
+            parser.error(f"pretrain: {err} (--patchout T,F sets model.patchout.time / .freq)")
         if args.json:
             print(json.dumps(r))
             return 0
@@ -946,7 +949,10 @@ def main(argv=None) -> int:
         return 0
 
     if args.what == "model":
-        r = bench_model(args)
+        try:
+            r = bench_model(args)
+        except ValueError as err:  # sizes that do not fit the grid: say so, no traceback
+            parser.error(f"model: {err} (--patchout T,F,R sets model.patchout)")
         if args.json:
             print(json.dumps(r))
             return 0

@@ -208,6 +208,12 @@ def test_pretrain_benchmark_times_patchout_against_the_whole_grid(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--patchout", "2,0,1"])
     assert exit_info.value.code == 2 and "random patchout" in capsys.readouterr().err
+    for patchout, needle in (("6,0", "model.patchout.time=6 drops all 6 time columns"),
+                             ("5,1", "pretrain.mask: 9 of 12 patches masked is 1 of the 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pretrain", "--embed", "16", "--layers", "1", "--heads", "2", "--ff", "32",
+                  "--mels", "32", "--frames", "98", "--batch", "2", "--patchout", patchout])
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
 
 
 @pytest.mark.slow
