@@ -1,0 +1,200 @@
+"""The attention core as a compiled CPU kernel, built on first use.
+
+``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
+scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
+``(B, H, Sq, Sk)`` scores in memory (184 MB per layer at AST's 600 patches, batch 32,
+4 heads). ``src/models/native/softmax_attention.cc`` computes it as one op on the
+projections' ``(B, S, H, d)`` layout: per (batch, head) and block of query rows, the
+scores stay in the core's cache from the matmul through the softmax to the weighted sum. It matches the TensorFlow ops to float32
+rounding (about 1e-6) and takes about 40% less time at that shape on the CPUs measured
+(see the README's Measured performance).
+
+Used by :class:`~src.models.attention.MultiHeadSelfAttention` for float32 attention
+without a mask, weights or dropout, when not training (the training step keeps the
+hand-written gradient of :func:`~src.models.attention.softmax_attention`) and not in an
+XLA-compiled function (XLA cannot compile the op). Its gradient is registered here
+(recomputed with TensorFlow ops), so a gradient through an inference call works.
+
+Built with the C++ compiler (``$CXX``, else ``g++``, else ``c++``) against the installed
+TensorFlow's headers, once per source, TensorFlow version and CPU, into
+``$AUDIO_TRANSFORMER_NATIVE_DIR`` (default ``~/.cache/audio-transformer/native``); about
+20 s. Without a compiler, or if the build fails, a warning says why and the TensorFlow
+ops are used: the same results, slower. ``AUDIO_TRANSFORMER_NATIVE=0`` turns the kernel
+off. A SavedModel written by ``scripts/export.py`` never contains the op (it is traced
+with the kernel off), so it loads anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import keras
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "softmax_attention.cc"
+OP_NAME = "AudioTransformerSoftmaxAttention"
+ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
+ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
+
+_lock = threading.Lock()
+_state: dict = {}  # "module": the loaded op library, or None after a failed build
+_off = threading.local()
+
+
+class BuildError(RuntimeError):
+    """The kernel could not be compiled (no compiler, or the compiler failed)."""
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def _cpu_key() -> str:
+    """What ``-march=native`` depends on: the CPU model and its flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines))) or platform.machine()
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "audio-transformer" / "native"
+
+
+def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile the kernel (if not already there) and return the library's path.
+
+    The file name holds a hash of the source, TensorFlow's version and compile flags,
+    the compiler and the CPU, so a change to any of them builds a new library.
+    Raises :class:`BuildError` with the compiler's output when it fails."""
+    import tensorflow as tf
+
+    compiler = compiler or _compiler()
+    if not compiler:
+        raise BuildError(
+            "no C++ compiler found (set CXX, or install g++: e.g. `apt-get install g++`)"
+        )
+    cflags, lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
+    flags = ["-std=c++17", "-shared", "-fPIC", "-O3", "-march=native", *cflags]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, tf.__version__.encode(), " ".join(flags + lflags).encode(),
+                    compiler.encode(), _cpu_key().encode()])
+    ).hexdigest()[:16]
+    out_dir = Path(out_dir or cache_dir())
+    target = out_dir / f"softmax_attention-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # atomic: parallel builds
+    os.close(fd)
+    cmd = [compiler, *flags, str(SOURCE), "-o", tmp, *lflags]
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise BuildError(f"could not run the C++ compiler {compiler!r}: {err}") from err
+    if result.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+        raise BuildError(f"{' '.join(cmd)} failed (exit {result.returncode}):\n{tail}")
+    os.replace(tmp, target)
+    log.info("compiled the attention kernel in %.0f s: %s", time.perf_counter() - start,
+             target)
+    return target
+
+
+def _register_gradient(tf) -> None:
+    @tf.RegisterGradient(OP_NAME)
+    def _grad(op, d_output):  # of softmax(scale q k^T) v, the weights recomputed
+        query, key, value = op.inputs  # (B, S, H, d)
+        scale = op.get_attr("scale")
+        weights = tf.nn.softmax(tf.einsum("bqhd,bkhd->bhqk", query, key) * scale)
+        d_out = tf.transpose(d_output, (0, 2, 1, 3))  # (B, H, Sq, dv)
+        output = tf.transpose(op.outputs[0], (0, 2, 1, 3))
+        d_value = tf.einsum("bhqk,bhqd->bkhd", weights, d_out)
+        delta = tf.reduce_sum(d_out * output, axis=-1, keepdims=True)
+        d_scores = weights * (tf.einsum("bhqd,bkhd->bhqk", d_out, value) - delta) * scale
+        return (tf.einsum("bhqk,bkhd->bqhd", d_scores, key),
+                tf.einsum("bhqk,bqhd->bkhd", d_scores, query), d_value)
+
+
+def load():
+    """The op library, built if needed; ``None`` when it is switched off or cannot be
+    built (logged once, with the reason)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    with _lock:
+        if "module" not in _state:
+            import tensorflow as tf
+
+            try:
+                _state["module"] = tf.load_op_library(str(build()))
+                _register_gradient(tf)
+            except (BuildError, tf.errors.NotFoundError, OSError) as err:
+                _state["module"] = None
+                log.warning(
+                    "The compiled attention kernel is not used (attention runs as "
+                    "TensorFlow ops: the same results, slower): %s. Set %s=0 to skip "
+                    "the build.", err, ENV_SWITCH)
+    return _state["module"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace without the kernel in this block (this thread): for graphs that are saved
+    and loaded elsewhere (SavedModel export)."""
+    previous = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = previous
+
+
+def usable(dtype) -> bool:
+    """Whether :func:`softmax_attention` may run now for a layer computing in ``dtype``."""
+    if keras.backend.backend() != "tensorflow" or getattr(_off, "value", False):
+        return False
+    if keras.backend.standardize_dtype(dtype) != "float32":
+        return False
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return False
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return False  # the op has only a CPU kernel
+    return load() is not None
+
+
+def softmax_attention(query, key, value, scale: float = 1.0, block_rows: int = 0):
+    """``softmax(scale * query key^T) value`` per head, by the kernel: query
+    ``(B, Sq, H, d)``, key ``(B, Sk, H, d)``, value ``(B, Sk, H, dv)`` (tokens before
+    heads, as the projections' outputs reshape); returns ``(B, Sq, H, dv)``.
+    ``block_rows``: query rows per work item (0: as many as keep the scores within
+    about 1 MB)."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"the attention kernel is not available (see the log, or {ENV_SWITCH})")
+    return module.audio_transformer_softmax_attention(
+        query, key, value, scale=float(scale), block_rows=int(block_rows))
