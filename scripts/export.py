@@ -92,6 +92,7 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
     import tensorflow as tf
 
     from src.data.windows import window_starts_tf
+    from src.models import native_attention
     from src.predict import min_input_samples
 
     clip = int(model.clip_samples)
@@ -121,17 +122,21 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
 
         return tf.cond(n > clip, windows, short)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serve", serve, input_signature=[tf.TensorSpec((None, clip), tf.float32, name="waveform")]
-    )
-    if clip_fn:
+    # Traced without the compiled attention kernel: the SavedModel holds only
+    # TensorFlow's own ops, so it loads where the kernel's library is not built.
+    with native_attention.disabled():
+        archive = keras.export.ExportArchive()
+        archive.track(model)
         archive.add_endpoint(
-            "clip_probabilities", clip_probabilities,
-            input_signature=[tf.TensorSpec((None,), tf.float32, name="waveform")],
+            "serve", serve,
+            input_signature=[tf.TensorSpec((None, clip), tf.float32, name="waveform")],
         )
-    archive.write_out(str(out), verbose=False)
+        if clip_fn:
+            archive.add_endpoint(
+                "clip_probabilities", clip_probabilities,
+                input_signature=[tf.TensorSpec((None,), tf.float32, name="waveform")],
+            )
+        archive.write_out(str(out), verbose=False)
     _write_metadata(out / "assets.extra" / "model.json", model, hop)
     return out
 

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from src.models import native_attention
+
 PACKAGE = "audio_transformer"
 
 # Added to the scores of masked keys before the softmax. Large enough to give
@@ -129,6 +131,11 @@ class MultiHeadSelfAttention(layers.Layer):
         fused: compute softmax(QK^T / sqrt(d)) V with ``keras.ops.dot_product_attention``
             (one fused op, no head transposes) when no weights are requested and no
             attention dropout applies; otherwise, and by default, the explicit path.
+
+    Inference in float32 without a mask or weights runs the attention core as one
+    compiled op where it can be built (:mod:`src.models.native_attention`: the same
+    numbers to float32 rounding, no head transposes, the scores never in memory);
+    training, other precisions and XLA use the TensorFlow ops below.
 
     Call args:
         inputs: ``(batch, seq_len, embed_dim)``.
@@ -293,6 +300,21 @@ class MultiHeadSelfAttention(layers.Layer):
             and not (training and self.dropout_rate > 0)
         ):
             return self._fused_call(inputs, mask, batch_size, num_queries)
+        if (
+            not training
+            and mask is None
+            and not return_attention_scores
+            and native_attention.usable(self.compute_dtype)
+        ):
+            # The compiled kernel (inference, float32): the same numbers, one op on the
+            # (B, S, H, D/H) layout, no head transposes.
+            query, key, value = self._project(inputs, batch_size, num_queries)
+            attention = native_attention.softmax_attention(
+                query, key, value, scale=1.0 / math.sqrt(self.projection_dim)
+            )
+            return dense_over_tokens(
+                self.combine_heads, ops.reshape(attention, (batch_size, -1, self.embed_dim))
+            )
         if self.fused_qkv:
             qkv = ops.reshape(
                 dense_over_tokens(self.qkv_dense, inputs),

@@ -1,0 +1,219 @@
+"""The compiled attention kernel (src/models/native_attention.py): the same numbers and
+gradients as TensorFlow's ops, used where it may be (float32 inference) and nowhere
+else (training, XLA, mixed precision, SavedModel export), and a clear fallback when it
+cannot be built.
+
+The kernel is built with the machine's C++ compiler; without one these tests are
+skipped (the model then runs TensorFlow's ops, which the rest of the suite tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.models import native_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_compiler = pytest.mark.skipif(
+    native_attention._compiler() is None, reason="no C++ compiler to build the kernel")
+
+
+def _reference(q, k, v, scale):
+    """softmax(scale q k^T) v with TensorFlow ops; (B, S, H, d) layout."""
+    import tensorflow as tf
+
+    weights = tf.nn.softmax(tf.einsum("bqhd,bkhd->bhqk", q, k) * scale)
+    return tf.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _inputs(b, sq, sk, h, d, dv, seed=0):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    return [tf.constant(rng.standard_normal(s).astype("float32") * 1.5)
+            for s in ((b, sq, h, d), (b, sk, h, d), (b, sk, h, dv))]
+
+
+@needs_compiler
+def test_kernel_builds_and_loads():
+    module = native_attention.load()
+    assert module is not None, "the kernel did not build: see the warning in the log"
+    assert native_attention.usable("float32")
+    assert not native_attention.usable("bfloat16")  # float32 only
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [
+    (2, 40, 53, 2, 16, 32),   # AVX-512 tiles: 5 blocks of 8 query rows, a 21-key tail
+    (1, 70, 600, 3, 48, 48),  # the benchmark's head size, several key tiles
+    (2, 9, 70, 3, 64, 64),    # fewer rows than a tile: the general path
+    (3, 13, 17, 2, 8, 5),     # head sizes that are not multiples of 16: Eigen's products
+    (2, 2, 600, 4, 48, 48),   # the pooled last block: 2 query rows
+])
+@pytest.mark.parametrize("block_rows", [0, 32])
+def test_kernel_matches_tensorflow_ops(shape, block_rows):
+    q, k, v = _inputs(*shape)
+    scale = 1.0 / np.sqrt(shape[4])
+    got = native_attention.softmax_attention(q, k, v, scale=scale, block_rows=block_rows)
+    want = _reference(q, k, v, scale)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_kernel_rejects_mismatched_shapes():
+    import tensorflow as tf
+
+    q, k, v = _inputs(2, 8, 8, 2, 16, 16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="do not match"):
+        native_attention.softmax_attention(q, k[:, :, :1], v)
+
+
+@needs_compiler
+def test_gradient_matches_tensorflow_ops():
+    import tensorflow as tf
+
+    q, k, v = _inputs(2, 33, 41, 2, 16, 16, seed=1)
+    upstream = tf.constant(np.random.default_rng(2).standard_normal((2, 33, 2, 16)),
+                           tf.float32)
+    grads = []
+    for fn in (native_attention.softmax_attention, _reference):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = fn(q, k, v, 0.25)
+        grads.append(tape.gradient(out, [q, k, v], output_gradients=upstream))
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def _graph_ops(fn, x):
+    return {op.type for op in fn.get_concrete_function(x).graph.get_operations()}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import keras
+
+    from src.models.build import build_model
+
+    keras.utils.set_random_seed(0)
+    cfg = dict(embed_dim=32, num_layers=2, num_heads=2, ff_dim=64, norm_first=True,
+               activation="gelu", pooling="cls_dist", pooled_last_block=True)
+    model = build_model(cfg, {"n_mels": 32}, num_classes=5, clip_samples=16000)
+    for w in model.trainable_weights:  # non-zero biases: every term of the product counts
+        if "bias" in w.path:
+            w.assign(np.random.default_rng(3).standard_normal(w.shape).astype("float32") * 0.1)
+    return model
+
+
+@needs_compiler
+def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).standard_normal((3, 16000)) * 0.1, tf.float32)
+    infer = tf.function(lambda v: tiny_model(v, training=False))
+    assert native_attention.OP_NAME in _graph_ops(infer, x)
+    with native_attention.disabled():
+        plain = tf.function(lambda v: tiny_model(v, training=False))
+        assert native_attention.OP_NAME not in _graph_ops(plain, x)
+        want = plain(x).numpy()
+    np.testing.assert_allclose(infer(x).numpy(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_training_xla_and_mixed_precision_do_not_use_the_kernel(tiny_model):
+    import keras
+    import tensorflow as tf
+
+    from src.models.build import build_model
+
+    x = tf.constant(np.random.default_rng(0).standard_normal((2, 16000)) * 0.1, tf.float32)
+    train = tf.function(lambda v: tiny_model(v, training=True))
+    assert native_attention.OP_NAME not in _graph_ops(train, x)
+    xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
+    assert native_attention.OP_NAME not in _graph_ops(xla, x)
+    with native_attention.disabled():
+        want = tiny_model(x, training=False).numpy()
+    np.testing.assert_allclose(xla(x).numpy(), want, atol=1e-4, rtol=1e-4)  # XLA runs
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = build_model(dict(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64),
+                            {"n_mels": 32}, num_classes=5, clip_samples=16000)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    infer = tf.function(lambda v: mixed(v, training=False))
+    assert native_attention.OP_NAME not in _graph_ops(infer, x)
+
+
+@needs_compiler
+def test_exported_savedmodel_holds_no_kernel_op(tiny_model, tmp_path):
+    import tensorflow as tf
+
+    from scripts.export import export_savedmodel
+
+    out = export_savedmodel(tiny_model, tmp_path / "saved")
+    graph = (out / "saved_model.pb").read_bytes()
+    assert b"Softmax" in graph  # the attention is there, as TensorFlow's ops
+    assert native_attention.OP_NAME.encode() not in graph
+    x = np.random.default_rng(0).standard_normal((2, 16000)).astype("float32") * 0.1
+    loaded = tf.saved_model.load(str(out))
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(),
+                               tiny_model(x, training=False).numpy(), atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_build_is_cached_and_keyed_by_compiler(tmp_path):
+    first = native_attention.build(out_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native_attention.build(out_dir=tmp_path) == first  # not rebuilt
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_build_errors_name_the_compiler(tmp_path):
+    with pytest.raises(native_attention.BuildError, match="no-such-compiler"):
+        native_attention.build(out_dir=tmp_path, compiler=str(tmp_path / "no-such-compiler"))
+    failing = tmp_path / "failing-cxx"
+    failing.write_text("#!/bin/sh\necho 'error: cannot compile here' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    with pytest.raises(native_attention.BuildError, match="exit 3") as err:
+        native_attention.build(out_dir=tmp_path / "out", compiler=str(failing))
+    assert "cannot compile here" in str(err.value)
+    assert not list((tmp_path / "out").glob("*.so"))  # nothing half-built is kept
+
+
+def test_without_a_compiler_the_model_runs_on_tensorflow_ops(tmp_path):
+    """A fresh process whose compiler fails: one warning, and inference still works."""
+    code = (
+        "import logging, numpy as np\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from src.models.build import build_model\n"
+        "from src.models import native_attention\n"
+        "m = build_model(dict(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64),"
+        " {'n_mels': 32}, num_classes=3, clip_samples=16000)\n"
+        "y = m.predict(np.zeros((2, 16000), 'float32'), verbose=0)\n"
+        "assert y.shape == (2, 3) and np.isfinite(y).all()\n"
+        "assert native_attention.load() is None\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "missing-c++"),
+               AUDIO_TRANSFORMER_NATIVE_DIR=str(tmp_path / "native"),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop(native_attention.ENV_SWITCH, None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+    assert result.stderr.count("compiled attention kernel is not used") == 1
+    assert "missing-c++" in result.stderr
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
+    assert native_attention.load() is None
+    assert not native_attention.usable("float32")
