@@ -522,7 +522,7 @@ def bench_model(args):
     import numpy as np
     import tensorflow as tf
 
-    from src.models import native_attention
+    from src.models import native
     from src.models.build import build_model
 
     hop = 160
@@ -610,9 +610,9 @@ def bench_model(args):
         "fused_attention": args.fused,
         "fused_qkv": args.fused_qkv,
         "pooled_last_block": not args.full_last_block,
-        # Inference attention by the compiled kernel (src/models/native_attention.py)?
-        "native_attention": bool(not args.jit and args.precision == "float32"
-                                 and native_attention.usable("float32")),
+        # Inference by the compiled kernels (src/models/native.py: attention, LayerNorm)?
+        "native_kernels": bool(not args.jit and args.precision == "float32"
+                                 and native.usable("float32")),
         "precision": args.precision,
         "parameters": int(backbone.count_params()),
         "gflops_per_clip_forward": flops / 1e9,
@@ -966,7 +966,7 @@ def main(argv=None) -> int:
               f"({sh['patches']} patches), batch {sh['batch']}, jit={r['jit_compile']}, "
               f"fused={r['fused_attention']}, fused_qkv={r['fused_qkv']}, "
               f"pooled_last_block={r['pooled_last_block']}, "
-              f"native_attention={r['native_attention']}, "
+              f"native_kernels={r['native_kernels']}, "
               f"{r['precision']}; {r['device']}, {r['cpu_count']} CPU(s)")
         print(f"  CPU: {r['cpu']}")
         print(f"  parameters {r['parameters']:,}; {r['gflops_per_clip_forward']:.2f} GFLOP/clip "

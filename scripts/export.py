@@ -92,7 +92,7 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
     import tensorflow as tf
 
     from src.data.windows import window_starts_tf
-    from src.models import native_attention
+    from src.models import native
     from src.predict import min_input_samples
 
     clip = int(model.clip_samples)
@@ -124,7 +124,7 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
 
     # Traced without the compiled attention kernel: the SavedModel holds only
     # TensorFlow's own ops, so it loads where the kernel's library is not built.
-    with native_attention.disabled():
+    with native.disabled():
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from src.models import native_attention
+from src.models import native
 
 PACKAGE = "audio_transformer"
 
@@ -133,7 +133,7 @@ class MultiHeadSelfAttention(layers.Layer):
             attention dropout applies; otherwise, and by default, the explicit path.
 
     Inference in float32 without a mask or weights runs the attention core as one
-    compiled op where it can be built (:mod:`src.models.native_attention`: the same
+    compiled op where it can be built (:mod:`src.models.native`: the same
     numbers to float32 rounding, no head transposes, the scores never in memory);
     training, other precisions and XLA use the TensorFlow ops below.
 
@@ -304,12 +304,12 @@ class MultiHeadSelfAttention(layers.Layer):
             not training
             and mask is None
             and not return_attention_scores
-            and native_attention.usable(self.compute_dtype)
+            and native.usable(self.compute_dtype)
         ):
             # The compiled kernel (inference, float32): the same numbers, one op on the
             # (B, S, H, D/H) layout, no head transposes.
             query, key, value = self._project(inputs, batch_size, num_queries)
-            attention = native_attention.softmax_attention(
+            attention = native.softmax_attention(
                 query, key, value, scale=1.0 / math.sqrt(self.projection_dim)
             )
             return dense_over_tokens(

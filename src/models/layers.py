@@ -20,6 +20,7 @@ import math
 import keras
 from keras import layers, ops
 
+from src.models import native
 from src.models.attention import PACKAGE, gradient_scope
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -134,11 +135,12 @@ def layer_norm(x, gamma, beta, epsilon, dtype=None):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class LayerNorm(layers.LayerNormalization):
     """``keras.layers.LayerNormalization`` (same arguments, weights, weight names and
-    config, so it loads the same saved weights) computed by :func:`layer_norm`.
-    Normalising over other axes than the last, ``center=False``, ``scale=False`` and
-    ``rms_scaling`` use Keras' own implementation."""
+    config, so it loads the same saved weights) computed by :func:`layer_norm`, or, in
+    float32 inference, by the compiled op of :mod:`src.models.native` where it can be
+    built. Normalising over other axes than the last, ``center=False``, ``scale=False``
+    and ``rms_scaling`` use Keras' own implementation."""
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         if (
             self.gamma is None
             or self.beta is None
@@ -147,5 +149,11 @@ class LayerNorm(layers.LayerNormalization):
             or not custom_gradients_supported()
         ):
             return super().call(inputs)
+        if not training and native.usable(self.compute_dtype):
+            # Inference in float32: one compiled op (src/models/native.py).
+            return native.layer_norm(
+                ops.cast(inputs, "float32"), ops.cast(self.gamma, "float32"),
+                ops.cast(self.beta, "float32"), self.epsilon,
+            )
         return layer_norm(inputs, self.gamma, self.beta, self.epsilon, self.compute_dtype)
 

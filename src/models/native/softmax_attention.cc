@@ -15,7 +15,7 @@
 // in register-blocked AVX-512 loops; otherwise Eigen's matrix products. The softmax
 // subtracts each row's maximum before exp, as tf.nn.softmax does.
 //
-// Built on first use by src/models/native_attention.py, which also registers the
+// Built on first use by src/models/native.py, which also registers the
 // gradient (recomputed with TensorFlow ops).
 
 #define EIGEN_USE_THREADS

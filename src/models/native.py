@@ -1,27 +1,32 @@
-"""The attention core as a compiled CPU kernel, built on first use.
+"""Compiled float32 CPU kernels for inference, built on first use: the attention core and
+LayerNorm.
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
 ``(B, H, Sq, Sk)`` scores in memory (184 MB per layer at AST's 600 patches, batch 32,
 4 heads). ``src/models/native/softmax_attention.cc`` computes it as one op on the
 projections' ``(B, S, H, d)`` layout: per (batch, head) and block of query rows, the
-scores stay in the core's cache from the matmul through the softmax to the weighted sum. It matches the TensorFlow ops to float32
-rounding (about 1e-6) and takes about 40% less time at that shape on the CPUs measured
-(see the README's Measured performance).
+scores stay in the core's cache from the matmul through the softmax to the weighted sum.
+It matches the TensorFlow ops to float32 rounding (about 1e-6); the time it saves is in
+the README's Measured performance.
 
-Used by :class:`~src.models.attention.MultiHeadSelfAttention` for float32 attention
-without a mask, weights or dropout, when not training (the training step keeps the
-hand-written gradient of :func:`~src.models.attention.softmax_attention`) and not in an
-XLA-compiled function (XLA cannot compile the op). Its gradient is registered here
-(recomputed with TensorFlow ops), so a gradient through an inference call works.
+``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
+where TensorFlow's ops make about eight passes.
+
+Used by :class:`~src.models.attention.MultiHeadSelfAttention` (float32 attention
+without a mask, weights or dropout) and :class:`~src.models.layers.LayerNorm` (float32)
+when not training (the training step keeps the hand-written gradients of
+:mod:`src.models.attention` and :mod:`src.models.layers`) and not in an XLA-compiled
+function (XLA cannot compile the ops). Their gradients are registered here (recomputed
+with TensorFlow ops), so a gradient through an inference call works.
 
 Built with the C++ compiler (``$CXX``, else ``g++``, else ``c++``) against the installed
 TensorFlow's headers, once per source, TensorFlow version and CPU, into
 ``$AUDIO_TRANSFORMER_NATIVE_DIR`` (default ``~/.cache/audio-transformer/native``); about
-20 s. Without a compiler, or if the build fails, a warning says why and the TensorFlow
-ops are used: the same results, slower. ``AUDIO_TRANSFORMER_NATIVE=0`` turns the kernel
-off. A SavedModel written by ``scripts/export.py`` never contains the op (it is traced
-with the kernel off), so it loads anywhere.
+25 s. Without a compiler, or if the build fails, a warning says why and the TensorFlow
+ops are used: the same results, slower. ``AUDIO_TRANSFORMER_NATIVE=0`` turns the kernels
+off. A SavedModel written by ``scripts/export.py`` never contains the ops (it is traced
+with the kernels off), so it loads anywhere.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ import keras
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "softmax_attention.cc"
+SOURCES = sorted((Path(__file__).with_name("native")).glob("*.cc"))
 OP_NAME = "AudioTransformerSoftmaxAttention"
+LAYER_NORM_OP = "AudioTransformerLayerNorm"
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
 
@@ -53,7 +59,7 @@ _off = threading.local()
 
 
 class BuildError(RuntimeError):
-    """The kernel could not be compiled (no compiler, or the compiler failed)."""
+    """The kernels could not be compiled (no compiler, or the compiler failed)."""
 
 
 def _compiler() -> str | None:
@@ -80,9 +86,9 @@ def cache_dir() -> Path:
 
 
 def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile the kernel (if not already there) and return the library's path.
+    """Compile the kernels (if not already there) into one library; return its path.
 
-    The file name holds a hash of the source, TensorFlow's version and compile flags,
+    The file name holds a hash of the sources, TensorFlow's version and compile flags,
     the compiler and the CPU, so a change to any of them builds a new library.
     Raises :class:`BuildError` with the compiler's output when it fails."""
     import tensorflow as tf
@@ -93,20 +99,21 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
             "no C++ compiler found (set CXX, or install g++: e.g. `apt-get install g++`)"
         )
     cflags, lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
-    flags = ["-std=c++17", "-shared", "-fPIC", "-O3", "-march=native", *cflags]
-    source = SOURCE.read_bytes()
+    flags = ["-std=c++17", "-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
+             *cflags]
+    sources = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(
-        b"\0".join([source, tf.__version__.encode(), " ".join(flags + lflags).encode(),
+        b"\0".join([sources, tf.__version__.encode(), " ".join(flags + lflags).encode(),
                     compiler.encode(), _cpu_key().encode()])
     ).hexdigest()[:16]
     out_dir = Path(out_dir or cache_dir())
-    target = out_dir / f"softmax_attention-{key}.so"
+    target = out_dir / f"kernels-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # atomic: parallel builds
     os.close(fd)
-    cmd = [compiler, *flags, str(SOURCE), "-o", tmp, *lflags]
+    cmd = [compiler, *flags, *map(str, SOURCES), "-o", tmp, *lflags]
     start = time.perf_counter()
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -118,7 +125,7 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
         raise BuildError(f"{' '.join(cmd)} failed (exit {result.returncode}):\n{tail}")
     os.replace(tmp, target)
-    log.info("compiled the attention kernel in %.0f s: %s", time.perf_counter() - start,
+    log.info("compiled the CPU kernels in %.0f s: %s", time.perf_counter() - start,
              target)
     return target
 
@@ -137,6 +144,18 @@ def _register_gradient(tf) -> None:
         return (tf.einsum("bhqk,bkhd->bqhd", d_scores, key),
                 tf.einsum("bhqk,bqhd->bkhd", d_scores, query), d_value)
 
+    @tf.RegisterGradient(LAYER_NORM_OP)
+    def _layer_norm_grad(op, dy):
+        x, gamma, _ = op.inputs
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        rstd = tf.math.rsqrt(var + op.get_attr("epsilon"))
+        xhat = (x - mean) * rstd
+        g = dy * gamma
+        dx = rstd * (g - tf.reduce_mean(g, -1, keepdims=True)
+                     - xhat * tf.reduce_mean(g * xhat, -1, keepdims=True))
+        rows = list(range(len(dy.shape) - 1))
+        return dx, tf.reduce_sum(dy * xhat, rows), tf.reduce_sum(dy, rows)
+
 
 def load():
     """The op library, built if needed; ``None`` when it is switched off or cannot be
@@ -153,15 +172,15 @@ def load():
             except (BuildError, tf.errors.NotFoundError, OSError) as err:
                 _state["module"] = None
                 log.warning(
-                    "The compiled attention kernel is not used (attention runs as "
-                    "TensorFlow ops: the same results, slower): %s. Set %s=0 to skip "
+                    "The compiled CPU kernels are not used (attention and LayerNorm run "
+                    "as TensorFlow ops: the same results, slower): %s. Set %s=0 to skip "
                     "the build.", err, ENV_SWITCH)
     return _state["module"]
 
 
 @contextlib.contextmanager
 def disabled():
-    """Trace without the kernel in this block (this thread): for graphs that are saved
+    """Trace without the kernels in this block (this thread): for graphs that are saved
     and loaded elsewhere (SavedModel export)."""
     previous = getattr(_off, "value", False)
     _off.value = True
@@ -172,7 +191,7 @@ def disabled():
 
 
 def usable(dtype) -> bool:
-    """Whether :func:`softmax_attention` may run now for a layer computing in ``dtype``."""
+    """Whether the kernels (float32) may run now for a layer computing in ``dtype``."""
     if keras.backend.backend() != "tensorflow" or getattr(_off, "value", False):
         return False
     if keras.backend.standardize_dtype(dtype) != "float32":
@@ -195,6 +214,15 @@ def softmax_attention(query, key, value, scale: float = 1.0, block_rows: int = 0
     about 1 MB)."""
     module = load()
     if module is None:
-        raise RuntimeError(f"the attention kernel is not available (see the log, or {ENV_SWITCH})")
+        raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
     return module.audio_transformer_softmax_attention(
         query, key, value, scale=float(scale), block_rows=int(block_rows))
+
+
+def layer_norm(x, gamma, beta, epsilon: float):
+    """LayerNorm over the last axis by the kernel (float32): ``x (..., D)``, ``gamma``
+    and ``beta (D,)``."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
+    return module.audio_transformer_layer_norm(x, gamma, beta, epsilon=float(epsilon))

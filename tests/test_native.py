@@ -1,10 +1,11 @@
-"""The compiled attention kernel (src/models/native_attention.py): the same numbers and
-gradients as TensorFlow's ops, used where it may be (float32 inference) and nowhere
-else (training, XLA, mixed precision, SavedModel export), and a clear fallback when it
-cannot be built.
+"""The compiled CPU kernels (src/models/native.py: attention core, LayerNorm): the
+same numbers and gradients as TensorFlow's ops, used where they may be (float32
+inference) and nowhere else (training, XLA, mixed precision, SavedModel export), and a
+clear fallback when they cannot be built.
 
-The kernel is built with the machine's C++ compiler; without one these tests are
-skipped (the model then runs TensorFlow's ops, which the rest of the suite tests)."""
+The kernels are built with the machine's C++ compiler; without one the tests that need
+them are skipped (the model then runs TensorFlow's ops, which the rest of the suite
+tests)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.models import native_attention
+from src.models import native
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_compiler = pytest.mark.skipif(
-    native_attention._compiler() is None, reason="no C++ compiler to build the kernel")
+    native._compiler() is None, reason="no C++ compiler to build the kernels")
 
 
 def _reference(q, k, v, scale):
@@ -41,10 +42,10 @@ def _inputs(b, sq, sk, h, d, dv, seed=0):
 
 @needs_compiler
 def test_kernel_builds_and_loads():
-    module = native_attention.load()
+    module = native.load()
     assert module is not None, "the kernel did not build: see the warning in the log"
-    assert native_attention.usable("float32")
-    assert not native_attention.usable("bfloat16")  # float32 only
+    assert native.usable("float32")
+    assert not native.usable("bfloat16")  # float32 only
 
 
 @needs_compiler
@@ -59,10 +60,42 @@ def test_kernel_builds_and_loads():
 def test_kernel_matches_tensorflow_ops(shape, block_rows):
     q, k, v = _inputs(*shape)
     scale = 1.0 / np.sqrt(shape[4])
-    got = native_attention.softmax_attention(q, k, v, scale=scale, block_rows=block_rows)
+    got = native.softmax_attention(q, k, v, scale=scale, block_rows=block_rows)
     want = _reference(q, k, v, scale)
     assert got.shape == want.shape
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(3, 7, 192), (5, 33), (2, 1, 3, 8)])
+def test_layer_norm_kernel_matches_the_layer(shape):
+    import keras
+    import tensorflow as tf
+
+    from src.models.layers import layer_norm
+
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.standard_normal(shape).astype("float32") * 3 + 1)
+    gamma, beta = (tf.constant(rng.standard_normal(shape[-1:]).astype("float32"))
+                   for _ in range(2))
+    got = native.layer_norm(x, gamma, beta, 1e-6)
+    np.testing.assert_allclose(got.numpy(), layer_norm(x, gamma, beta, 1e-6).numpy(),
+                               atol=1e-5, rtol=1e-5)
+    ref = keras.layers.LayerNormalization(epsilon=1e-6)
+    ref.build(shape)
+    ref.set_weights([gamma.numpy(), beta.numpy()])
+    np.testing.assert_allclose(got.numpy(), ref(x).numpy(), atol=1e-5, rtol=1e-5)
+    upstream = tf.constant(rng.standard_normal(shape).astype("float32"))
+    grads = []
+    for fn in (native.layer_norm, layer_norm):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = fn(x, gamma, beta, 1e-6)
+        grads.append(tape.gradient(y, [x, gamma, beta], output_gradients=upstream))
+    for g_native, g_tf in zip(*grads):
+        np.testing.assert_allclose(g_native.numpy(), g_tf.numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gamma and beta"):
+        native.layer_norm(x, gamma[:-1], beta[:-1], 1e-6)
 
 
 @needs_compiler
@@ -71,7 +104,7 @@ def test_kernel_rejects_mismatched_shapes():
 
     q, k, v = _inputs(2, 8, 8, 2, 16, 16)
     with pytest.raises(tf.errors.InvalidArgumentError, match="do not match"):
-        native_attention.softmax_attention(q, k[:, :, :1], v)
+        native.softmax_attention(q, k[:, :, :1], v)
 
 
 @needs_compiler
@@ -82,7 +115,7 @@ def test_gradient_matches_tensorflow_ops():
     upstream = tf.constant(np.random.default_rng(2).standard_normal((2, 33, 2, 16)),
                            tf.float32)
     grads = []
-    for fn in (native_attention.softmax_attention, _reference):
+    for fn in (native.softmax_attention, _reference):
         with tf.GradientTape() as tape:
             tape.watch([q, k, v])
             out = fn(q, k, v, 0.25)
@@ -117,10 +150,10 @@ def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
 
     x = tf.constant(np.random.default_rng(0).standard_normal((3, 16000)) * 0.1, tf.float32)
     infer = tf.function(lambda v: tiny_model(v, training=False))
-    assert native_attention.OP_NAME in _graph_ops(infer, x)
-    with native_attention.disabled():
+    assert {native.OP_NAME, native.LAYER_NORM_OP} <= _graph_ops(infer, x)
+    with native.disabled():
         plain = tf.function(lambda v: tiny_model(v, training=False))
-        assert native_attention.OP_NAME not in _graph_ops(plain, x)
+        assert not {native.OP_NAME, native.LAYER_NORM_OP} & _graph_ops(plain, x)
         want = plain(x).numpy()
     np.testing.assert_allclose(infer(x).numpy(), want, atol=1e-5, rtol=1e-5)
 
@@ -133,11 +166,12 @@ def test_training_xla_and_mixed_precision_do_not_use_the_kernel(tiny_model):
     from src.models.build import build_model
 
     x = tf.constant(np.random.default_rng(0).standard_normal((2, 16000)) * 0.1, tf.float32)
+    ours = {native.OP_NAME, native.LAYER_NORM_OP}
     train = tf.function(lambda v: tiny_model(v, training=True))
-    assert native_attention.OP_NAME not in _graph_ops(train, x)
+    assert not ours & _graph_ops(train, x)
     xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
-    assert native_attention.OP_NAME not in _graph_ops(xla, x)
-    with native_attention.disabled():
+    assert not ours & _graph_ops(xla, x)
+    with native.disabled():
         want = tiny_model(x, training=False).numpy()
     np.testing.assert_allclose(xla(x).numpy(), want, atol=1e-4, rtol=1e-4)  # XLA runs
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -147,7 +181,7 @@ def test_training_xla_and_mixed_precision_do_not_use_the_kernel(tiny_model):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     infer = tf.function(lambda v: mixed(v, training=False))
-    assert native_attention.OP_NAME not in _graph_ops(infer, x)
+    assert not ours & _graph_ops(infer, x)
 
 
 @needs_compiler
@@ -159,7 +193,8 @@ def test_exported_savedmodel_holds_no_kernel_op(tiny_model, tmp_path):
     out = export_savedmodel(tiny_model, tmp_path / "saved")
     graph = (out / "saved_model.pb").read_bytes()
     assert b"Softmax" in graph  # the attention is there, as TensorFlow's ops
-    assert native_attention.OP_NAME.encode() not in graph
+    assert native.OP_NAME.encode() not in graph
+    assert native.LAYER_NORM_OP.encode() not in graph
     x = np.random.default_rng(0).standard_normal((2, 16000)).astype("float32") * 0.1
     loaded = tf.saved_model.load(str(out))
     np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(),
@@ -168,21 +203,21 @@ def test_exported_savedmodel_holds_no_kernel_op(tiny_model, tmp_path):
 
 @needs_compiler
 def test_build_is_cached_and_keyed_by_compiler(tmp_path):
-    first = native_attention.build(out_dir=tmp_path)
+    first = native.build(out_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert native_attention.build(out_dir=tmp_path) == first  # not rebuilt
+    assert native.build(out_dir=tmp_path) == first  # not rebuilt
     assert first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
 def test_build_errors_name_the_compiler(tmp_path):
-    with pytest.raises(native_attention.BuildError, match="no-such-compiler"):
-        native_attention.build(out_dir=tmp_path, compiler=str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.BuildError, match="no-such-compiler"):
+        native.build(out_dir=tmp_path, compiler=str(tmp_path / "no-such-compiler"))
     failing = tmp_path / "failing-cxx"
     failing.write_text("#!/bin/sh\necho 'error: cannot compile here' >&2\nexit 3\n")
     failing.chmod(0o755)
-    with pytest.raises(native_attention.BuildError, match="exit 3") as err:
-        native_attention.build(out_dir=tmp_path / "out", compiler=str(failing))
+    with pytest.raises(native.BuildError, match="exit 3") as err:
+        native.build(out_dir=tmp_path / "out", compiler=str(failing))
     assert "cannot compile here" in str(err.value)
     assert not list((tmp_path / "out").glob("*.so"))  # nothing half-built is kept
 
@@ -193,27 +228,27 @@ def test_without_a_compiler_the_model_runs_on_tensorflow_ops(tmp_path):
         "import logging, numpy as np\n"
         "logging.basicConfig(level=logging.WARNING)\n"
         "from src.models.build import build_model\n"
-        "from src.models import native_attention\n"
+        "from src.models import native\n"
         "m = build_model(dict(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64),"
         " {'n_mels': 32}, num_classes=3, clip_samples=16000)\n"
         "y = m.predict(np.zeros((2, 16000), 'float32'), verbose=0)\n"
         "assert y.shape == (2, 3) and np.isfinite(y).all()\n"
-        "assert native_attention.load() is None\n"
+        "assert native.load() is None\n"
         "print('ok')\n"
     )
     env = dict(os.environ, CXX=str(tmp_path / "missing-c++"),
                AUDIO_TRANSFORMER_NATIVE_DIR=str(tmp_path / "native"),
                TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop(native_attention.ENV_SWITCH, None)
+    env.pop(native.ENV_SWITCH, None)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
-    assert result.stderr.count("compiled attention kernel is not used") == 1
+    assert result.stderr.count("compiled CPU kernels are not used") == 1
     assert "missing-c++" in result.stderr
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
-    assert native_attention.load() is None
-    assert not native_attention.usable("float32")
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.load() is None
+    assert not native.usable("float32")
