@@ -99,6 +99,26 @@ def test_layer_norm_kernel_matches_the_layer(shape):
 
 
 @needs_compiler
+def test_bias_gelu_kernel_matches_tensorflow():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.standard_normal((4, 9, 40)).astype("float32") * 3)
+    bias = tf.constant(rng.standard_normal(40).astype("float32"))
+    upstream = tf.constant(rng.standard_normal((4, 9, 40)).astype("float32"))
+    results = []
+    for fn in (native.bias_gelu, lambda a, b: tf.nn.gelu(a + b, approximate=False)):
+        with tf.GradientTape() as tape:
+            tape.watch([x, bias])
+            y = fn(x, bias)
+        results.append([y, *tape.gradient(y, [x, bias], output_gradients=upstream)])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the bias must have 40"):
+        native.bias_gelu(x, bias[:-1])
+
+
+@needs_compiler
 def test_kernel_rejects_mismatched_shapes():
     import tensorflow as tf
 
@@ -150,10 +170,11 @@ def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
 
     x = tf.constant(np.random.default_rng(0).standard_normal((3, 16000)) * 0.1, tf.float32)
     infer = tf.function(lambda v: tiny_model(v, training=False))
-    assert {native.OP_NAME, native.LAYER_NORM_OP} <= _graph_ops(infer, x)
+    ours = {native.OP_NAME, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
+    assert ours <= _graph_ops(infer, x)
     with native.disabled():
         plain = tf.function(lambda v: tiny_model(v, training=False))
-        assert not {native.OP_NAME, native.LAYER_NORM_OP} & _graph_ops(plain, x)
+        assert not ours & _graph_ops(plain, x)
         want = plain(x).numpy()
     np.testing.assert_allclose(infer(x).numpy(), want, atol=1e-5, rtol=1e-5)
 
@@ -166,7 +187,7 @@ def test_training_xla_and_mixed_precision_do_not_use_the_kernel(tiny_model):
     from src.models.build import build_model
 
     x = tf.constant(np.random.default_rng(0).standard_normal((2, 16000)) * 0.1, tf.float32)
-    ours = {native.OP_NAME, native.LAYER_NORM_OP}
+    ours = {native.OP_NAME, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
     train = tf.function(lambda v: tiny_model(v, training=True))
     assert not ours & _graph_ops(train, x)
     xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
@@ -195,6 +216,7 @@ def test_exported_savedmodel_holds_no_kernel_op(tiny_model, tmp_path):
     assert b"Softmax" in graph  # the attention is there, as TensorFlow's ops
     assert native.OP_NAME.encode() not in graph
     assert native.LAYER_NORM_OP.encode() not in graph
+    assert native.BIAS_GELU_OP.encode() not in graph
     x = np.random.default_rng(0).standard_normal((2, 16000)).astype("float32") * 0.1
     loaded = tf.saved_model.load(str(out))
     np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(),

@@ -1,5 +1,5 @@
-"""Compiled float32 CPU kernels for inference, built on first use: the attention core and
-LayerNorm.
+"""Compiled float32 CPU kernels for inference, built on first use: the attention core,
+LayerNorm, and the MLP's bias + exact GELU.
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -11,11 +11,13 @@ It matches the TensorFlow ops to float32 rounding (about 1e-6); the time it save
 the README's Measured performance.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
-where TensorFlow's ops make about eight passes.
+where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
+bias and applies the exact GELU in one pass, where TensorFlow makes two.
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (float32 attention
-without a mask, weights or dropout) and :class:`~src.models.layers.LayerNorm` (float32)
-when not training (the training step keeps the hand-written gradients of
+without a mask, weights or dropout), :class:`~src.models.layers.LayerNorm` and
+:meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32) when not
+training (the training step keeps the hand-written gradients of
 :mod:`src.models.attention` and :mod:`src.models.layers`) and not in an XLA-compiled
 function (XLA cannot compile the ops). Their gradients are registered here (recomputed
 with TensorFlow ops), so a gradient through an inference call works.
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).with_name("native")).glob("*.cc"))
 OP_NAME = "AudioTransformerSoftmaxAttention"
 LAYER_NORM_OP = "AudioTransformerLayerNorm"
+BIAS_GELU_OP = "AudioTransformerBiasGelu"
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
 
@@ -145,6 +148,14 @@ def _register_gradient(tf) -> None:
         return (tf.einsum("bhqk,bkhd->bqhd", d_scores, key),
                 tf.einsum("bhqk,bqhd->bkhd", d_scores, query), d_value)
 
+    @tf.RegisterGradient(BIAS_GELU_OP)
+    def _bias_gelu_grad(op, dy):
+        x, bias = op.inputs
+        z = x + bias
+        dz = dy * (0.5 * (1.0 + tf.math.erf(z * 0.7071067811865476))
+                   + z * tf.exp(-0.5 * tf.square(z)) * 0.3989422804014327)
+        return dz, tf.reduce_sum(dz, list(range(len(dz.shape) - 1)))
+
     @tf.RegisterGradient(LAYER_NORM_OP)
     def _layer_norm_grad(op, dy):
         x, gamma, _ = op.inputs
@@ -227,3 +238,12 @@ def layer_norm(x, gamma, beta, epsilon: float):
     if module is None:
         raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
     return module.audio_transformer_layer_norm(x, gamma, beta, epsilon=float(epsilon))
+
+
+def bias_gelu(x, bias):
+    """Exact (erf) GELU of ``x + bias`` by the kernel (float32): ``x (..., N)``,
+    ``bias (N,)``."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
+    return module.audio_transformer_bias_gelu(x, bias)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from src.models import native
 from src.models.attention import PACKAGE, MultiHeadSelfAttention, dense_over_tokens
 from src.models.layers import LayerNorm, gelu
 
@@ -140,21 +141,34 @@ class TransformerBlock(layers.Layer):
         residual = inputs if num_queries is None else inputs[:, :num_queries]
         if self.norm_first:
             x = residual + self.dropout1(attend(self.layernorm1(inputs)), training=training)
-            ffn_out = self.feed_forward(self.layernorm2(x))
+            ffn_out = self.feed_forward(self.layernorm2(x), training=training)
             out = x + self.dropout2(ffn_out, training=training)
         else:
             x = self.layernorm1(residual + self.dropout1(attend(inputs), training=training))
-            ffn_out = self.feed_forward(x)
+            ffn_out = self.feed_forward(x, training=training)
             out = self.layernorm2(x + self.dropout2(ffn_out, training=training))
         if return_attention_scores:
             return out, weights
         return out
 
-    def feed_forward(self, x):
+    def feed_forward(self, x, training=None):
         """``self.ffn(x)`` (fc1, activation, fc2), each Dense as one 2-D matmul over the
-        tokens (see ``dense_over_tokens``)."""
+        tokens (see ``dense_over_tokens``); in float32 inference fc1's bias and exact GELU
+        run as one compiled op (:mod:`src.models.native`)."""
         for dense in self.ffn.layers:
-            x = dense_over_tokens(dense, x)
+            if (  # inference, float32: matmul, then bias + GELU as one compiled op
+                not training
+                and dense.activation is gelu
+                and dense.bias is not None
+                and getattr(dense, "quantization_mode", None) is None
+                and native.usable(dense.compute_dtype)
+            ):
+                shape = keras.ops.shape(x)
+                y = keras.ops.matmul(keras.ops.reshape(x, (-1, shape[-1])), dense.kernel)
+                y = native.bias_gelu(y, keras.ops.cast(dense.bias, "float32"))
+                x = keras.ops.reshape(y, (shape[0], shape[1], dense.units))
+            else:
+                x = dense_over_tokens(dense, x)
         return x
 
     def compute_output_shape(self, input_shape):
