@@ -45,7 +45,8 @@ def test_kernel_builds_and_loads():
     module = native.load()
     assert module is not None, "the kernel did not build: see the warning in the log"
     assert native.usable("float32")
-    assert not native.usable("bfloat16")  # float32 only
+    assert not native.usable("bfloat16")  # float32, unless a kernel says otherwise
+    assert native.usable("bfloat16", ("float32", "bfloat16"))
 
 
 @needs_compiler
@@ -96,6 +97,21 @@ def test_layer_norm_kernel_matches_the_layer(shape):
         np.testing.assert_allclose(g_native.numpy(), g_tf.numpy(), atol=1e-4, rtol=1e-4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="gamma and beta"):
         native.layer_norm(x, gamma[:-1], beta[:-1], 1e-6)
+
+
+@needs_compiler
+def test_bias_gelu_kernel_in_bfloat16_matches_tensorflow():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.standard_normal((3, 5, 48)) * 3, tf.bfloat16)
+    bias = tf.constant(rng.standard_normal(48).astype("float32"))
+    got = native.bias_gelu(x, bias)
+    assert got.dtype == tf.bfloat16
+    want = tf.nn.gelu(tf.cast(x, tf.float32) + bias, approximate=False)
+    # float32 arithmetic, one rounding to bfloat16 (8 bits): within half a unit
+    np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want.numpy(),
+                               rtol=2 ** -8, atol=1e-6)
 
 
 @needs_compiler
@@ -180,7 +196,7 @@ def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
 
 
 @needs_compiler
-def test_training_xla_and_mixed_precision_do_not_use_the_kernel(tiny_model):
+def test_training_xla_and_mixed_precision_use_tensorflow_ops(tiny_model):
     import keras
     import tensorflow as tf
 
@@ -197,12 +213,14 @@ def test_training_xla_and_mixed_precision_do_not_use_the_kernel(tiny_model):
     np.testing.assert_allclose(xla(x).numpy(), want, atol=1e-4, rtol=1e-4)  # XLA runs
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        mixed = build_model(dict(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64),
+        mixed = build_model(dict(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64,
+                                 activation="gelu"),
                             {"n_mels": 32}, num_classes=5, clip_samples=16000)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     infer = tf.function(lambda v: mixed(v, training=False))
-    assert not ours & _graph_ops(infer, x)
+    # bfloat16: only the MLP's bias + GELU runs compiled
+    assert ours & _graph_ops(infer, x) == {native.BIAS_GELU_OP}
 
 
 @needs_compiler

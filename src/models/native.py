@@ -1,5 +1,5 @@
-"""Compiled float32 CPU kernels for inference, built on first use: the attention core,
-LayerNorm, and the MLP's bias + exact GELU.
+"""Compiled CPU kernels for inference, built on first use: the attention core,
+LayerNorm (float32), and the MLP's bias + exact GELU (float32 and bfloat16).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -12,12 +12,13 @@ the README's Measured performance.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
 where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
-bias and applies the exact GELU in one pass, where TensorFlow makes two.
+bias and applies the exact GELU in one pass, where TensorFlow makes two (also in
+bfloat16, computed in float32, as under ``mixed_bfloat16``).
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (float32 attention
-without a mask, weights or dropout), :class:`~src.models.layers.LayerNorm` and
-:meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32) when not
-training (the training step keeps the hand-written gradients of
+without a mask, weights or dropout), :class:`~src.models.layers.LayerNorm` (float32)
+and :meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32, bfloat16)
+when not training (the training step keeps the hand-written gradients of
 :mod:`src.models.attention` and :mod:`src.models.layers`) and not in an XLA-compiled
 function (XLA cannot compile the ops). Their gradients are registered here (recomputed
 with TensorFlow ops), so a gradient through an inference call works.
@@ -151,10 +152,12 @@ def _register_gradient(tf) -> None:
     @tf.RegisterGradient(BIAS_GELU_OP)
     def _bias_gelu_grad(op, dy):
         x, bias = op.inputs
+        x_dtype = x.dtype
+        x, dy = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
         z = x + bias
         dz = dy * (0.5 * (1.0 + tf.math.erf(z * 0.7071067811865476))
                    + z * tf.exp(-0.5 * tf.square(z)) * 0.3989422804014327)
-        return dz, tf.reduce_sum(dz, list(range(len(dz.shape) - 1)))
+        return tf.cast(dz, x_dtype), tf.reduce_sum(dz, list(range(len(dz.shape) - 1)))
 
     @tf.RegisterGradient(LAYER_NORM_OP)
     def _layer_norm_grad(op, dy):
@@ -202,11 +205,12 @@ def disabled():
         _off.value = previous
 
 
-def usable(dtype) -> bool:
-    """Whether the kernels (float32) may run now for a layer computing in ``dtype``."""
+def usable(dtype, dtypes=("float32",)) -> bool:
+    """Whether the kernels may run now for a layer computing in ``dtype``, one of
+    ``dtypes`` (all kernels take float32; :func:`bias_gelu` also bfloat16)."""
     if keras.backend.backend() != "tensorflow" or getattr(_off, "value", False):
         return False
-    if keras.backend.standardize_dtype(dtype) != "float32":
+    if keras.backend.standardize_dtype(dtype) not in dtypes:
         return False
     import tensorflow as tf
     from tensorflow.python.ops import control_flow_util
@@ -241,8 +245,8 @@ def layer_norm(x, gamma, beta, epsilon: float):
 
 
 def bias_gelu(x, bias):
-    """Exact (erf) GELU of ``x + bias`` by the kernel (float32): ``x (..., N)``,
-    ``bias (N,)``."""
+    """Exact (erf) GELU of ``x + bias`` by the kernel: ``x (..., N)`` float32 or
+    bfloat16 (computed in float32, returned in x's dtype), ``bias (N,)`` float32."""
     module = load()
     if module is None:
         raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")

@@ -153,18 +153,20 @@ class TransformerBlock(layers.Layer):
 
     def feed_forward(self, x, training=None):
         """``self.ffn(x)`` (fc1, activation, fc2), each Dense as one 2-D matmul over the
-        tokens (see ``dense_over_tokens``); in float32 inference fc1's bias and exact GELU
-        run as one compiled op (:mod:`src.models.native`)."""
+        tokens (see ``dense_over_tokens``); in inference (float32, bfloat16) fc1's bias and
+        exact GELU run as one compiled op (:mod:`src.models.native`)."""
         for dense in self.ffn.layers:
-            if (  # inference, float32: matmul, then bias + GELU as one compiled op
+            if (  # inference: matmul, then bias + GELU as one compiled op
                 not training
                 and dense.activation is gelu
                 and dense.bias is not None
                 and getattr(dense, "quantization_mode", None) is None
-                and native.usable(dense.compute_dtype)
+                and native.usable(dense.compute_dtype, ("float32", "bfloat16"))
             ):
+                dtype = dense.compute_dtype
                 shape = keras.ops.shape(x)
-                y = keras.ops.matmul(keras.ops.reshape(x, (-1, shape[-1])), dense.kernel)
+                y = keras.ops.matmul(keras.ops.reshape(keras.ops.cast(x, dtype), (-1, shape[-1])),
+                                     keras.ops.cast(dense.kernel, dtype))
                 y = native.bias_gelu(y, keras.ops.cast(dense.bias, "float32"))
                 x = keras.ops.reshape(y, (shape[0], shape[1], dense.units))
             else:

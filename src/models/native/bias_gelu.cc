@@ -1,15 +1,22 @@
 // Exact (erf) GELU of x + bias, (x + b) * Phi(x + b), as one TensorFlow CPU op: the MLP's
 // first layer adds its bias and applies GELU in one pass over its output, where
-// TensorFlow makes two (BiasAdd, then the GELU). Float32; Eigen's vectorised erf.
+// TensorFlow makes two (BiasAdd, then the GELU). x and y float32, or bfloat16 (as under
+// mixed_bfloat16; computed in float32, rounded to nearest even); the bias float32.
+// Eigen's vectorised erf.
 //
 // Built on first use by src/models/native.py, which also registers the gradient
 // (recomputed with TensorFlow ops).
 
 #define EIGEN_USE_THREADS
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include <Eigen/Core>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -23,6 +30,34 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
+// Rows in and out of the float32 working buffer.
+inline void Load(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void Store(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void Load(const tensorflow::bfloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) {  // bfloat16 is float32's upper half
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i,
+                     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void Store(const float* src, tensorflow::bfloat16* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512BF16__
+  for (; i + 16 <= n; i += 16) {  // round to nearest even, as Eigen's conversion
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<tensorflow::bfloat16>(src[i]);
+}
+
+template <typename T>
 class BiasGeluOp : public OpKernel {
  public:
   explicit BiasGeluOp(OpKernelConstruction* c) : OpKernel(c) {}
@@ -41,15 +76,16 @@ class BiasGeluOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &out));
     if (x.NumElements() == 0) return;
     const int64_t rows = x.NumElements() / N;
-    const float* xp = x.flat<float>().data();
-    float* yp = out->flat<float>().data();
+    const T* xp = x.flat<T>().data();
+    T* yp = out->flat<T>().data();
     Eigen::Map<const Eigen::ArrayXf> b(bias.flat<float>().data(), N);
     auto work = [&](int64_t begin, int64_t end) {
-      Eigen::ArrayXf z(N);
+      Eigen::ArrayXf z(N), y(N);
       for (int64_t r = begin; r < end; ++r) {
-        z = Eigen::Map<const Eigen::ArrayXf>(xp + r * N, N) + b;
-        Eigen::Map<Eigen::ArrayXf>(yp + r * N, N) =
-            z * (0.5f * (1.0f + (z * 0.70710678118654752f).erf()));
+        Load(xp + r * N, z.data(), N);
+        z += b;
+        y = z * (0.5f * (1.0f + (z * 0.70710678118654752f).erf()));
+        Store(y.data(), yp + r * N, N);
       }
     };
     ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(rows, 40 * N, work);
@@ -59,13 +95,19 @@ class BiasGeluOp : public OpKernel {
 }  // namespace
 
 REGISTER_OP("AudioTransformerBiasGelu")
-    .Input("x: float")
+    .Input("x: T")
     .Input("bias: float")
-    .Output("y: float")
+    .Attr("T: {float, bfloat16}")
+    .Output("y: T")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGelu").Device(tensorflow::DEVICE_CPU),
-                        BiasGeluOp);
+REGISTER_KERNEL_BUILDER(
+    Name("AudioTransformerBiasGelu").Device(tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
+    BiasGeluOp<float>);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGelu")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<tensorflow::bfloat16>("T"),
+                        BiasGeluOp<tensorflow::bfloat16>);
