@@ -165,9 +165,12 @@ class TransformerBlock(layers.Layer):
             ):
                 dtype = dense.compute_dtype
                 shape = keras.ops.shape(x)
-                y = keras.ops.matmul(keras.ops.reshape(keras.ops.cast(x, dtype), (-1, shape[-1])),
-                                     keras.ops.cast(dense.kernel, dtype))
-                y = native.bias_gelu(y, keras.ops.cast(dense.bias, "float32"))
+                with keras.name_scope(dense.name):
+                    y = keras.ops.matmul(
+                        keras.ops.reshape(keras.ops.cast(x, dtype), (-1, shape[-1])),
+                        keras.ops.cast(dense.kernel, dtype),
+                    )
+                    y = native.bias_gelu(y, keras.ops.cast(dense.bias, "float32"))
                 x = keras.ops.reshape(y, (shape[0], shape[1], dense.units))
             else:
                 x = dense_over_tokens(dense, x)
