@@ -29,7 +29,9 @@ prints the with/without ratios; FLOPs are then given for a training step's forwa
 pass over the patches left as well. ``--passt-audioset``: PaSST's AudioSet shape, a
 10 s clip of 128 mel bins x 998 frames, stride 10 (a 12 x 99 grid), with its
 structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
-says otherwise. ``--profile N`` traces N training steps and N inference batches with
+says otherwise. Inference runs the compiled kernels of ``src.models.native`` where they build (the
+report says ``native_kernels=True``; ``AUDIO_TRANSFORMER_NATIVE=0`` times TensorFlow's
+ops instead). ``--profile N`` traces N training steps and N inference batches with
 TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
 step under ``--jit`` has no per-op times).
 
