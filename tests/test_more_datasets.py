@@ -325,6 +325,7 @@ def test_esc10_data_config():
 TINY = [*TINY_MODEL, "trainer.epochs=2"]
 
 
+@pytest.mark.slow  # end to end training (~40 s); the readers are tested above
 def test_urbansound8k_trains_end_to_end(tmp_path, us8k_tree):
     env = train_env(tmp_path)
     out = subprocess.run(
@@ -343,6 +344,7 @@ def test_urbansound8k_trains_end_to_end(tmp_path, us8k_tree):
     assert "carved from the training folds" in fold["splits"]["val_source"]
 
 
+@pytest.mark.slow  # end to end training (~40 s); the readers are tested above
 def test_fixed_train_validation_and_test_lists_train_end_to_end(tmp_path, sc_tree):
     """data.train_folds / data.val_folds: Speech Commands' lists are the splits, exactly."""
     out = subprocess.run(

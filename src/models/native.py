@@ -187,9 +187,9 @@ def load():
             except (BuildError, tf.errors.NotFoundError, OSError) as err:
                 _state["module"] = None
                 log.warning(
-                    "The compiled CPU kernels are not used (attention and LayerNorm run "
-                    "as TensorFlow ops: the same results, slower): %s. Set %s=0 to skip "
-                    "the build.", err, ENV_SWITCH)
+                    "The compiled CPU kernels are not used (attention, LayerNorm and "
+                    "the MLP's bias + GELU run as TensorFlow ops: the same results, "
+                    "slower): %s. Set %s=0 to skip the build.", err, ENV_SWITCH)
     return _state["module"]
 
 
