@@ -122,8 +122,8 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
 
         return tf.cond(n > clip, windows, short)
 
-    # Traced without the compiled attention kernel: the SavedModel holds only
-    # TensorFlow's own ops, so it loads where the kernel's library is not built.
+    # Traced without the compiled kernels (src/models/native.py): the SavedModel holds
+    # only TensorFlow's own ops, so it loads where their library is not built.
     with native.disabled():
         archive = keras.export.ExportArchive()
         archive.track(model)

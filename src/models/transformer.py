@@ -26,6 +26,10 @@ from src.models.layers import LayerNorm, gelu
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 
 
+def _bias_gelu(y, bias):
+    return native.bias_gelu(y, keras.ops.cast(bias, "float32"))
+
+
 def _activation(name):
     if name == "relu":
         return "relu"
@@ -156,24 +160,13 @@ class TransformerBlock(layers.Layer):
         tokens (see ``dense_over_tokens``); in inference (float32, bfloat16) fc1's bias and
         exact GELU run as one compiled op (:mod:`src.models.native`)."""
         for dense in self.ffn.layers:
-            if (  # inference: matmul, then bias + GELU as one compiled op
+            fused = (  # inference: bias + GELU after the matmul as one compiled op
                 not training
                 and dense.activation is gelu
                 and dense.bias is not None
-                and getattr(dense, "quantization_mode", None) is None
                 and native.usable(dense.compute_dtype, ("float32", "bfloat16"))
-            ):
-                dtype = dense.compute_dtype
-                shape = keras.ops.shape(x)
-                with keras.name_scope(dense.name):
-                    y = keras.ops.matmul(
-                        keras.ops.reshape(keras.ops.cast(x, dtype), (-1, shape[-1])),
-                        keras.ops.cast(dense.kernel, dtype),
-                    )
-                    y = native.bias_gelu(y, keras.ops.cast(dense.bias, "float32"))
-                x = keras.ops.reshape(y, (shape[0], shape[1], dense.units))
-            else:
-                x = dense_over_tokens(dense, x)
+            )
+            x = dense_over_tokens(dense, x, bias_activation=_bias_gelu if fused else None)
         return x
 
     def compute_output_shape(self, input_shape):
