@@ -1,7 +1,7 @@
-"""The compiled CPU kernels (src/models/native.py: attention core, LayerNorm): the
-same numbers and gradients as TensorFlow's ops, used where they may be (float32
-inference) and nowhere else (training, XLA, mixed precision, SavedModel export), and a
-clear fallback when they cannot be built.
+"""The compiled CPU kernels (src/models/native.py: attention core, LayerNorm, bias +
+GELU): the same numbers and gradients as TensorFlow's ops (in bfloat16: the same
+roundings as a reference), used where they may be (inference) and nowhere else
+(training, XLA, SavedModel export), and a clear fallback when they cannot be built.
 
 The kernels are built with the machine's C++ compiler; without one the tests that need
 them are skipped (the model then runs TensorFlow's ops, which the rest of the suite
@@ -134,6 +134,71 @@ def test_bias_gelu_kernel_matches_tensorflow():
         native.bias_gelu(x, bias[:-1])
 
 
+def _bfloat16_reference(q, k, v, scale):
+    """What the bfloat16 kernel computes, in NumPy: float32 scores and softmax from the
+    bfloat16 inputs, the unnormalised weights rounded to bfloat16 for the weighted sum,
+    the output rounded to bfloat16 (returned in float32)."""
+    import tensorflow as tf
+
+    q, k, v = (tf.cast(t, tf.float32).numpy() for t in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k)
+    e = np.exp((scores - scores.max(-1, keepdims=True)) * np.float32(scale))
+    rounded = tf.cast(tf.cast(e, tf.bfloat16), tf.float32).numpy()
+    out = np.einsum("bhqk,bkhd->bqhd", rounded, v) / e.sum(-1).transpose(0, 2, 1)[..., None]
+    return tf.cast(tf.cast(out, tf.bfloat16), tf.float32).numpy()
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [
+    (1, 70, 600, 3, 48, 48),  # the benchmark's head size: pair products where the CPU has them
+    (2, 40, 53, 2, 16, 32),   # an odd number of keys: the last pair padded
+    (2, 2, 600, 4, 48, 48),   # the pooled last block: converted to float32
+    (3, 13, 17, 2, 8, 5),     # head sizes that are not multiples of 16
+])
+@pytest.mark.parametrize("block_rows", [0, 1])  # 1: always the float32 path
+def test_kernel_in_bfloat16_matches_a_reference(shape, block_rows):
+    import tensorflow as tf
+
+    q, k, v = (tf.cast(t, tf.bfloat16) for t in _inputs(*shape, seed=7))
+    scale = 1.0 / np.sqrt(shape[4])
+    got = native.softmax_attention(q, k, v, scale=scale, block_rows=block_rows)
+    assert got.dtype == tf.bfloat16 and got.shape == (*shape[:2], shape[3], shape[5])
+    got = tf.cast(got, tf.float32).numpy()
+    # the same roundings as the reference: within one bfloat16 unit (2^-8 relative)
+    np.testing.assert_allclose(got, _bfloat16_reference(q, k, v, scale),
+                               rtol=2 ** -8, atol=2e-3)
+    # the pair products and the float32 path (block_rows=1) agree
+    other = native.softmax_attention(q, k, v, scale=scale, block_rows=1 - block_rows)
+    np.testing.assert_allclose(got, tf.cast(other, tf.float32).numpy(), rtol=2 ** -7,
+                               atol=1e-3)
+    # and close to float32 attention on the same inputs
+    want = _reference(*(tf.cast(t, tf.float32) for t in (q, k, v)), scale).numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+@needs_compiler
+def test_gradient_in_bfloat16_is_the_float32_gradient_rounded():
+    import tensorflow as tf
+
+    q, k, v = (tf.cast(t, tf.bfloat16) for t in _inputs(2, 40, 41, 2, 16, 16, seed=8))
+    upstream = tf.constant(np.random.default_rng(9).standard_normal((2, 40, 2, 16)),
+                           tf.bfloat16)
+    with tf.GradientTape() as tape:
+        tape.watch([q, k, v])
+        out = native.softmax_attention(q, k, v, 0.25)
+    got = tape.gradient(out, [q, k, v], output_gradients=upstream)
+    q32, k32, v32 = (tf.cast(t, tf.float32) for t in (q, k, v))
+    with tf.GradientTape() as tape:
+        tape.watch([q32, k32, v32])
+        out = _reference(q32, k32, v32, 0.25)
+    want = tape.gradient(out, [q32, k32, v32],
+                         output_gradients=tf.cast(upstream, tf.float32))
+    for g, w in zip(got, want):
+        assert g.dtype == tf.bfloat16
+        np.testing.assert_allclose(tf.cast(g, tf.float32).numpy(), w.numpy(),
+                                   rtol=2 ** -7, atol=1e-3)
+
+
 @needs_compiler
 def test_kernel_rejects_mismatched_shapes():
     import tensorflow as tf
@@ -219,8 +284,14 @@ def test_training_xla_and_mixed_precision_use_tensorflow_ops(tiny_model):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     infer = tf.function(lambda v: mixed(v, training=False))
-    # bfloat16: only the MLP's bias + GELU runs compiled
-    assert ours & _graph_ops(infer, x) == {native.BIAS_GELU_OP}
+    # bfloat16: the attention core and the MLP's bias + GELU run compiled, LayerNorm not
+    assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.BIAS_GELU_OP}
+    with native.disabled():
+        plain = tf.function(lambda v: mixed(v, training=False))
+        assert not ours & _graph_ops(plain, x)
+        want = tf.cast(plain(x), tf.float32).numpy()
+    np.testing.assert_allclose(tf.cast(infer(x), tf.float32).numpy(), want,
+                               atol=3e-2, rtol=3e-2)
 
 
 @needs_compiler

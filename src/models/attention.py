@@ -138,10 +138,11 @@ class MultiHeadSelfAttention(layers.Layer):
             (one fused op, no head transposes) when no weights are requested and no
             attention dropout applies; otherwise, and by default, the explicit path.
 
-    Inference in float32 without a mask or weights runs the attention core as one
-    compiled op where it can be built (:mod:`src.models.native`: the same
-    numbers to float32 rounding, no head transposes, the scores never in memory);
-    training, other precisions and XLA use the TensorFlow ops below.
+    Inference in float32 or bfloat16 without a mask or weights runs the attention
+    core as one compiled op where it can be built (:mod:`src.models.native`: the same
+    numbers to float32 rounding, to bfloat16 rounding in bfloat16, no head transposes,
+    the scores never in memory); training, float16 and XLA use the TensorFlow ops
+    below.
 
     Call args:
         inputs: ``(batch, seq_len, embed_dim)``.
@@ -310,10 +311,10 @@ class MultiHeadSelfAttention(layers.Layer):
             not training
             and mask is None
             and not return_attention_scores
-            and native.usable(self.compute_dtype)
+            and native.usable(self.compute_dtype, ("float32", "bfloat16"))
         ):
-            # The compiled kernel (inference, float32): the same numbers, one op on the
-            # (B, S, H, D/H) layout, no head transposes.
+            # The compiled kernel (inference, float32 or bfloat16): the same numbers, one
+            # op on the (B, S, H, D/H) layout, no head transposes.
             query, key, value = self._project(inputs, batch_size, num_queries)
             attention = native.softmax_attention(
                 query, key, value, scale=1.0 / math.sqrt(self.projection_dim)

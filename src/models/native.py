@@ -1,5 +1,6 @@
-"""Compiled CPU kernels for inference, built on first use: the attention core,
-LayerNorm (float32), and the MLP's bias + exact GELU (float32 and bfloat16).
+"""Compiled CPU kernels for inference, built on first use: the attention core (float32
+and bfloat16), LayerNorm (float32), and the MLP's bias + exact GELU (float32 and
+bfloat16).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -8,15 +9,18 @@ scaling, a batched matmul, a softmax and a batched matmul, three of them passes 
 projections' ``(B, S, H, d)`` layout: per (batch, head) and block of query rows, the
 scores stay in the core's cache from the matmul through the softmax to the weighted sum.
 It matches the TensorFlow ops to float32 rounding (about 1e-6); the time it saves is in
-the README's Measured performance.
+the README's Measured performance. In bfloat16 (``mixed_bfloat16``) the products run
+on AVX512-BF16's pair dot products where the CPU has them (float32 sums; the scores and
+softmax in float32, the weights rounded to bfloat16 for the weighted sum, as PyTorch's
+fused CPU attention does under autocast), otherwise in float32 on converted inputs.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
 where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
 bias and applies the exact GELU in one pass, where TensorFlow makes two (also in
 bfloat16, computed in float32, as under ``mixed_bfloat16``).
 
-Used by :class:`~src.models.attention.MultiHeadSelfAttention` (float32 attention
-without a mask, weights or dropout), :class:`~src.models.layers.LayerNorm` (float32)
+Used by :class:`~src.models.attention.MultiHeadSelfAttention` (float32 and bfloat16
+attention without a mask, weights or dropout), :class:`~src.models.layers.LayerNorm` (float32)
 and :meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32, bfloat16)
 when not training (the training step keeps the hand-written gradients of
 :mod:`src.models.attention` and :mod:`src.models.layers`) and not in an XLA-compiled
@@ -138,16 +142,22 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
 def _register_gradient(tf) -> None:
     @tf.RegisterGradient(OP_NAME)
     def _grad(op, d_output):  # of softmax(scale q k^T) v, the weights recomputed
-        query, key, value = op.inputs  # (B, S, H, d)
+        dtype = op.inputs[0].dtype  # float32, or bfloat16: recomputed in float32
+        query, key, value = (tf.cast(t, tf.float32) for t in op.inputs)  # (B, S, H, d)
+        d_output = tf.cast(d_output, tf.float32)
         scale = op.get_attr("scale")
         weights = tf.nn.softmax(tf.einsum("bqhd,bkhd->bhqk", query, key) * scale)
         d_out = tf.transpose(d_output, (0, 2, 1, 3))  # (B, H, Sq, dv)
-        output = tf.transpose(op.outputs[0], (0, 2, 1, 3))
+        if dtype == tf.float32:
+            output = tf.transpose(op.outputs[0], (0, 2, 1, 3))
+        else:  # not the rounded output: delta below would carry its rounding
+            output = tf.einsum("bhqk,bkhd->bhqd", weights, value)
         d_value = tf.einsum("bhqk,bhqd->bkhd", weights, d_out)
         delta = tf.reduce_sum(d_out * output, axis=-1, keepdims=True)
         d_scores = weights * (tf.einsum("bhqd,bkhd->bhqk", d_out, value) - delta) * scale
-        return (tf.einsum("bhqk,bkhd->bqhd", d_scores, key),
-                tf.einsum("bhqk,bqhd->bkhd", d_scores, query), d_value)
+        grads = (tf.einsum("bhqk,bkhd->bqhd", d_scores, key),
+                 tf.einsum("bhqk,bqhd->bkhd", d_scores, query), d_value)
+        return tuple(tf.cast(g, dtype) for g in grads)
 
     @tf.RegisterGradient(BIAS_GELU_OP)
     def _bias_gelu_grad(op, dy):
@@ -225,7 +235,8 @@ def usable(dtype, dtypes=("float32",)) -> bool:
 def softmax_attention(query, key, value, scale: float = 1.0, block_rows: int = 0):
     """``softmax(scale * query key^T) value`` per head, by the kernel: query
     ``(B, Sq, H, d)``, key ``(B, Sk, H, d)``, value ``(B, Sk, H, dv)`` (tokens before
-    heads, as the projections' outputs reshape); returns ``(B, Sq, H, dv)``.
+    heads, as the projections' outputs reshape), all float32 or all bfloat16; returns
+    ``(B, Sq, H, dv)`` in their dtype.
     ``block_rows``: query rows per work item (0: as many as keep the scores within
     about 1 MB)."""
     module = load()

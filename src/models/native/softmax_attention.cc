@@ -21,7 +21,10 @@
 #define EIGEN_USE_THREADS
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 #ifdef __AVX512F__
@@ -132,6 +135,182 @@ inline void OutputBlock(const float* p, int64_t n, int64_t sk, const float* v, i
 }
 #endif  // __AVX512F__
 
+#ifdef __AVX512BF16__
+// The bfloat16 products, with AVX512-BF16's pair dot products (vdpbf16ps: 16 float32
+// accumulators, each += a[2i] b[2i] + a[2i+1] b[2i+1], products exact, sums in float32).
+// Both operands are read as 32-bit pairs along the reduced axis: Q's rows are pairs
+// along d already; K^T is laid out as kt2 (d/2 x Sk) pairs, V as v2 (Sk/2 x dv) pairs
+// of rows, and the weights P as bfloat16 pairs along the keys (an odd Sk padded with 0).
+
+inline __m512bh AsPairs(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+inline uint32_t PairAt(const uint16_t* p) {
+  uint32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return pair;
+}
+
+// S[R x 32 (or fewer, masked)] = Q[R x d] K^T, columns j...
+template <int R>
+inline void ScoresTileBf16(const uint16_t* q, int64_t ldq, int64_t d2, const uint32_t* kt2,
+                           int64_t sk, int64_t j, float* s) {
+  const int64_t left = sk - j;
+  const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 m1 = left >= 32 ? 0xFFFF
+                       : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1)
+                                   : 0;
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < d2; ++p) {
+    const __m512bh b0 = AsPairs(_mm512_maskz_loadu_epi32(m0, kt2 + p * sk + j));
+    const __m512bh b1 = AsPairs(_mm512_maskz_loadu_epi32(m1, kt2 + p * sk + j + 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = AsPairs(_mm512_set1_epi32(PairAt(q + r * ldq + 2 * p)));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(s + r * sk + j, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(s + r * sk + j + 16, m1, acc[r][1]);
+  }
+}
+
+template <int R>
+inline void ScoresRowsBf16(const uint16_t* q, int64_t ldq, int64_t d2, const uint32_t* kt2,
+                           int64_t sk, float* s) {
+  for (int64_t j = 0; j < sk; j += 32) ScoresTileBf16<R>(q, ldq, d2, kt2, sk, j, s);
+}
+
+// O[R x 16W] (columns c..c+16W, rounded to bfloat16) = scale_r * (P[R x Sk] V[Sk x dv]).
+template <int R, int W>
+inline void OutputTileBf16(const uint32_t* p, int64_t sk2, const uint32_t* v2, int64_t dv,
+                           int64_t c, const float* scale, uint16_t* o, int64_t ldo) {
+  __m512 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < sk2; ++k) {
+    __m512bh b[W];
+    for (int w = 0; w < W; ++w) b[w] = AsPairs(_mm512_loadu_si512(v2 + k * dv + c + 16 * w));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = AsPairs(_mm512_set1_epi32(static_cast<int>(p[r * sk2 + k])));
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_dpbf16_ps(acc[r][w], a, b[w]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_set1_ps(scale[r]);
+    for (int w = 0; w < W; ++w) {
+      const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][w], f));
+      std::memcpy(o + r * ldo + c + 16 * w, &y, sizeof(y));
+    }
+  }
+}
+
+template <int R>
+inline void OutputRowsBf16(const uint32_t* p, int64_t sk2, const uint32_t* v2, int64_t dv,
+                           const float* scale, uint16_t* o, int64_t ldo) {
+  int64_t c = 0;
+  for (; c + 48 <= dv; c += 48) OutputTileBf16<R, 3>(p, sk2, v2, dv, c, scale, o, ldo);
+  if (dv - c == 32) OutputTileBf16<R, 2>(p, sk2, v2, dv, c, scale, o, ldo);
+  if (dv - c == 16) OutputTileBf16<R, 1>(p, sk2, v2, dv, c, scale, o, ldo);
+}
+
+inline void ScoresBlockBf16(const uint16_t* q, int64_t n, int64_t ldq, int64_t d2,
+                            const uint32_t* kt2, int64_t sk, float* s) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) ScoresRowsBf16<8>(q + i * ldq, ldq, d2, kt2, sk, s + i * sk);
+  for (; i < n; ++i) ScoresRowsBf16<1>(q + i * ldq, ldq, d2, kt2, sk, s + i * sk);
+}
+
+inline void OutputBlockBf16(const uint32_t* p, int64_t n, int64_t sk2, const uint32_t* v2,
+                            int64_t dv, const float* scale, uint16_t* o, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    OutputRowsBf16<8>(p + i * sk2, sk2, v2, dv, scale + i, o + i * ldo, ldo);
+  for (; i < n; ++i) OutputRowsBf16<1>(p + i * sk2, sk2, v2, dv, scale + i, o + i * ldo, ldo);
+}
+
+// Row i of the float32 weights (Sk values) to bfloat16 pairs (rounded to nearest even).
+inline void PackWeights(const float* s, int64_t sk, uint32_t* p) {
+  uint16_t* h = reinterpret_cast<uint16_t*>(p);
+  int64_t j = 0;
+  for (; j + 16 <= sk; j += 16) {
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + j));
+    std::memcpy(h + j, &y, sizeof(y));
+  }
+  if (j < sk) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (sk - j)) - 1);
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + j));
+    _mm256_mask_storeu_epi16(h + j, m, reinterpret_cast<const __m256i&>(y));
+  }
+  if (sk % 2) h[sk] = 0;
+}
+#endif  // __AVX512BF16__
+
+// Scores to unnormalised weights in place, exp(scale (s - max s)), and 1 / their sum
+// per row. scale > 0: max(scale * s) = scale * max(s).
+inline void Softmax(Eigen::Ref<RowMatrix> S, float scale, float* inverse_sum) {
+  for (int64_t i = 0; i < S.rows(); ++i) {
+    auto row = S.row(i).array();
+    row = ((row - row.maxCoeff()) * scale).exp();
+    inverse_sum[i] = 1.0f / row.sum();
+  }
+}
+
+inline void RoundToBfloat16(Eigen::Ref<RowMatrix> S) {
+  S = S.cast<Eigen::bfloat16>().cast<float>();
+}
+
+// One thread's buffers, kept across its work items; K (and V) are laid out once per
+// (batch, head), which consecutive items share.
+struct Workspace {
+  RowMatrix scores, key_t, q, k, v, o;  // float32 (q, k, v, o: converted bfloat16)
+  Eigen::VectorXf inverse_sum;
+  std::vector<uint32_t> kt2, v2, p2;  // bfloat16 pairs
+  int64_t laid_out = -1;   // the (batch, head) whose K^T (or pairs) are laid out
+  int64_t converted = -1;  // the (batch, head) whose K, V are converted to float32
+};
+
+// softmax(scale q k^T) v for n query rows of one (batch, head), float32: q (n x d, row
+// stride ldq), k (Sk x d, ldk), v (Sk x dv, ldv), o (n x dv, ldo).
+// round_weights: the unnormalised weights rounded to bfloat16 before the weighted sum,
+// as the pair products do (bfloat16 inputs: the same numbers with or without them).
+inline void AttendFloat(const float* q, int64_t ldq, int64_t n, const float* k, int64_t ldk,
+                        const float* v, int64_t ldv, int64_t Sk, int64_t d, int64_t dv,
+                        float scale, bool tiled, bool round_weights, int64_t bh, Workspace& w,
+                        float* o, int64_t ldo) {
+  StridedConstMap K(k, Sk, d, Stride(ldk));
+  auto S = w.scores.topRows(n);
+#ifdef __AVX512F__
+  if (tiled) {
+    if (w.laid_out != bh) {  // K^T (d x Sk) from the strided key rows
+      float* kt = w.key_t.data();
+      for (int64_t j = 0; j < Sk; ++j)
+        for (int64_t p = 0; p < d; ++p) kt[p * Sk + j] = k[j * ldk + p];
+      w.laid_out = bh;
+    }
+    ScoresBlock(q, n, ldq, d, w.key_t.data(), Sk, w.scores.data());
+    Softmax(S, scale, w.inverse_sum.data());
+    if (round_weights) RoundToBfloat16(S);
+    OutputBlock(w.scores.data(), n, Sk, v, ldv, dv, w.inverse_sum.data(), o, ldo);
+    return;
+  }
+#endif
+  S.noalias() = StridedConstMap(q, n, d, Stride(ldq)) * K.transpose();
+  Softmax(S, scale, w.inverse_sum.data());
+  if (round_weights) RoundToBfloat16(S);
+  StridedMap O(o, n, dv, Stride(ldo));
+  O.noalias() = S * StridedConstMap(v, Sk, dv, Stride(ldv));
+  O.array().colwise() *= w.inverse_sum.head(n).array();
+}
+
+inline void ToFloat(const tensorflow::bfloat16* src, int64_t rows, int64_t cols, int64_t ld,
+                    float* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[i * cols + j] = static_cast<float>(src[i * ld + j]);
+}
+
+template <typename T>
 class SoftmaxAttentionOp : public OpKernel {
  public:
   explicit SoftmaxAttentionOp(OpKernelConstruction* c) : OpKernel(c) {
@@ -162,19 +341,20 @@ class SoftmaxAttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, Sq, H, dv}), &out));
     if (out->NumElements() == 0) return;
     if (Sk == 0) {  // no keys: softmax over nothing, as TensorFlow gives (NaN)
-      out->flat<float>().setConstant(std::numeric_limits<float>::quiet_NaN());
+      out->flat<T>().setConstant(T(std::numeric_limits<float>::quiet_NaN()));
       return;
     }
 
-    const float* qp = q.flat<float>().data();
-    const float* kp = k.flat<float>().data();
-    const float* vp = v.flat<float>().data();
-    float* op = out->flat<float>().data();
+    const T* qp = q.flat<T>().data();
+    const T* kp = k.flat<T>().data();
+    const T* vp = v.flat<T>().data();
+    T* op = out->flat<T>().data();
     const int64_t ldq = H * d, ldv = H * dv;  // row strides (the output's is ldv)
     int64_t rows = block_rows_ > 0 ? block_rows_ : std::max<int64_t>(16, kScoreBudget / Sk);
     rows = std::max<int64_t>(1, std::min<int64_t>(rows, Sq));
     const int64_t blocks = (Sq + rows - 1) / rows;
     const float scale = scale_;
+    constexpr bool kBf16 = std::is_same<T, tensorflow::bfloat16>::value;
 
 #ifdef __AVX512F__
     // K^T is laid out once per (batch, head): worth it from a few dozen query rows.
@@ -182,50 +362,69 @@ class SoftmaxAttentionOp : public OpKernel {
 #else
     const bool tiled = false;
 #endif
+#ifdef __AVX512BF16__
+    const bool pairs = kBf16 && d % 2 == 0 && dv % 16 == 0 && rows >= 32;
+#else
+    const bool pairs = false;
+#endif
     auto work = [&](int64_t begin, int64_t end) {
-      RowMatrix scratch(rows, Sk);
-      RowMatrix key_t(tiled ? d : 0, Sk);  // K^T of the current (batch, head)
-      Eigen::VectorXf inverse_sum(rows);
-      int64_t transposed = -1;
+      Workspace w;
+      w.scores.resize(rows, Sk);
+      w.inverse_sum.resize(rows);
+      if (tiled && !pairs) w.key_t.resize(d, Sk);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / blocks, first = (item % blocks) * rows;
         const int64_t b = bh / H, h = bh % H;
         const int64_t n = std::min(rows, Sq - first);
-        const float* qb = qp + ((b * Sq + first) * H + h) * d;
-        const float* vb = vp + (b * Sk * H + h) * dv;
-        float* ob = op + ((b * Sq + first) * H + h) * dv;
-        StridedConstMap K(kp + (b * Sk * H + h) * d, Sk, d, Stride(ldq));
-        auto S = scratch.topRows(n);
-#ifdef __AVX512F__
-        if (tiled) {
-          if (transposed != bh) {  // K^T (d x Sk) from the strided key rows
-            const float* kb = K.data();
-            float* kt = key_t.data();
+        const T* qb = qp + ((b * Sq + first) * H + h) * d;
+        const T* kb = kp + (b * Sk * H + h) * d;
+        const T* vb = vp + (b * Sk * H + h) * dv;
+        T* ob = op + ((b * Sq + first) * H + h) * dv;
+        if constexpr (!kBf16) {
+          AttendFloat(qb, ldq, n, kb, ldq, vb, ldv, Sk, d, dv, scale, tiled, false, bh, w, ob,
+                      ldv);
+        } else if (pairs) {
+#ifdef __AVX512BF16__
+          const int64_t d2 = d / 2, sk2 = (Sk + 1) / 2;
+          if (w.laid_out != bh) {
+            const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kb);
+            const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vb);
+            w.kt2.resize(d2 * Sk);
+            for (int64_t j = 0; j < Sk; ++j)  // kt2[p][j] = (K[j, 2p], K[j, 2p + 1])
+              for (int64_t p = 0; p < d2; ++p) w.kt2[p * Sk + j] = PairAt(k16 + j * ldq + 2 * p);
+            w.v2.assign(sk2 * dv, 0u);  // v2[j][c] = (V[2j, c], V[2j + 1, c])
             for (int64_t j = 0; j < Sk; ++j)
-              for (int64_t p = 0; p < d; ++p) kt[p * Sk + j] = kb[j * ldq + p];
-            transposed = bh;
+              for (int64_t c = 0; c < dv; ++c)
+                w.v2[(j / 2) * dv + c] |= static_cast<uint32_t>(v16[j * ldv + c]) << (16 * (j % 2));
+            w.p2.resize(rows * sk2);
+            w.laid_out = bh;
           }
-          ScoresBlock(qb, n, ldq, d, key_t.data(), Sk, scratch.data());
-        } else {
-          S.noalias() = StridedConstMap(qb, n, d, Stride(ldq)) * K.transpose();
-        }
-#else
-        S.noalias() = StridedConstMap(qb, n, d, Stride(ldq)) * K.transpose();
+          ScoresBlockBf16(reinterpret_cast<const uint16_t*>(qb), n, ldq, d2, w.kt2.data(), Sk,
+                          w.scores.data());
+          auto S = w.scores.topRows(n);
+          Softmax(S, scale, w.inverse_sum.data());
+          for (int64_t i = 0; i < n; ++i)
+            PackWeights(w.scores.data() + i * Sk, Sk, w.p2.data() + i * sk2);
+          OutputBlockBf16(w.p2.data(), n, sk2, w.v2.data(), dv, w.inverse_sum.data(),
+                          reinterpret_cast<uint16_t*>(ob), ldv);
 #endif
-        for (int64_t i = 0; i < n; ++i) {  // scale > 0: max(scale * s) = scale * max(s)
-          auto row = S.row(i).array();
-          row = ((row - row.maxCoeff()) * scale).exp();
-          inverse_sum(i) = 1.0f / row.sum();
+        } else {  // bfloat16 without the pair products: converted, computed in float32
+          if (w.converted != bh) {
+            w.k.resize(Sk, d);
+            w.v.resize(Sk, dv);
+            ToFloat(kb, Sk, d, ldq, w.k.data());
+            ToFloat(vb, Sk, dv, ldv, w.v.data());
+            if (tiled) w.key_t.resize(d, Sk);
+            w.converted = bh;
+          }
+          w.q.resize(n, d);
+          w.o.resize(n, dv);
+          ToFloat(qb, n, d, ldq, w.q.data());
+          AttendFloat(w.q.data(), d, n, w.k.data(), d, w.v.data(), dv, Sk, d, dv, scale,
+                      tiled, true, bh, w, w.o.data(), dv);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t c = 0; c < dv; ++c) ob[i * ldv + c] = T(w.o(i, c));
         }
-#ifdef __AVX512F__
-        if (tiled) {
-          OutputBlock(scratch.data(), n, Sk, vb, ldv, dv, inverse_sum.data(), ob, ldv);
-          continue;
-        }
-#endif
-        StridedMap O(ob, n, dv, Stride(ldv));
-        O.noalias() = S * StridedConstMap(vb, Sk, dv, Stride(ldv));
-        O.array().colwise() *= inverse_sum.head(n).array();
       }
     };
     const int64_t items = B * H * blocks;
@@ -241,12 +440,13 @@ class SoftmaxAttentionOp : public OpKernel {
 }  // namespace
 
 REGISTER_OP("AudioTransformerSoftmaxAttention")
-    .Input("query: float")
-    .Input("key: float")
-    .Input("value: float")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Attr("T: {float, bfloat16}")
     .Attr("scale: float = 1.0")
     .Attr("block_rows: int = 0")
-    .Output("output: float")
+    .Output("output: T")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle q, k, v, out;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
@@ -257,5 +457,11 @@ REGISTER_OP("AudioTransformerSoftmaxAttention")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention").Device(tensorflow::DEVICE_CPU),
-                        SoftmaxAttentionOp);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<float>("T"),
+                        SoftmaxAttentionOp<float>);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<tensorflow::bfloat16>("T"),
+                        SoftmaxAttentionOp<tensorflow::bfloat16>);
