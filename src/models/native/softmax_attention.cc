@@ -55,10 +55,14 @@ constexpr int64_t kScoreBudget = 262144;
 // Register-blocked AVX-512 products for head sizes that are multiples of 16 (16 floats
 // per register). R rows at a time, R * (columns / 16) accumulators in registers.
 
-// S[R x 32 (or fewer, masked)] = Q[R x d] K^T, with K^T laid out as kt (d x Sk).
+// Head sizes up to this use the tiles (a Q row group is packed on the stack).
+constexpr int64_t kMaxTiledHead = 256;
+
+// S[R x 32 (or fewer, masked)] = Q[R x d] K^T, with K^T laid out as kt (d x Sk) and the
+// R rows of Q interleaved as qp (d x R): one pointer each, constant offsets.
 template <int R>
-inline void ScoresTile(const float* q, int64_t ldq, int64_t d, const float* kt, int64_t sk,
-                       int64_t j, float* s) {
+inline void ScoresTile(const float* qp, int64_t d, const float* kt, int64_t sk,
+                       int64_t j, float* s, __m512* mx) {
   const int64_t left = sk - j;
   const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
   const __mmask16 m1 = left >= 32 ? 0xFFFF
@@ -70,7 +74,7 @@ inline void ScoresTile(const float* q, int64_t ldq, int64_t d, const float* kt, 
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, kt + p * sk + j);
     const __m512 b1 = _mm512_maskz_loadu_ps(m1, kt + p * sk + j + 16);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(q[r * ldq + p]);
+      const __m512 a = _mm512_set1_ps(qp[p * R + r]);
       acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
     }
@@ -78,13 +82,21 @@ inline void ScoresTile(const float* q, int64_t ldq, int64_t d, const float* kt, 
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(s + r * sk + j, m0, acc[r][0]);
     _mm512_mask_storeu_ps(s + r * sk + j + 16, m1, acc[r][1]);
+    mx[r] = _mm512_mask_max_ps(mx[r], m0, mx[r], acc[r][0]);  // the rows' maxima
+    mx[r] = _mm512_mask_max_ps(mx[r], m1, mx[r], acc[r][1]);
   }
 }
 
 template <int R>
 inline void ScoresRows(const float* q, int64_t ldq, int64_t d, const float* kt, int64_t sk,
-                       float* s) {
-  for (int64_t j = 0; j < sk; j += 32) ScoresTile<R>(q, ldq, d, kt, sk, j, s);
+                       float* s, float* row_max) {
+  alignas(64) float qp[kMaxTiledHead * R];
+  for (int64_t p = 0; p < d; ++p)
+    for (int r = 0; r < R; ++r) qp[p * R + r] = q[r * ldq + p];
+  __m512 mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < sk; j += 32) ScoresTile<R>(qp, d, kt, sk, j, s, mx);
+  for (int r = 0; r < R; ++r) row_max[r] = _mm512_reduce_max_ps(mx[r]);
 }
 
 // O[R x 16W] (columns c..c+16W) = scale_r * (P[R x Sk] V[Sk x dv]); ldv, ldo: row strides.
@@ -119,11 +131,13 @@ inline void OutputRows(const float* p, int64_t sk, const float* v, int64_t ldv, 
 }
 
 // Rows [0, n) of one work item, 8 at a time, then the rest one by one.
+// ... and each row's maximum into row_max.
 inline void ScoresBlock(const float* q, int64_t n, int64_t ldq, int64_t d, const float* kt,
-                        int64_t sk, float* s) {
+                        int64_t sk, float* s, float* row_max) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) ScoresRows<8>(q + i * ldq, ldq, d, kt, sk, s + i * sk);
-  for (; i < n; ++i) ScoresRows<1>(q + i * ldq, ldq, d, kt, sk, s + i * sk);
+  for (; i + 8 <= n; i += 8)
+    ScoresRows<8>(q + i * ldq, ldq, d, kt, sk, s + i * sk, row_max + i);
+  for (; i < n; ++i) ScoresRows<1>(q + i * ldq, ldq, d, kt, sk, s + i * sk, row_max + i);
 }
 
 inline void OutputBlock(const float* p, int64_t n, int64_t sk, const float* v, int64_t ldv,
@@ -132,6 +146,46 @@ inline void OutputBlock(const float* p, int64_t n, int64_t sk, const float* v, i
   for (; i + 8 <= n; i += 8)
     OutputRows<8>(p + i * sk, sk, v, ldv, dv, scale + i, o + i * ldo, ldo);
   for (; i < n; ++i) OutputRows<1>(p + i * sk, sk, v, ldv, dv, scale + i, o + i * ldo, ldo);
+}
+
+// exp(scale (s - m)) = 2^x, x = s c - m c with c = scale / ln 2 (one FMA): 2^n 2^f,
+// n = round(x), f = x - n in [-1/2, 1/2], 2^f by its Taylor series to degree 6 (relative
+// error below 2e-7). x <= 0 here (m is the row's maximum); very negative x give 0 (as
+// exp underflows), NaN stays NaN.
+inline __m512 Exp2(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 y = _mm512_set1_ps(1.5403530393381609e-4f);  // ln(2)^k / k!, k = 6 .. 0
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+inline __mmask16 Tail(int64_t left) {
+  return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// Rows of scores (stride sk) with their maxima to exp(scale (s - max s)) in place, and
+// 1 / their sums, in one pass. A NaN score makes its row's sum, hence the row, NaN.
+inline void SoftmaxRows(float* s, int64_t n, int64_t sk, float scale, const float* row_max,
+                        float* inverse_sum) {
+  const float c = scale * 1.44269504088896341f;
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int64_t i = 0; i < n; ++i, s += sk) {
+    const __m512 mc = _mm512_set1_ps(row_max[i] * c);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < sk; j += 16) {
+      const __mmask16 t = Tail(sk - j);
+      const __m512 e = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, s + j), vc, mc));
+      sum = _mm512_mask_add_ps(sum, t, sum, e);
+      _mm512_mask_storeu_ps(s + j, t, e);
+    }
+    inverse_sum[i] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
 }
 #endif  // __AVX512F__
 
@@ -151,9 +205,10 @@ inline uint32_t PairAt(const uint16_t* p) {
 }
 
 // S[R x 32 (or fewer, masked)] = Q[R x d] K^T, columns j...
+// (Q's R rows interleaved as pairs, qp (d/2 x R).)
 template <int R>
-inline void ScoresTileBf16(const uint16_t* q, int64_t ldq, int64_t d2, const uint32_t* kt2,
-                           int64_t sk, int64_t j, float* s) {
+inline void ScoresTileBf16(const uint32_t* qp, int64_t d2, const uint32_t* kt2,
+                           int64_t sk, int64_t j, float* s, __m512* mx) {
   const int64_t left = sk - j;
   const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
   const __mmask16 m1 = left >= 32 ? 0xFFFF
@@ -165,7 +220,7 @@ inline void ScoresTileBf16(const uint16_t* q, int64_t ldq, int64_t d2, const uin
     const __m512bh b0 = AsPairs(_mm512_maskz_loadu_epi32(m0, kt2 + p * sk + j));
     const __m512bh b1 = AsPairs(_mm512_maskz_loadu_epi32(m1, kt2 + p * sk + j + 16));
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = AsPairs(_mm512_set1_epi32(PairAt(q + r * ldq + 2 * p)));
+      const __m512bh a = AsPairs(_mm512_set1_epi32(static_cast<int>(qp[p * R + r])));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
@@ -173,13 +228,21 @@ inline void ScoresTileBf16(const uint16_t* q, int64_t ldq, int64_t d2, const uin
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(s + r * sk + j, m0, acc[r][0]);
     _mm512_mask_storeu_ps(s + r * sk + j + 16, m1, acc[r][1]);
+    mx[r] = _mm512_mask_max_ps(mx[r], m0, mx[r], acc[r][0]);  // the rows' maxima
+    mx[r] = _mm512_mask_max_ps(mx[r], m1, mx[r], acc[r][1]);
   }
 }
 
 template <int R>
 inline void ScoresRowsBf16(const uint16_t* q, int64_t ldq, int64_t d2, const uint32_t* kt2,
-                           int64_t sk, float* s) {
-  for (int64_t j = 0; j < sk; j += 32) ScoresTileBf16<R>(q, ldq, d2, kt2, sk, j, s);
+                           int64_t sk, float* s, float* row_max) {
+  alignas(64) uint32_t qp[kMaxTiledHead / 2 * R];
+  for (int64_t p = 0; p < d2; ++p)
+    for (int r = 0; r < R; ++r) qp[p * R + r] = PairAt(q + r * ldq + 2 * p);
+  __m512 mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < sk; j += 32) ScoresTileBf16<R>(qp, d2, kt2, sk, j, s, mx);
+  for (int r = 0; r < R; ++r) row_max[r] = _mm512_reduce_max_ps(mx[r]);
 }
 
 // O[R x 16W] (columns c..c+16W, rounded to bfloat16) = scale_r * (P[R x Sk] V[Sk x dv]).
@@ -216,10 +279,12 @@ inline void OutputRowsBf16(const uint32_t* p, int64_t sk2, const uint32_t* v2, i
 }
 
 inline void ScoresBlockBf16(const uint16_t* q, int64_t n, int64_t ldq, int64_t d2,
-                            const uint32_t* kt2, int64_t sk, float* s) {
+                            const uint32_t* kt2, int64_t sk, float* s, float* row_max) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) ScoresRowsBf16<8>(q + i * ldq, ldq, d2, kt2, sk, s + i * sk);
-  for (; i < n; ++i) ScoresRowsBf16<1>(q + i * ldq, ldq, d2, kt2, sk, s + i * sk);
+  for (; i + 8 <= n; i += 8)
+    ScoresRowsBf16<8>(q + i * ldq, ldq, d2, kt2, sk, s + i * sk, row_max + i);
+  for (; i < n; ++i)
+    ScoresRowsBf16<1>(q + i * ldq, ldq, d2, kt2, sk, s + i * sk, row_max + i);
 }
 
 inline void OutputBlockBf16(const uint32_t* p, int64_t n, int64_t sk2, const uint32_t* v2,
@@ -230,20 +295,27 @@ inline void OutputBlockBf16(const uint32_t* p, int64_t n, int64_t sk2, const uin
   for (; i < n; ++i) OutputRowsBf16<1>(p + i * sk2, sk2, v2, dv, scale + i, o + i * ldo, ldo);
 }
 
-// Row i of the float32 weights (Sk values) to bfloat16 pairs (rounded to nearest even).
-inline void PackWeights(const float* s, int64_t sk, uint32_t* p) {
-  uint16_t* h = reinterpret_cast<uint16_t*>(p);
-  int64_t j = 0;
-  for (; j + 16 <= sk; j += 16) {
-    const __m256bh y = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + j));
-    std::memcpy(h + j, &y, sizeof(y));
+// Rows of scores (stride sk) with their maxima to bfloat16 weights exp(scale (s - max s))
+// (rounded to nearest even) in pairs p (stride sk2; an odd Sk padded with 0), and 1 /
+// the float32 sums of the weights, in one pass.
+inline void SoftmaxPairs(const float* s, int64_t n, int64_t sk, float scale,
+                         const float* row_max, uint32_t* p, int64_t sk2, float* inverse_sum) {
+  const float c = scale * 1.44269504088896341f;
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int64_t i = 0; i < n; ++i, s += sk, p += sk2) {
+    const __m512 mc = _mm512_set1_ps(row_max[i] * c);
+    uint16_t* h = reinterpret_cast<uint16_t*>(p);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < sk; j += 16) {
+      const __mmask16 t = Tail(sk - j);
+      const __m512 e = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, s + j), vc, mc));
+      sum = _mm512_mask_add_ps(sum, t, sum, e);
+      const __m256bh y = _mm512_cvtneps_pbh(e);
+      _mm256_mask_storeu_epi16(h + j, t, reinterpret_cast<const __m256i&>(y));
+    }
+    if (sk % 2) h[sk] = 0;
+    inverse_sum[i] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  if (j < sk) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (sk - j)) - 1);
-    const __m256bh y = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + j));
-    _mm256_mask_storeu_epi16(h + j, m, reinterpret_cast<const __m256i&>(y));
-  }
-  if (sk % 2) h[sk] = 0;
 }
 #endif  // __AVX512BF16__
 
@@ -261,12 +333,19 @@ inline void RoundToBfloat16(Eigen::Ref<RowMatrix> S) {
   S = S.cast<Eigen::bfloat16>().cast<float>();
 }
 
+// A buffer of at least n values; it only grows.
+template <typename V>
+inline typename V::value_type* Reserve(V& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // One thread's buffers, kept across its work items; K (and V) are laid out once per
-// (batch, head), which consecutive items share.
+// (batch, head), which consecutive items share. (Kept across calls in thread-local
+// storage instead, the op ran 1.5-2x slower.)
 struct Workspace {
-  RowMatrix scores, key_t, q, k, v, o;  // float32 (q, k, v, o: converted bfloat16)
-  Eigen::VectorXf inverse_sum;
-  std::vector<uint32_t> kt2, v2, p2;  // bfloat16 pairs
+  std::vector<float> scores, key_t, row_max, inverse_sum, q, k, v, o;  // q..o: converted
+  std::vector<uint32_t> kt2, v2, p2;                          // bfloat16 pairs
   int64_t laid_out = -1;   // the (batch, head) whose K^T (or pairs) are laid out
   int64_t converted = -1;  // the (batch, head) whose K, V are converted to float32
 };
@@ -280,28 +359,30 @@ inline void AttendFloat(const float* q, int64_t ldq, int64_t n, const float* k, 
                         float scale, bool tiled, bool round_weights, int64_t bh, Workspace& w,
                         float* o, int64_t ldo) {
   StridedConstMap K(k, Sk, d, Stride(ldk));
-  auto S = w.scores.topRows(n);
+  Eigen::Map<RowMatrix> S(Reserve(w.scores, n * Sk), n, Sk);
+  float* inverse_sum = Reserve(w.inverse_sum, n);
 #ifdef __AVX512F__
   if (tiled) {
+    float* kt = Reserve(w.key_t, d * Sk);
     if (w.laid_out != bh) {  // K^T (d x Sk) from the strided key rows
-      float* kt = w.key_t.data();
       for (int64_t j = 0; j < Sk; ++j)
         for (int64_t p = 0; p < d; ++p) kt[p * Sk + j] = k[j * ldk + p];
       w.laid_out = bh;
     }
-    ScoresBlock(q, n, ldq, d, w.key_t.data(), Sk, w.scores.data());
-    Softmax(S, scale, w.inverse_sum.data());
+    float* row_max = Reserve(w.row_max, n);
+    ScoresBlock(q, n, ldq, d, kt, Sk, S.data(), row_max);
+    SoftmaxRows(S.data(), n, Sk, scale, row_max, inverse_sum);
     if (round_weights) RoundToBfloat16(S);
-    OutputBlock(w.scores.data(), n, Sk, v, ldv, dv, w.inverse_sum.data(), o, ldo);
+    OutputBlock(S.data(), n, Sk, v, ldv, dv, inverse_sum, o, ldo);
     return;
   }
 #endif
   S.noalias() = StridedConstMap(q, n, d, Stride(ldq)) * K.transpose();
-  Softmax(S, scale, w.inverse_sum.data());
+  Softmax(S, scale, inverse_sum);
   if (round_weights) RoundToBfloat16(S);
   StridedMap O(o, n, dv, Stride(ldo));
   O.noalias() = S * StridedConstMap(v, Sk, dv, Stride(ldv));
-  O.array().colwise() *= w.inverse_sum.head(n).array();
+  O.array().colwise() *= Eigen::Map<Eigen::ArrayXf>(inverse_sum, n);
 }
 
 inline void ToFloat(const tensorflow::bfloat16* src, int64_t rows, int64_t cols, int64_t ld,
@@ -358,20 +439,17 @@ class SoftmaxAttentionOp : public OpKernel {
 
 #ifdef __AVX512F__
     // K^T is laid out once per (batch, head): worth it from a few dozen query rows.
-    const bool tiled = d % 16 == 0 && dv % 16 == 0 && rows >= 32;
+    const bool tiled = d % 16 == 0 && dv % 16 == 0 && rows >= 32 && d <= kMaxTiledHead;
 #else
     const bool tiled = false;
 #endif
 #ifdef __AVX512BF16__
-    const bool pairs = kBf16 && d % 2 == 0 && dv % 16 == 0 && rows >= 32;
+    const bool pairs = kBf16 && d % 2 == 0 && dv % 16 == 0 && rows >= 32 && d <= kMaxTiledHead;
 #else
     const bool pairs = false;
 #endif
     auto work = [&](int64_t begin, int64_t end) {
       Workspace w;
-      w.scores.resize(rows, Sk);
-      w.inverse_sum.resize(rows);
-      if (tiled && !pairs) w.key_t.resize(d, Sk);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / blocks, first = (item % blocks) * rows;
         const int64_t b = bh / H, h = bh % H;
@@ -389,41 +467,42 @@ class SoftmaxAttentionOp : public OpKernel {
           if (w.laid_out != bh) {
             const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kb);
             const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vb);
-            w.kt2.resize(d2 * Sk);
+            uint32_t* kt2 = Reserve(w.kt2, d2 * Sk);
             for (int64_t j = 0; j < Sk; ++j)  // kt2[p][j] = (K[j, 2p], K[j, 2p + 1])
-              for (int64_t p = 0; p < d2; ++p) w.kt2[p * Sk + j] = PairAt(k16 + j * ldq + 2 * p);
-            w.v2.assign(sk2 * dv, 0u);  // v2[j][c] = (V[2j, c], V[2j + 1, c])
-            for (int64_t j = 0; j < Sk; ++j)
+              for (int64_t p = 0; p < d2; ++p) kt2[p * Sk + j] = PairAt(k16 + j * ldq + 2 * p);
+            uint32_t* v2 = Reserve(w.v2, sk2 * dv);  // v2[j][c] = (V[2j, c], V[2j + 1, c])
+            for (int64_t j = 0; j + 1 < Sk; j += 2)
               for (int64_t c = 0; c < dv; ++c)
-                w.v2[(j / 2) * dv + c] |= static_cast<uint32_t>(v16[j * ldv + c]) << (16 * (j % 2));
-            w.p2.resize(rows * sk2);
+                v2[(j / 2) * dv + c] = v16[j * ldv + c] |
+                                       static_cast<uint32_t>(v16[(j + 1) * ldv + c]) << 16;
+            if (Sk % 2)
+              for (int64_t c = 0; c < dv; ++c) v2[(Sk / 2) * dv + c] = v16[(Sk - 1) * ldv + c];
             w.laid_out = bh;
           }
+          float* scores = Reserve(w.scores, n * Sk);
+          float* inverse_sum = Reserve(w.inverse_sum, n);
+          uint32_t* p2 = Reserve(w.p2, n * sk2);
+          float* row_max = Reserve(w.row_max, n);
           ScoresBlockBf16(reinterpret_cast<const uint16_t*>(qb), n, ldq, d2, w.kt2.data(), Sk,
-                          w.scores.data());
-          auto S = w.scores.topRows(n);
-          Softmax(S, scale, w.inverse_sum.data());
-          for (int64_t i = 0; i < n; ++i)
-            PackWeights(w.scores.data() + i * Sk, Sk, w.p2.data() + i * sk2);
-          OutputBlockBf16(w.p2.data(), n, sk2, w.v2.data(), dv, w.inverse_sum.data(),
+                          scores, row_max);
+          SoftmaxPairs(scores, n, Sk, scale, row_max, p2, sk2, inverse_sum);
+          OutputBlockBf16(p2, n, sk2, w.v2.data(), dv, inverse_sum,
                           reinterpret_cast<uint16_t*>(ob), ldv);
 #endif
         } else {  // bfloat16 without the pair products: converted, computed in float32
+          float* k32 = Reserve(w.k, Sk * d);
+          float* v32 = Reserve(w.v, Sk * dv);
           if (w.converted != bh) {
-            w.k.resize(Sk, d);
-            w.v.resize(Sk, dv);
-            ToFloat(kb, Sk, d, ldq, w.k.data());
-            ToFloat(vb, Sk, dv, ldv, w.v.data());
-            if (tiled) w.key_t.resize(d, Sk);
+            ToFloat(kb, Sk, d, ldq, k32);
+            ToFloat(vb, Sk, dv, ldv, v32);
             w.converted = bh;
           }
-          w.q.resize(n, d);
-          w.o.resize(n, dv);
-          ToFloat(qb, n, d, ldq, w.q.data());
-          AttendFloat(w.q.data(), d, n, w.k.data(), d, w.v.data(), dv, Sk, d, dv, scale,
-                      tiled, true, bh, w, w.o.data(), dv);
+          float* q32 = Reserve(w.q, n * d);
+          float* o32 = Reserve(w.o, n * dv);
+          ToFloat(qb, n, d, ldq, q32);
+          AttendFloat(q32, d, n, k32, d, v32, dv, Sk, d, dv, scale, tiled, true, bh, w, o32, dv);
           for (int64_t i = 0; i < n; ++i)
-            for (int64_t c = 0; c < dv; ++c) ob[i * ldv + c] = T(w.o(i, c));
+            for (int64_t c = 0; c < dv; ++c) ob[i * ldv + c] = T(o32[i * dv + c]);
         }
       }
     };
