@@ -200,6 +200,25 @@ def test_gradient_in_bfloat16_is_the_float32_gradient_rounded():
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernel_handles_extreme_scores_and_nan_like_tensorflow(dtype):
+    import tensorflow as tf
+
+    q, k, v = _inputs(2, 40, 70, 2, 16, 16, seed=4)
+    q = q * 40.0  # scores spread over thousands: most weights underflow to 0
+    q = tf.tensor_scatter_nd_update(q, [[0, 3, 1]], tf.fill([1, 16], np.nan))  # one query row
+    k = tf.tensor_scatter_nd_update(k, [[1, 5, 0]], tf.fill([1, 16], np.nan))  # one key
+    q, k, v = (tf.cast(t, dtype) for t in (q, k, v))
+    got = tf.cast(native.softmax_attention(q, k, v, scale=0.25), tf.float32).numpy()
+    want = _reference(*(tf.cast(t, tf.float32) for t in (q, k, v)), 0.25).numpy()
+    nan = np.isnan(want)
+    assert nan[0, 3, 1].all() and nan[1, :, 0].all() and nan.sum() == (1 + 40) * 16
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(got[~nan], want[~nan], rtol=tol, atol=tol)
+
+
+@needs_compiler
 def test_kernel_rejects_mismatched_shapes():
     import tensorflow as tf
 
