@@ -65,6 +65,9 @@ def test_kernel_matches_tensorflow_ops(shape, block_rows):
     want = _reference(q, k, v, scale)
     assert got.shape == want.shape
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5, rtol=1e-5)
+    for _ in range(3):  # deterministic, to the bit
+        again = native.softmax_attention(q, k, v, scale=scale, block_rows=block_rows)
+        np.testing.assert_array_equal(again.numpy(), got.numpy())
 
 
 @needs_compiler
@@ -219,6 +222,63 @@ def test_kernel_handles_extreme_scores_and_nan_like_tensorflow(dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [
+    (2, 40, 53, 2, 16, 32),   # AVX-512 tiles, a key tail
+    (1, 230, 600, 3, 48, 48),  # the benchmark's head size; two blocks of query rows
+    (2, 2, 600, 4, 48, 48),   # the pooled last block
+    (3, 13, 17, 2, 8, 5),     # head sizes that are not multiples of 16: Eigen's products
+])
+def test_training_kernel_and_its_backward_match_tensorflow_ops(shape):
+    import tensorflow as tf
+
+    q, k, v = _inputs(*shape, seed=10)
+    upstream = tf.constant(np.random.default_rng(11).standard_normal(
+        (*shape[:2], shape[3], shape[5])).astype("float32"))
+    scale = 1.0 / np.sqrt(shape[4])
+    results = []
+    for fn in (native.softmax_attention_train, _reference):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = fn(q, k, v, scale)
+        results.append([out, *tape.gradient(out, [q, k, v], output_gradients=upstream)])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=3e-5, rtol=1e-4)
+
+
+@needs_compiler
+def test_a_training_step_with_the_kernels_has_the_same_gradients():
+    import keras
+    import tensorflow as tf
+
+    from src.models.build import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(dict(embed_dim=32, num_layers=2, num_heads=2, ff_dim=64,
+                             dropout_rate=0.0, activation="gelu", pooling="cls_dist",
+                             pooled_last_block=True),
+                        {"n_mels": 32}, num_classes=5, clip_samples=16000)
+    x = tf.constant(np.random.default_rng(1).standard_normal((3, 16000)) * 0.1, tf.float32)
+    labels = tf.constant([0, 3, 1])
+
+    def step(v):
+        with tf.GradientTape() as tape:
+            logits = model(v, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        return [loss, *tape.gradient(loss, model.trainable_weights)]
+
+    with_kernels = tf.function(step)
+    graph = with_kernels.get_concrete_function(x).graph
+    assert {native.TRAIN_OP, native.GRAD_OP} <= {op.type for op in graph.get_operations()}
+    got = with_kernels(x)
+    with native.disabled():
+        want = tf.function(step)(x)
+    # (the key bias's gradient is zero up to rounding: softmax ignores a constant per row)
+    scale = max(float(np.abs(w.numpy()).max()) for w in want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-5 * scale, rtol=1e-4)
+
+
+@needs_compiler
 def test_kernel_rejects_mismatched_shapes():
     import tensorflow as tf
 
@@ -280,18 +340,21 @@ def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
 
 
 @needs_compiler
-def test_training_xla_and_mixed_precision_use_tensorflow_ops(tiny_model):
+def test_training_xla_and_mixed_precision_training_use_tensorflow_ops(tiny_model):
     import keras
     import tensorflow as tf
 
     from src.models.build import build_model
 
     x = tf.constant(np.random.default_rng(0).standard_normal((2, 16000)) * 0.1, tf.float32)
-    ours = {native.OP_NAME, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
+    ours = {native.OP_NAME, native.TRAIN_OP, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
     train = tf.function(lambda v: tiny_model(v, training=True))
-    assert not ours & _graph_ops(train, x)
+    # training (float32): only the attention core, with its compiled backward
+    assert ours & _graph_ops(train, x) == {native.TRAIN_OP}
     xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
     assert not ours & _graph_ops(xla, x)
+    xla_train = tf.function(lambda v: tiny_model(v, training=True), jit_compile=True)
+    assert not ours & _graph_ops(xla_train, x)
     with native.disabled():
         want = tiny_model(x, training=False).numpy()
     np.testing.assert_allclose(xla(x).numpy(), want, atol=1e-4, rtol=1e-4)  # XLA runs
@@ -302,6 +365,7 @@ def test_training_xla_and_mixed_precision_use_tensorflow_ops(tiny_model):
                             {"n_mels": 32}, num_classes=5, clip_samples=16000)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    assert not ours & _graph_ops(tf.function(lambda v: mixed(v, training=True)), x)
     infer = tf.function(lambda v: mixed(v, training=False))
     # bfloat16: the attention core and the MLP's bias + GELU run compiled, LayerNorm not
     assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.BIAS_GELU_OP}

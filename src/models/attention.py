@@ -308,17 +308,18 @@ class MultiHeadSelfAttention(layers.Layer):
         ):
             return self._fused_call(inputs, mask, batch_size, num_queries)
         if (
-            not training
-            and mask is None
+            mask is None
             and not return_attention_scores
-            and native.usable(self.compute_dtype, ("float32", "bfloat16"))
+            and not (training and self.dropout_rate > 0)
+            and native.usable(self.compute_dtype,
+                              ("float32",) if training else ("float32", "bfloat16"))
         ):
-            # The compiled kernel (inference, float32 or bfloat16): the same numbers, one
-            # op on the (B, S, H, D/H) layout, no head transposes.
+            # The compiled kernels (inference in float32 or bfloat16, training in float32
+            # with the compiled backward): the same numbers, one op on the (B, S, H, D/H)
+            # layout, no head transposes.
             query, key, value = self._project(inputs, batch_size, num_queries)
-            attention = native.softmax_attention(
-                query, key, value, scale=1.0 / math.sqrt(self.projection_dim)
-            )
+            kernel = native.softmax_attention_train if training else native.softmax_attention
+            attention = kernel(query, key, value, scale=1.0 / math.sqrt(self.projection_dim))
             return dense_over_tokens(
                 self.combine_heads, ops.reshape(attention, (batch_size, -1, self.embed_dim))
             )

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).with_name("native")).glob("*.cc"))
 OP_NAME = "AudioTransformerSoftmaxAttention"
+TRAIN_OP = "AudioTransformerSoftmaxAttentionTrain"
+GRAD_OP = "AudioTransformerSoftmaxAttentionGrad"
 LAYER_NORM_OP = "AudioTransformerLayerNorm"
 BIAS_GELU_OP = "AudioTransformerBiasGelu"
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
@@ -159,6 +161,13 @@ def _register_gradient(tf) -> None:
                  tf.einsum("bhqk,bqhd->bkhd", d_scores, query), d_value)
         return tuple(tf.cast(g, dtype) for g in grads)
 
+    @tf.RegisterGradient(TRAIN_OP)
+    def _train_grad(op, d_output, _d_stats):  # the compiled backward (stats: not differentiable)
+        query, key, value = op.inputs
+        output, stats = op.outputs
+        return tuple(_state["module"].audio_transformer_softmax_attention_grad(
+            query, key, value, output, stats, d_output, scale=op.get_attr("scale")))
+
     @tf.RegisterGradient(BIAS_GELU_OP)
     def _bias_gelu_grad(op, dy):
         x, bias = op.inputs
@@ -244,6 +253,18 @@ def softmax_attention(query, key, value, scale: float = 1.0, block_rows: int = 0
         raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
     return module.audio_transformer_softmax_attention(
         query, key, value, scale=float(scale), block_rows=int(block_rows))
+
+
+def softmax_attention_train(query, key, value, scale: float = 1.0):
+    """:func:`softmax_attention` for training (float32): the forward kernel also keeps
+    each row's softmax statistics, and the gradient is the compiled backward (the
+    weights recomputed from them, never stored)."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
+    output, _ = module.audio_transformer_softmax_attention_train(
+        query, key, value, scale=float(scale))
+    return output
 
 
 def layer_norm(x, gamma, beta, epsilon: float):

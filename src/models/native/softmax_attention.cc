@@ -20,6 +20,7 @@
 
 #define EIGEN_USE_THREADS
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -100,34 +101,42 @@ inline void ScoresRows(const float* q, int64_t ldq, int64_t d, const float* kt, 
 }
 
 // O[R x 16W] (columns c..c+16W) = scale_r * (P[R x Sk] V[Sk x dv]); ldv, ldo: row strides.
-template <int R, int W>
+// Acc: o += instead of o =. TransA: P given transposed, P[r][k] at p[k * sk + r] (the
+// backward's P^T dO and dS^T Q, without transposing P or dS).
+template <int R, int W, bool Acc = false, bool TransA = false>
 inline void OutputTile(const float* p, int64_t sk, const float* v, int64_t ldv, int64_t c,
-                       const float* scale, float* o, int64_t ldo) {
+                       const float* scale, float* o, int64_t ldo, int64_t kdim) {
   __m512 acc[R][W];
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < sk; ++k) {
+  for (int64_t k = 0; k < kdim; ++k) {
     __m512 b[W];
     for (int w = 0; w < W; ++w) b[w] = _mm512_loadu_ps(v + k * ldv + c + 16 * w);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(p[r * sk + k]);
+      const __m512 a = _mm512_set1_ps(TransA ? p[k * sk + r] : p[r * sk + k]);
       for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(a, b[w], acc[r][w]);
     }
   }
   for (int r = 0; r < R; ++r) {
     const __m512 f = _mm512_set1_ps(scale[r]);
-    for (int w = 0; w < W; ++w)
-      _mm512_storeu_ps(o + r * ldo + c + 16 * w, _mm512_mul_ps(acc[r][w], f));
+    for (int w = 0; w < W; ++w) {
+      float* out = o + r * ldo + c + 16 * w;
+      if (Acc)  // o += scale_r * (P V)
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(acc[r][w], f, _mm512_loadu_ps(out)));
+      else
+        _mm512_storeu_ps(out, _mm512_mul_ps(acc[r][w], f));
+    }
   }
 }
 
-template <int R>
+template <int R, bool Acc = false, bool TransA = false>
 inline void OutputRows(const float* p, int64_t sk, const float* v, int64_t ldv, int64_t dv,
-                       const float* scale, float* o, int64_t ldo) {
+                       const float* scale, float* o, int64_t ldo, int64_t kdim) {
   int64_t c = 0;
-  for (; c + 48 <= dv; c += 48) OutputTile<R, 3>(p, sk, v, ldv, c, scale, o, ldo);
-  if (dv - c == 32) OutputTile<R, 2>(p, sk, v, ldv, c, scale, o, ldo);
-  if (dv - c == 16) OutputTile<R, 1>(p, sk, v, ldv, c, scale, o, ldo);
+  for (; c + 48 <= dv; c += 48)
+    OutputTile<R, 3, Acc, TransA>(p, sk, v, ldv, c, scale, o, ldo, kdim);
+  if (dv - c == 32) OutputTile<R, 2, Acc, TransA>(p, sk, v, ldv, c, scale, o, ldo, kdim);
+  if (dv - c == 16) OutputTile<R, 1, Acc, TransA>(p, sk, v, ldv, c, scale, o, ldo, kdim);
 }
 
 // Rows [0, n) of one work item, 8 at a time, then the rest one by one.
@@ -140,12 +149,21 @@ inline void ScoresBlock(const float* q, int64_t n, int64_t ldq, int64_t d, const
   for (; i < n; ++i) ScoresRows<1>(q + i * ldq, ldq, d, kt, sk, s + i * sk, row_max + i);
 }
 
+// O[n x dv] (=, or += with Acc) = scale_r * (P[n x Sk] V[Sk x dv]), P row-major with
+// stride sk; TransA: O[n x dv] = scale_r * (P^T V) with P (kdim x n, stride sk), summed
+// over kdim (= Sk unless given).
+template <bool Acc = false, bool TransA = false>
 inline void OutputBlock(const float* p, int64_t n, int64_t sk, const float* v, int64_t ldv,
-                        int64_t dv, const float* scale, float* o, int64_t ldo) {
+                        int64_t dv, const float* scale, float* o, int64_t ldo,
+                        int64_t kdim = -1) {
+  if (kdim < 0) kdim = sk;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    OutputRows<8>(p + i * sk, sk, v, ldv, dv, scale + i, o + i * ldo, ldo);
-  for (; i < n; ++i) OutputRows<1>(p + i * sk, sk, v, ldv, dv, scale + i, o + i * ldo, ldo);
+    OutputRows<8, Acc, TransA>(p + (TransA ? i : i * sk), sk, v, ldv, dv, scale + i,
+                               o + i * ldo, ldo, kdim);
+  for (; i < n; ++i)
+    OutputRows<1, Acc, TransA>(p + (TransA ? i : i * sk), sk, v, ldv, dv, scale + i,
+                               o + i * ldo, ldo, kdim);
 }
 
 // exp(scale (s - m)) = 2^x, x = s c - m c with c = scale / ln 2 (one FMA): 2^n 2^f,
@@ -321,10 +339,11 @@ inline void SoftmaxPairs(const float* s, int64_t n, int64_t sk, float scale,
 
 // Scores to unnormalised weights in place, exp(scale (s - max s)), and 1 / their sum
 // per row. scale > 0: max(scale * s) = scale * max(s).
-inline void Softmax(Eigen::Ref<RowMatrix> S, float scale, float* inverse_sum) {
+inline void Softmax(Eigen::Ref<RowMatrix> S, float scale, float* row_max, float* inverse_sum) {
   for (int64_t i = 0; i < S.rows(); ++i) {
     auto row = S.row(i).array();
-    row = ((row - row.maxCoeff()) * scale).exp();
+    row_max[i] = row.maxCoeff();
+    row = ((row - row_max[i]) * scale).exp();
     inverse_sum[i] = 1.0f / row.sum();
   }
 }
@@ -343,8 +362,12 @@ inline typename V::value_type* Reserve(V& buffer, int64_t n) {
 // One thread's buffers, kept across its work items; K (and V) are laid out once per
 // (batch, head), which consecutive items share. (Kept across calls in thread-local
 // storage instead, the op ran 1.5-2x slower.)
+// (Aligned: Eigen's products peel by the data's alignment, so a buffer at varying
+// alignment would give results that differ in the last bit from call to call.)
+using FloatBuffer = std::vector<float, Eigen::aligned_allocator<float>>;
+
 struct Workspace {
-  std::vector<float> scores, key_t, row_max, inverse_sum, q, k, v, o;  // q..o: converted
+  FloatBuffer scores, key_t, row_max, inverse_sum, q, k, v, o;  // q..o: converted
   std::vector<uint32_t> kt2, v2, p2;                          // bfloat16 pairs
   int64_t laid_out = -1;   // the (batch, head) whose K^T (or pairs) are laid out
   int64_t converted = -1;  // the (batch, head) whose K, V are converted to float32
@@ -354,13 +377,21 @@ struct Workspace {
 // stride ldq), k (Sk x d, ldk), v (Sk x dv, ldv), o (n x dv, ldo).
 // round_weights: the unnormalised weights rounded to bfloat16 before the weighted sum,
 // as the pair products do (bfloat16 inputs: the same numbers with or without them).
+// stats (if not null): per row, log2 of the softmax's denominator in base-2 units,
+// scale / ln 2 * max + log2(sum), so that weight_ij = 2^(scale / ln 2 * s_ij - stats_i).
 inline void AttendFloat(const float* q, int64_t ldq, int64_t n, const float* k, int64_t ldk,
                         const float* v, int64_t ldv, int64_t Sk, int64_t d, int64_t dv,
                         float scale, bool tiled, bool round_weights, int64_t bh, Workspace& w,
-                        float* o, int64_t ldo) {
+                        float* o, int64_t ldo, float* stats = nullptr) {
   StridedConstMap K(k, Sk, d, Stride(ldk));
   Eigen::Map<RowMatrix> S(Reserve(w.scores, n * Sk), n, Sk);
   float* inverse_sum = Reserve(w.inverse_sum, n);
+  float* row_max = Reserve(w.row_max, n);
+  const float c = scale * 1.44269504088896341f;
+  auto write_stats = [&] {
+    if (stats)
+      for (int64_t i = 0; i < n; ++i) stats[i] = row_max[i] * c - std::log2(inverse_sum[i]);
+  };
 #ifdef __AVX512F__
   if (tiled) {
     float* kt = Reserve(w.key_t, d * Sk);
@@ -369,16 +400,17 @@ inline void AttendFloat(const float* q, int64_t ldq, int64_t n, const float* k, 
         for (int64_t p = 0; p < d; ++p) kt[p * Sk + j] = k[j * ldk + p];
       w.laid_out = bh;
     }
-    float* row_max = Reserve(w.row_max, n);
     ScoresBlock(q, n, ldq, d, kt, Sk, S.data(), row_max);
     SoftmaxRows(S.data(), n, Sk, scale, row_max, inverse_sum);
     if (round_weights) RoundToBfloat16(S);
     OutputBlock(S.data(), n, Sk, v, ldv, dv, inverse_sum, o, ldo);
+    write_stats();
     return;
   }
 #endif
   S.noalias() = StridedConstMap(q, n, d, Stride(ldq)) * K.transpose();
-  Softmax(S, scale, inverse_sum);
+  Softmax(S, scale, row_max, inverse_sum);
+  write_stats();
   if (round_weights) RoundToBfloat16(S);
   StridedMap O(o, n, dv, Stride(ldo));
   O.noalias() = S * StridedConstMap(v, Sk, dv, Stride(ldv));
@@ -391,7 +423,9 @@ inline void ToFloat(const tensorflow::bfloat16* src, int64_t rows, int64_t cols,
     for (int64_t j = 0; j < cols; ++j) dst[i * cols + j] = static_cast<float>(src[i * ld + j]);
 }
 
-template <typename T>
+// kStats: also the rows' softmax statistics (output 1, (B, H, Sq) float32), for the
+// gradient op below (the training op; float32 only).
+template <typename T, bool kStats = false>
 class SoftmaxAttentionOp : public OpKernel {
  public:
   explicit SoftmaxAttentionOp(OpKernelConstruction* c) : OpKernel(c) {
@@ -420,6 +454,13 @@ class SoftmaxAttentionOp : public OpKernel {
                     v.shape().DebugString() + " do not match"));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, Sq, H, dv}), &out));
+    float* stats = nullptr;
+    if (kStats) {
+      Tensor* stats_tensor = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, H, Sq}), &stats_tensor));
+      stats = stats_tensor->flat<float>().data();
+      if (Sk == 0) stats_tensor->flat<float>().setConstant(std::numeric_limits<float>::quiet_NaN());
+    }
     if (out->NumElements() == 0) return;
     if (Sk == 0) {  // no keys: softmax over nothing, as TensorFlow gives (NaN)
       out->flat<T>().setConstant(T(std::numeric_limits<float>::quiet_NaN()));
@@ -460,7 +501,7 @@ class SoftmaxAttentionOp : public OpKernel {
         T* ob = op + ((b * Sq + first) * H + h) * dv;
         if constexpr (!kBf16) {
           AttendFloat(qb, ldq, n, kb, ldq, vb, ldv, Sk, d, dv, scale, tiled, false, bh, w, ob,
-                      ldv);
+                      ldv, kStats ? stats + bh * Sq + first : nullptr);
         } else if (pairs) {
 #ifdef __AVX512BF16__
           const int64_t d2 = d / 2, sk2 = (Sk + 1) / 2;
@@ -516,6 +557,148 @@ class SoftmaxAttentionOp : public OpKernel {
   int64_t block_rows_;
 };
 
+
+// The gradient of softmax(scale Q K^T) V, from the forward op's statistics (the weights
+// are recomputed, never stored): per (batch, head) and block of query rows, with
+// P = softmax(scale S), dP = dO V^T and delta_i = sum_c dO_ic O_ic,
+//   dS = P * (dP - delta),  dQ = scale dS K,  dK += scale dS^T Q,  dV += P^T dO.
+// With AVX-512 and head sizes that are multiples of 16 the five products run in the
+// forward's register tiles (the transposed ones on transposed copies of P and dS);
+// Eigen's products otherwise. Each (batch, head) is one work item, so dK and dV
+// accumulate without sharing.
+class SoftmaxAttentionGradOp : public OpKernel {
+ public:
+  explicit SoftmaxAttentionGradOp(OpKernelConstruction* c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& q = ctx->input(0);
+    const Tensor& k = ctx->input(1);
+    const Tensor& v = ctx->input(2);
+    const Tensor& o = ctx->input(3);
+    const Tensor& st = ctx->input(4);
+    const Tensor& dout = ctx->input(5);
+    OP_REQUIRES(ctx, q.dims() == 4 && k.dims() == 4 && v.dims() == 4,
+                absl::InvalidArgumentError("AudioTransformerSoftmaxAttentionGrad: query, key "
+                                           "and value must be (batch, tokens, heads, size)"));
+    const int64_t B = q.dim_size(0), Sq = q.dim_size(1), H = q.dim_size(2);
+    const int64_t d = q.dim_size(3), Sk = k.dim_size(1), dv = v.dim_size(3);
+    OP_REQUIRES(ctx,
+                k.shape() == TensorShape({B, Sk, H, d}) && v.shape() == TensorShape({B, Sk, H, dv}) &&
+                    o.shape() == TensorShape({B, Sq, H, dv}) && dout.shape() == o.shape() &&
+                    st.shape() == TensorShape({B, H, Sq}),
+                absl::InvalidArgumentError("AudioTransformerSoftmaxAttentionGrad: shapes do not "
+                                           "match (query " + q.shape().DebugString() + ")"));
+    Tensor *dq = nullptr, *dk = nullptr, *dvt = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, k.shape(), &dk));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, v.shape(), &dvt));
+    dq->flat<float>().setZero();
+    dk->flat<float>().setZero();
+    dvt->flat<float>().setZero();
+    if (B * H * Sq * Sk == 0) return;
+
+    const float* qp = q.flat<float>().data();
+    const float* kp = k.flat<float>().data();
+    const float* vp = v.flat<float>().data();
+    const float* op = o.flat<float>().data();
+    const float* sp = st.flat<float>().data();
+    const float* gp = dout.flat<float>().data();
+    float* dqp = dq->flat<float>().data();
+    float* dkp = dk->flat<float>().data();
+    float* dvp = dvt->flat<float>().data();
+    const int64_t ldq = H * d, ldv = H * dv;
+    const float scale = scale_, c = scale_ * 1.44269504088896341f;
+    // Two (rows x Sk) buffers: about 1 MB together.
+    const int64_t rows = std::max<int64_t>(8, std::min<int64_t>(Sq, 131072 / Sk));
+#ifdef __AVX512F__
+    const bool tiled = d % 16 == 0 && dv % 16 == 0 && d <= kMaxTiledHead && dv <= kMaxTiledHead;
+#else
+    const bool tiled = false;
+#endif
+
+    auto work = [&](int64_t begin, int64_t end) {
+      FloatBuffer kt_buf, vt_buf, p_buf, ds_buf, scratch_max;
+      std::vector<float> delta(rows), scales(std::max(rows, Sk), scale), ones(std::max(rows, Sk), 1.0f);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const float* kb = kp + (b * Sk * H + h) * d;
+        const float* vb = vp + (b * Sk * H + h) * dv;
+        float* dkb = dkp + (b * Sk * H + h) * d;
+        float* dvb = dvp + (b * Sk * H + h) * dv;
+        float* kt = Reserve(kt_buf, tiled ? d * Sk : 0);
+        float* vt = Reserve(vt_buf, tiled ? dv * Sk : 0);
+        if (tiled) {  // K^T (d x Sk), V^T (dv x Sk)
+          for (int64_t j = 0; j < Sk; ++j) {
+            for (int64_t x = 0; x < d; ++x) kt[x * Sk + j] = kb[j * ldq + x];
+            for (int64_t x = 0; x < dv; ++x) vt[x * Sk + j] = vb[j * ldv + x];
+          }
+        }
+        for (int64_t first = 0; first < Sq; first += rows) {
+          const int64_t n = std::min(rows, Sq - first);
+          const int64_t row0 = (b * Sq + first) * H + h;
+          const float* qb = qp + row0 * d;
+          const float* ob = op + row0 * dv;
+          const float* gb = gp + row0 * dv;
+          float* dqb = dqp + row0 * d;
+          const float* stats = sp + bh * Sq + first;
+          for (int64_t i = 0; i < n; ++i) {
+            float acc = 0.0f;
+            for (int64_t x = 0; x < dv; ++x) acc += gb[i * ldv + x] * ob[i * ldv + x];
+            delta[i] = acc;
+          }
+          Eigen::Map<RowMatrix> P(Reserve(p_buf, n * Sk), n, Sk);
+          Eigen::Map<RowMatrix> dS(Reserve(ds_buf, n * Sk), n, Sk);
+#ifdef __AVX512F__
+          if (tiled) {
+            float* row_max = Reserve(scratch_max, n);
+            ScoresBlock(qb, n, ldq, d, kt, Sk, P.data(), row_max);    // S = Q K^T
+            ScoresBlock(gb, n, ldv, dv, vt, Sk, dS.data(), row_max);  // dP = dO V^T
+            const __m512 vc = _mm512_set1_ps(c);
+            for (int64_t i = 0; i < n; ++i) {
+              float* pr = P.data() + i * Sk;
+              float* dr = dS.data() + i * Sk;
+              const __m512 m = _mm512_set1_ps(stats[i]);
+              const __m512 dl = _mm512_set1_ps(delta[i]);
+              for (int64_t j = 0; j < Sk; j += 16) {
+                const __mmask16 t = Tail(Sk - j);
+                const __m512 pv = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, pr + j), vc, m));
+                _mm512_mask_storeu_ps(pr + j, t, pv);
+                const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dr + j), dl);
+                _mm512_mask_storeu_ps(dr + j, t, _mm512_mul_ps(pv, g));
+              }
+            }
+            OutputBlock(dS.data(), n, Sk, kb, ldq, d, scales.data(), dqb, ldq);  // dQ
+            OutputBlock<true, true>(P.data(), Sk, Sk, gb, ldv, dv, ones.data(), dvb, ldv,
+                                    n);  // dV += P^T dO
+            OutputBlock<true, true>(dS.data(), Sk, Sk, qb, ldq, d, scales.data(), dkb, ldq,
+                                    n);  // dK += scale dS^T Q
+            continue;
+          }
+#endif
+          StridedConstMap Q(qb, n, d, Stride(ldq)), K(kb, Sk, d, Stride(ldq));
+          StridedConstMap V(vb, Sk, dv, Stride(ldv)), G(gb, n, dv, Stride(ldv));
+          P.noalias() = Q * K.transpose();
+          for (int64_t i = 0; i < n; ++i)
+            P.row(i) = ((P.row(i).array() * c - stats[i]) * 0.69314718055994531f).exp().matrix();
+          dS.noalias() = G * V.transpose();
+          dS.array() = P.array() * (dS.array().colwise() -
+                                    Eigen::Map<Eigen::ArrayXf>(delta.data(), n));
+          StridedMap(dqb, n, d, Stride(ldq)).noalias() = scale * (dS * K);
+          StridedMap(dkb, Sk, d, Stride(ldq)).noalias() += scale * (dS.transpose() * Q);
+          StridedMap(dvb, Sk, dv, Stride(ldv)).noalias() += P.transpose() * G;
+        }
+      }
+    };
+    const int64_t cost = Sq * Sk * (5 * d + 5 * dv) / 2;  // rough cycles per (batch, head)
+    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(B * H, cost, work);
+  }
+
+ private:
+  float scale_;
+};
+
 }  // namespace
 
 REGISTER_OP("AudioTransformerSoftmaxAttention")
@@ -544,3 +727,46 @@ REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
                             .Device(tensorflow::DEVICE_CPU)
                             .TypeConstraint<tensorflow::bfloat16>("T"),
                         SoftmaxAttentionOp<tensorflow::bfloat16>);
+
+REGISTER_OP("AudioTransformerSoftmaxAttentionTrain")
+    .Input("query: float")
+    .Input("key: float")
+    .Input("value: float")
+    .Attr("scale: float = 1.0")
+    .Attr("block_rows: int = 0")
+    .Output("output: float")
+    .Output("stats: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle q, k, v, out;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &k));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &v));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(q, 3, c->Dim(v, 3), &out));
+      c->set_output(0, out);
+      c->set_output(1, c->MakeShape({c->Dim(q, 0), c->Dim(q, 2), c->Dim(q, 1)}));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain").Device(tensorflow::DEVICE_CPU),
+                        SoftmaxAttentionOp<float, true>);
+
+REGISTER_OP("AudioTransformerSoftmaxAttentionGrad")
+    .Input("query: float")
+    .Input("key: float")
+    .Input("value: float")
+    .Input("output: float")
+    .Input("stats: float")
+    .Input("d_output: float")
+    .Attr("scale: float = 1.0")
+    .Output("d_query: float")
+    .Output("d_key: float")
+    .Output("d_value: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      c->set_output(2, c->input(2));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionGrad").Device(tensorflow::DEVICE_CPU),
+                        SoftmaxAttentionGradOp);
