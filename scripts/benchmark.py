@@ -29,9 +29,10 @@ prints the with/without ratios; FLOPs are then given for a training step's forwa
 pass over the patches left as well. ``--passt-audioset``: PaSST's AudioSet shape, a
 10 s clip of 128 mel bins x 998 frames, stride 10 (a 12 x 99 grid), with its
 structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
-says otherwise. Inference runs the compiled kernels of ``src.models.native`` where they build (the
-report says ``native_kernels=True``; ``AUDIO_TRANSFORMER_NATIVE=0`` times TensorFlow's
-ops instead). ``--profile N`` traces N training steps and N inference batches with
+says otherwise. Inference, and the attention core of a float32 training step, run the
+compiled kernels of ``src.models.native`` where they build (the report says
+``native_kernels=True``; ``AUDIO_TRANSFORMER_NATIVE=0`` times TensorFlow's ops
+instead). ``--profile N`` traces N training steps and N inference batches with
 TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
 step under ``--jit`` has no per-op times).
 
@@ -93,6 +94,8 @@ def _best(fn, repeats):
 
 # CPU features that decide which matmul kernels run (oneDNN's and PyTorch's).
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+# Seconds of pause before each timed call in the model benchmark (see _settled).
+SETTLE_S = 0.3
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -513,6 +516,15 @@ def measured_peak_gflops(size=4096, repeats=5, dtype="float32"):
     return 2 * size**3 / best / 1e9
 
 
+def _settled(fn):
+    """``_timed`` after a pause, for timings that alternate between libraries: each
+    library's idle worker threads keep spinning for a while after its last op (OpenMP's
+    and TensorFlow's thread pools), and the pause keeps one side's spinning out of the
+    other side's time."""
+    time.sleep(SETTLE_S)
+    return _timed(fn)
+
+
 def _timed(fn):
     start = time.perf_counter()
     fn()
@@ -567,17 +579,17 @@ def bench_model(args):
     theirs = {"train": [], "infer": []} if args.vs_pytorch else None
     torch_step = _pytorch_ast(args) if args.vs_pytorch else None
     for _ in range(args.repeats):
-        ours["train"].append(args.batch / _timed(lambda: backbone.train_on_batch(x, y)))
-        ours["infer"].append(args.batch / _timed(lambda: infer(x).numpy()))
-        ours["latency"].append(_timed(lambda: single(wave).numpy()) * 1000)
+        ours["train"].append(args.batch / _settled(lambda: backbone.train_on_batch(x, y)))
+        ours["infer"].append(args.batch / _settled(lambda: infer(x).numpy()))
+        ours["latency"].append(_settled(lambda: single(wave).numpy()) * 1000)
         if torch_step is not None:
-            theirs["train"].append(args.batch / _timed(torch_step["train"]))
-            theirs["infer"].append(args.batch / _timed(torch_step["infer"]))
+            theirs["train"].append(args.batch / _settled(torch_step["train"]))
+            theirs["infer"].append(args.batch / _settled(torch_step["infer"]))
         if plain is not None:
             ours.setdefault("train_plain", []).append(
-                args.batch / _timed(lambda: plain[1].train_on_batch(x, y)))
+                args.batch / _settled(lambda: plain[1].train_on_batch(x, y)))
             ours.setdefault("infer_plain", []).append(
-                args.batch / _timed(lambda: plain[2](x).numpy()))
+                args.batch / _settled(lambda: plain[2](x).numpy()))
     profile = profile_infer = None
     if args.profile:
         profile = profile_steps(lambda: backbone.train_on_batch(x, y), args.profile)

@@ -138,10 +138,11 @@ class MultiHeadSelfAttention(layers.Layer):
             (one fused op, no head transposes) when no weights are requested and no
             attention dropout applies; otherwise, and by default, the explicit path.
 
-    Inference in float32 or bfloat16 without a mask or weights runs the attention
-    core as one compiled op where it can be built (:mod:`src.models.native`: the same
-    numbers to float32 rounding, to bfloat16 rounding in bfloat16, no head transposes,
-    the scores never in memory); training, float16 and XLA use the TensorFlow ops
+    Without a mask, weights or attention dropout, the attention core runs as one
+    compiled op where it can be built (:mod:`src.models.native`: the same numbers to
+    float32 rounding, to bfloat16 rounding in bfloat16, no head transposes, the scores
+    never in memory): in inference in float32 and bfloat16, in training in float32 (with
+    a compiled backward). Training in bfloat16, float16 and XLA use the TensorFlow ops
     below.
 
     Call args:

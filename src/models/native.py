@@ -1,6 +1,6 @@
-"""Compiled CPU kernels for inference, built on first use: the attention core (float32
-and bfloat16), LayerNorm (float32), and the MLP's bias + exact GELU (float32 and
-bfloat16).
+"""Compiled CPU kernels, built on first use: the attention core (inference in float32
+and bfloat16, training in float32 with a compiled backward), LayerNorm (inference,
+float32), and the MLP's bias + exact GELU (inference, float32 and bfloat16).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -13,19 +13,24 @@ the README's Measured performance. In bfloat16 (``mixed_bfloat16``) the products
 on AVX512-BF16's pair dot products where the CPU has them (float32 sums; the scores and
 softmax in float32, the weights rounded to bfloat16 for the weighted sum, as PyTorch's
 fused CPU attention does under autocast), otherwise in float32 on converted inputs.
+For training (float32) the forward op also returns each query row's softmax
+statistics, and its gradient is a second compiled op that recomputes the weights from
+them per block of rows (never storing the ``(B, H, Sq, Sk)`` weights, as flash
+attention's backward does) and forms dQ, dK and dV in the same tiles.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
 where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
 bias and applies the exact GELU in one pass, where TensorFlow makes two (also in
 bfloat16, computed in float32, as under ``mixed_bfloat16``).
 
-Used by :class:`~src.models.attention.MultiHeadSelfAttention` (float32 and bfloat16
-attention without a mask, weights or dropout), :class:`~src.models.layers.LayerNorm` (float32)
-and :meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32, bfloat16)
-when not training (the training step keeps the hand-written gradients of
-:mod:`src.models.attention` and :mod:`src.models.layers`) and not in an XLA-compiled
-function (XLA cannot compile the ops). Their gradients are registered here (recomputed
-with TensorFlow ops), so a gradient through an inference call works.
+Used by :class:`~src.models.attention.MultiHeadSelfAttention` (attention without a mask,
+weights or attention dropout: inference in float32 and bfloat16, training in float32),
+:class:`~src.models.layers.LayerNorm` (float32) and
+:meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32, bfloat16) when
+not training (the training step keeps the hand-written gradients of
+:mod:`src.models.layers`), and never in an XLA-compiled function (XLA cannot compile
+the ops). The inference ops' gradients are registered here (recomputed with TensorFlow
+ops), so a gradient through an inference call works too.
 
 Built with the C++ compiler (``$CXX``, else ``g++``, else ``c++``) against the installed
 TensorFlow's headers, once per source, TensorFlow version and CPU, into
