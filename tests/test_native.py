@@ -71,7 +71,7 @@ def test_kernel_matches_tensorflow_ops(shape, block_rows):
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape", [(3, 7, 192), (5, 33), (2, 1, 3, 8)])
+@pytest.mark.parametrize("shape", [(3, 7, 192), (5, 33), (2, 1, 3, 8), (4, 300, 40)])
 def test_layer_norm_kernel_matches_the_layer(shape):
     import keras
     import tensorflow as tf
@@ -90,14 +90,15 @@ def test_layer_norm_kernel_matches_the_layer(shape):
     ref.set_weights([gamma.numpy(), beta.numpy()])
     np.testing.assert_allclose(got.numpy(), ref(x).numpy(), atol=1e-5, rtol=1e-5)
     upstream = tf.constant(rng.standard_normal(shape).astype("float32"))
-    grads = []
-    for fn in (native.layer_norm, layer_norm):
+    results = []  # the inference op (TensorFlow-op gradient), the training op (compiled)
+    for fn in (layer_norm, native.layer_norm, native.layer_norm_train):
         with tf.GradientTape() as tape:
             tape.watch([x, gamma, beta])
             y = fn(x, gamma, beta, 1e-6)
-        grads.append(tape.gradient(y, [x, gamma, beta], output_gradients=upstream))
-    for g_native, g_tf in zip(*grads):
-        np.testing.assert_allclose(g_native.numpy(), g_tf.numpy(), atol=1e-4, rtol=1e-4)
+        results.append([y, *tape.gradient(y, [x, gamma, beta], output_gradients=upstream)])
+    for ours in results[1:]:
+        for got, want in zip(ours, results[0]):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="gamma and beta"):
         native.layer_norm(x, gamma[:-1], beta[:-1], 1e-6)
 
@@ -268,7 +269,8 @@ def test_a_training_step_with_the_kernels_has_the_same_gradients():
 
     with_kernels = tf.function(step)
     graph = with_kernels.get_concrete_function(x).graph
-    assert {native.TRAIN_OP, native.GRAD_OP} <= {op.type for op in graph.get_operations()}
+    assert {native.TRAIN_OP, native.GRAD_OP, native.LAYER_NORM_TRAIN_OP,
+            native.LAYER_NORM_GRAD_OP} <= {op.type for op in graph.get_operations()}
     got = with_kernels(x)
     with native.disabled():
         want = tf.function(step)(x)
@@ -347,10 +349,11 @@ def test_training_xla_and_mixed_precision_training_use_tensorflow_ops(tiny_model
     from src.models.build import build_model
 
     x = tf.constant(np.random.default_rng(0).standard_normal((2, 16000)) * 0.1, tf.float32)
-    ours = {native.OP_NAME, native.TRAIN_OP, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
+    ours = {native.OP_NAME, native.TRAIN_OP, native.LAYER_NORM_OP,
+            native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP}
     train = tf.function(lambda v: tiny_model(v, training=True))
-    # training (float32): only the attention core, with its compiled backward
-    assert ours & _graph_ops(train, x) == {native.TRAIN_OP}
+    # training (float32): the attention core and LayerNorm, with compiled backwards
+    assert ours & _graph_ops(train, x) == {native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP}
     xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
     assert not ours & _graph_ops(xla, x)
     xla_train = tf.function(lambda v: tiny_model(v, training=True), jit_compile=True)

@@ -136,8 +136,8 @@ def layer_norm(x, gamma, beta, epsilon, dtype=None):
 class LayerNorm(layers.LayerNormalization):
     """``keras.layers.LayerNormalization`` (same arguments, weights, weight names and
     config, so it loads the same saved weights) computed by :func:`layer_norm`, or, in
-    float32 inference, by the compiled op of :mod:`src.models.native` where it can be
-    built. Normalising over other axes than the last, ``center=False``, ``scale=False``
+    float32, by the compiled ops of :mod:`src.models.native` where they can be built
+    (in training with a compiled gradient). Normalising over other axes than the last, ``center=False``, ``scale=False``
     and ``rms_scaling`` use Keras' own implementation."""
 
     def call(self, inputs, training=None):
@@ -149,9 +149,11 @@ class LayerNorm(layers.LayerNormalization):
             or not custom_gradients_supported()
         ):
             return super().call(inputs)
-        if not training and native.usable(self.compute_dtype):
-            # Inference in float32: one compiled op (src/models/native.py).
-            return native.layer_norm(
+        if native.usable(self.compute_dtype):
+            # float32: one compiled op (src/models/native.py); in training with the
+            # rows' statistics kept for its compiled gradient.
+            kernel = native.layer_norm_train if training else native.layer_norm
+            return kernel(
                 ops.cast(inputs, "float32"), ops.cast(self.gamma, "float32"),
                 ops.cast(self.beta, "float32"), self.epsilon,
             )

@@ -1,6 +1,7 @@
 """Compiled CPU kernels, built on first use: the attention core (inference in float32
-and bfloat16, training in float32 with a compiled backward), LayerNorm (inference,
-float32), and the MLP's bias + exact GELU (inference, float32 and bfloat16).
+and bfloat16, training in float32 with a compiled backward), LayerNorm (float32;
+training with a compiled backward), and the MLP's bias + exact GELU (inference,
+float32 and bfloat16).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -25,9 +26,9 @@ bfloat16, computed in float32, as under ``mixed_bfloat16``).
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (attention without a mask,
 weights or attention dropout: inference in float32 and bfloat16, training in float32),
-:class:`~src.models.layers.LayerNorm` (float32) and
+:class:`~src.models.layers.LayerNorm` (float32, inference and training) and
 :meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32, bfloat16) when
-not training (the training step keeps the hand-written gradients of
+not training (the training step keeps GELU's hand-written gradient of
 :mod:`src.models.layers`), and never in an XLA-compiled function (XLA cannot compile
 the ops). The inference ops' gradients are registered here (recomputed with TensorFlow
 ops), so a gradient through an inference call works too.
@@ -64,6 +65,8 @@ OP_NAME = "AudioTransformerSoftmaxAttention"
 TRAIN_OP = "AudioTransformerSoftmaxAttentionTrain"
 GRAD_OP = "AudioTransformerSoftmaxAttentionGrad"
 LAYER_NORM_OP = "AudioTransformerLayerNorm"
+LAYER_NORM_TRAIN_OP = "AudioTransformerLayerNormTrain"
+LAYER_NORM_GRAD_OP = "AudioTransformerLayerNormGrad"
 BIAS_GELU_OP = "AudioTransformerBiasGelu"
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
@@ -173,6 +176,13 @@ def _register_gradient(tf) -> None:
         return tuple(_state["module"].audio_transformer_softmax_attention_grad(
             query, key, value, output, stats, d_output, scale=op.get_attr("scale")))
 
+    @tf.RegisterGradient(LAYER_NORM_TRAIN_OP)
+    def _layer_norm_train_grad(op, dy, _d_mean, _d_rstd):  # the compiled backward
+        x, gamma, _ = op.inputs
+        _, mean, rstd = op.outputs
+        return tuple(_state["module"].audio_transformer_layer_norm_grad(
+            x, gamma, mean, rstd, dy))
+
     @tf.RegisterGradient(BIAS_GELU_OP)
     def _bias_gelu_grad(op, dy):
         x, bias = op.inputs
@@ -279,6 +289,17 @@ def layer_norm(x, gamma, beta, epsilon: float):
     if module is None:
         raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
     return module.audio_transformer_layer_norm(x, gamma, beta, epsilon=float(epsilon))
+
+
+def layer_norm_train(x, gamma, beta, epsilon: float):
+    """:func:`layer_norm` for training: the forward op also keeps each row's mean and
+    1 / std, and the gradient is a compiled op (one pass per row for dx, dgamma and
+    dbeta summed per shard of rows)."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
+    y, _, _ = module.audio_transformer_layer_norm_train(x, gamma, beta, epsilon=float(epsilon))
+    return y
 
 
 def bias_gelu(x, bias):

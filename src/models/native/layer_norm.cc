@@ -25,6 +25,9 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
+// kStats: also each row's mean and 1 / std (outputs 1 and 2, x's shape without its
+// last axis), for the gradient op below (the training op).
+template <bool kStats = false>
 class LayerNormOp : public OpKernel {
  public:
   explicit LayerNormOp(OpKernelConstruction* c) : OpKernel(c) {
@@ -44,6 +47,16 @@ class LayerNormOp : public OpKernel {
                     std::to_string(D) + " values (the last axis of x)"));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &out));
+    float *mean_out = nullptr, *rstd_out = nullptr;
+    if (kStats) {
+      tensorflow::TensorShape row_shape = x.shape();
+      row_shape.RemoveLastDims(1);
+      Tensor *m = nullptr, *r = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, row_shape, &m));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(2, row_shape, &r));
+      mean_out = m->flat<float>().data();
+      rstd_out = r->flat<float>().data();
+    }
     if (x.NumElements() == 0) return;
     const int64_t rows = x.NumElements() / D;
     const float* xp = x.flat<float>().data();
@@ -70,6 +83,10 @@ class LayerNormOp : public OpKernel {
         const float rstd =
             static_cast<float>(1.0 / std::sqrt(static_cast<double>(squares) / D + eps));
         for (int64_t i = 0; i < D; ++i) y[i] = c[i] * rstd * g[i] + b[i];
+        if (kStats) {
+          mean_out[r] = mean;
+          rstd_out[r] = rstd;
+        }
       }
     };
     ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(rows, 8 * D, work);
@@ -77,6 +94,83 @@ class LayerNormOp : public OpKernel {
 
  private:
   float epsilon_;
+};
+
+
+// The gradient of LayerNorm from the forward's row statistics: with xhat = (x - mean)
+// rstd and g = dy gamma, dx = rstd (g - mean(g) - xhat mean(g xhat)); dgamma = sum over
+// rows of dy xhat, dbeta = sum of dy, summed per shard of rows, then over shards.
+class LayerNormGradOp : public OpKernel {
+ public:
+  explicit LayerNormGradOp(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& gamma = ctx->input(1);
+    const Tensor& mean = ctx->input(2);
+    const Tensor& rstd = ctx->input(3);
+    const Tensor& dy = ctx->input(4);
+    OP_REQUIRES(ctx, x.dims() >= 1 && dy.shape() == x.shape(),
+                absl::InvalidArgumentError(
+                    "AudioTransformerLayerNormGrad: dy must have x's shape"));
+    const int64_t D = x.dim_size(x.dims() - 1);
+    const int64_t rows = D ? x.NumElements() / D : 0;
+    OP_REQUIRES(ctx, gamma.NumElements() == D && mean.NumElements() == rows &&
+                         rstd.NumElements() == rows,
+                absl::InvalidArgumentError(
+                    "AudioTransformerLayerNormGrad: gamma, mean and rstd do not match x"));
+    Tensor *dx = nullptr, *dgamma = nullptr, *dbeta = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, gamma.shape(), &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, gamma.shape(), &dbeta));
+    float* dg = dgamma->flat<float>().data();
+    float* db = dbeta->flat<float>().data();
+    std::fill(dg, dg + D, 0.0f);
+    std::fill(db, db + D, 0.0f);
+    if (rows == 0) return;
+    const float* xp = x.flat<float>().data();
+    const float* gp = gamma.flat<float>().data();
+    const float* mp = mean.flat<float>().data();
+    const float* rp = rstd.flat<float>().data();
+    const float* dyp = dy.flat<float>().data();
+    float* dxp = dx->flat<float>().data();
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const int64_t shards = std::min<int64_t>(rows, 4 * (pool->NumThreads() + 1));
+    const int64_t per = (rows + shards - 1) / shards;
+    std::vector<float> partial(2 * shards * D, 0.0f);  // per shard: dgamma, dbeta
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<float> xhat(D), g(D);
+      for (int64_t shard = begin; shard < end; ++shard) {
+        float* pg = partial.data() + 2 * shard * D;
+        float* pb = pg + D;
+        for (int64_t r = shard * per; r < std::min(rows, (shard + 1) * per); ++r) {
+          const float* xr = xp + r * D;
+          const float* dr = dyp + r * D;
+          const float m = mp[r], s = rp[r];
+          float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+          for (int64_t i = 0; i < D; ++i) {
+            xhat[i] = (xr[i] - m) * s;
+            g[i] = dr[i] * gp[i];
+            sum_g += g[i];
+            sum_gx += g[i] * xhat[i];
+            pg[i] += dr[i] * xhat[i];
+            pb[i] += dr[i];
+          }
+          const float mg = sum_g / D, mgx = sum_gx / D;
+          float* out = dxp + r * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) out[i] = s * (g[i] - mg - xhat[i] * mgx);
+        }
+      }
+    };
+    pool->ParallelFor(shards, per * D * 12, work);
+    for (int64_t shard = 0; shard < shards; ++shard)
+      for (int64_t i = 0; i < D; ++i) {
+        dg[i] += partial[2 * shard * D + i];
+        db[i] += partial[(2 * shard + 1) * D + i];
+      }
+  }
 };
 
 }  // namespace
@@ -93,4 +187,43 @@ REGISTER_OP("AudioTransformerLayerNorm")
     });
 
 REGISTER_KERNEL_BUILDER(Name("AudioTransformerLayerNorm").Device(tensorflow::DEVICE_CPU),
-                        LayerNormOp);
+                        LayerNormOp<false>);
+
+REGISTER_OP("AudioTransformerLayerNormTrain")
+    .Input("x: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Attr("epsilon: float")
+    .Output("y: float")
+    .Output("mean: float")
+    .Output("rstd: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle rows;
+      TF_RETURN_IF_ERROR(c->Subshape(c->input(0), 0, -1, &rows));
+      c->set_output(0, c->input(0));
+      c->set_output(1, rows);
+      c->set_output(2, rows);
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerLayerNormTrain").Device(tensorflow::DEVICE_CPU),
+                        LayerNormOp<true>);
+
+REGISTER_OP("AudioTransformerLayerNormGrad")
+    .Input("x: float")
+    .Input("gamma: float")
+    .Input("mean: float")
+    .Input("rstd: float")
+    .Input("dy: float")
+    .Output("dx: float")
+    .Output("d_gamma: float")
+    .Output("d_beta: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      c->set_output(2, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerLayerNormGrad").Device(tensorflow::DEVICE_CPU),
+                        LayerNormGradOp);
