@@ -4,8 +4,12 @@
 // Float32; each row's mean, then its variance from the centred values (as
 // src/models/layers.py computes them), summed in float32 in vectorised order.
 //
-// Built on first use by src/models/native.py, which also registers the gradient
-// (recomputed with TensorFlow ops).
+// A training variant also returns each row's mean and 1 / std, for the compiled
+// gradient op at the end of this file.
+//
+// Built on first use by src/models/native.py, which also registers the gradients
+// (of the inference op: recomputed with TensorFlow ops; of the training op: the
+// compiled gradient op).
 
 #define EIGEN_USE_THREADS
 #include <cmath>

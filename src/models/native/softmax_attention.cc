@@ -2,7 +2,9 @@
 //
 // query (B, Sq, H, d), key (B, Sk, H, d), value (B, Sk, H, dv): the projections'
 // outputs reshaped to heads, tokens before heads, so no transposes are needed on
-// either side; output (B, Sq, H, dv). Float32 only.
+// either side; output (B, Sq, H, dv). Float32 or bfloat16 (see the pair products
+// below); a training variant (float32) also returns each row's softmax statistics for
+// the gradient op at the end of this file.
 //
 // The three TensorFlow ops this replaces (a batched matmul, a softmax, a batched
 // matmul, plus the head transposes around them) each make a pass over the
@@ -15,8 +17,9 @@
 // in register-blocked AVX-512 loops; otherwise Eigen's matrix products. The softmax
 // subtracts each row's maximum before exp, as tf.nn.softmax does.
 //
-// Built on first use by src/models/native.py, which also registers the
-// gradient (recomputed with TensorFlow ops).
+// Built on first use by src/models/native.py, which also registers the gradients
+// (of the inference op: recomputed with TensorFlow ops; of the training op: the
+// compiled gradient op).
 
 #define EIGEN_USE_THREADS
 #include <algorithm>
