@@ -597,10 +597,12 @@ class SoftmaxAttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, k.shape(), &dk));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, v.shape(), &dvt));
-    dq->flat<float>().setZero();
-    dk->flat<float>().setZero();
+    dk->flat<float>().setZero();  // accumulated over blocks of query rows
     dvt->flat<float>().setZero();
-    if (B * H * Sq * Sk == 0) return;
+    if (B * H * Sq * Sk == 0) {
+      dq->flat<float>().setZero();
+      return;
+    }  // otherwise every row of dQ is written once
 
     const float* qp = q.flat<float>().data();
     const float* kp = k.flat<float>().data();
@@ -704,6 +706,19 @@ class SoftmaxAttentionGradOp : public OpKernel {
 
 }  // namespace
 
+// Output (B, Sq, H, dv); the training op's statistics (B, H, Sq).
+static absl::Status AttentionShape(tensorflow::shape_inference::InferenceContext* c) {
+  tensorflow::shape_inference::ShapeHandle q, k, v, out;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &k));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &v));
+  TF_RETURN_IF_ERROR(c->ReplaceDim(q, 3, c->Dim(v, 3), &out));
+  c->set_output(0, out);
+  if (c->num_outputs() > 1)
+    c->set_output(1, c->MakeShape({c->Dim(q, 0), c->Dim(q, 2), c->Dim(q, 1)}));
+  return absl::OkStatus();
+}
+
 REGISTER_OP("AudioTransformerSoftmaxAttention")
     .Input("query: T")
     .Input("key: T")
@@ -712,15 +727,7 @@ REGISTER_OP("AudioTransformerSoftmaxAttention")
     .Attr("scale: float = 1.0")
     .Attr("block_rows: int = 0")
     .Output("output: T")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      tensorflow::shape_inference::ShapeHandle q, k, v, out;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &k));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &v));
-      TF_RETURN_IF_ERROR(c->ReplaceDim(q, 3, c->Dim(v, 3), &out));
-      c->set_output(0, out);
-      return absl::OkStatus();
-    });
+    .SetShapeFn(AttentionShape);
 
 REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
                             .Device(tensorflow::DEVICE_CPU)
@@ -739,16 +746,7 @@ REGISTER_OP("AudioTransformerSoftmaxAttentionTrain")
     .Attr("block_rows: int = 0")
     .Output("output: float")
     .Output("stats: float")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      tensorflow::shape_inference::ShapeHandle q, k, v, out;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &k));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &v));
-      TF_RETURN_IF_ERROR(c->ReplaceDim(q, 3, c->Dim(v, 3), &out));
-      c->set_output(0, out);
-      c->set_output(1, c->MakeShape({c->Dim(q, 0), c->Dim(q, 2), c->Dim(q, 1)}));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(AttentionShape);
 
 REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain").Device(tensorflow::DEVICE_CPU),
                         SoftmaxAttentionOp<float, true>);
