@@ -136,6 +136,42 @@ def test_bias_gelu_kernel_matches_tensorflow():
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="the bias must have 40"):
         native.bias_gelu(x, bias[:-1])
+    module = native.load()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the bias must have 40"):
+        module.audio_transformer_bias_gelu_grad(x, bias[:-1], upstream)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dy must have x's shape"):
+        module.audio_transformer_bias_gelu_grad(x, bias, upstream[:, :-1])
+
+
+@needs_compiler
+def test_bias_gelu_gradient_is_the_compiled_op_also_in_bfloat16():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(7)
+    x32 = rng.standard_normal((5, 7, 40)).astype("float32") * 3
+    bias = tf.constant(rng.standard_normal(40).astype("float32"))
+    upstream32 = rng.standard_normal((5, 7, 40)).astype("float32")
+
+    @tf.function
+    def grads(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch([x, bias])
+            y = native.bias_gelu(x, bias)
+        return tape.gradient(y, [x, bias], output_gradients=upstream)
+
+    x, upstream = tf.constant(x32, tf.bfloat16), tf.constant(upstream32, tf.bfloat16)
+    graph = grads.get_concrete_function(x, upstream).graph.as_graph_def()
+    assert native.BIAS_GELU_GRAD_OP in {node.op for node in graph.node}
+    dx, dbias = grads(x, upstream)
+    assert dx.dtype == tf.bfloat16 and dbias.dtype == tf.float32
+    # the reference from the same bfloat16 values, in float64
+    z = tf.cast(x, tf.float64).numpy() + bias.numpy().astype("float64")
+    from math import erf, exp, pi, sqrt
+    slope = np.vectorize(lambda v: 0.5 * (1 + erf(v / sqrt(2))) + v * exp(-v * v / 2) / sqrt(2 * pi))(z)
+    want = tf.cast(upstream, tf.float64).numpy() * slope
+    np.testing.assert_allclose(tf.cast(dx, tf.float32).numpy(), want, rtol=2 ** -8, atol=1e-6)
+    # the bias's gradient is summed in float32 before any rounding
+    np.testing.assert_allclose(dbias.numpy(), want.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
 def _bfloat16_reference(q, k, v, scale):
@@ -342,7 +378,7 @@ def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
 
 
 @needs_compiler
-def test_training_xla_and_mixed_precision_training_use_tensorflow_ops(tiny_model):
+def test_which_kernels_run_in_training_xla_and_mixed_precision(tiny_model):
     import keras
     import tensorflow as tf
 
@@ -352,8 +388,10 @@ def test_training_xla_and_mixed_precision_training_use_tensorflow_ops(tiny_model
     ours = {native.OP_NAME, native.TRAIN_OP, native.LAYER_NORM_OP,
             native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP}
     train = tf.function(lambda v: tiny_model(v, training=True))
-    # training (float32): the attention core and LayerNorm, with compiled backwards
-    assert ours & _graph_ops(train, x) == {native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP}
+    # training (float32): the attention core, LayerNorm and the MLP's bias + GELU, with
+    # compiled backwards
+    assert ours & _graph_ops(train, x) == {native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP,
+                                           native.BIAS_GELU_OP}
     xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
     assert not ours & _graph_ops(xla, x)
     xla_train = tf.function(lambda v: tiny_model(v, training=True), jit_compile=True)
@@ -368,7 +406,9 @@ def test_training_xla_and_mixed_precision_training_use_tensorflow_ops(tiny_model
                             {"n_mels": 32}, num_classes=5, clip_samples=16000)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert not ours & _graph_ops(tf.function(lambda v: mixed(v, training=True)), x)
+    # bfloat16 training: the MLP's bias + GELU only
+    assert ours & _graph_ops(tf.function(lambda v: mixed(v, training=True)), x) == {
+        native.BIAS_GELU_OP}
     infer = tf.function(lambda v: mixed(v, training=False))
     # bfloat16: the attention core and the MLP's bias + GELU run compiled, LayerNorm not
     assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.BIAS_GELU_OP}

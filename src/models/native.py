@@ -1,7 +1,7 @@
 """Compiled CPU kernels, built on first use: the attention core (inference in float32
 and bfloat16, training in float32 with a compiled backward), LayerNorm (float32;
-training with a compiled backward), and the MLP's bias + exact GELU (inference,
-float32 and bfloat16).
+training with a compiled backward), and the MLP's bias + exact GELU (float32 and
+bfloat16, with a compiled backward).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -22,16 +22,17 @@ attention's backward does) and forms dQ, dK and dV in the same tiles.
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
 where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
 bias and applies the exact GELU in one pass, where TensorFlow makes two (also in
-bfloat16, computed in float32, as under ``mixed_bfloat16``).
+bfloat16, computed in float32, as under ``mixed_bfloat16``); its gradient op forms the
+input's gradient and the bias's (summed in float32) in one more pass.
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (attention without a mask,
 weights or attention dropout: inference in float32 and bfloat16, training in float32),
 :class:`~src.models.layers.LayerNorm` (float32, inference and training) and
-:meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32, bfloat16) when
-not training (the training step keeps GELU's hand-written gradient of
-:mod:`src.models.layers`), and never in an XLA-compiled function (XLA cannot compile
-the ops). The inference ops' gradients are registered here (recomputed with TensorFlow
-ops), so a gradient through an inference call works too.
+:meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32 and bfloat16,
+inference and training), and never in an XLA-compiled function (XLA cannot compile the
+ops). The inference ops' gradients are registered here too (the attention's and
+LayerNorm's recomputed with TensorFlow ops), so a gradient through an inference call
+works.
 
 Built with the C++ compiler (``$CXX``, else ``g++``, else ``c++``) against the installed
 TensorFlow's headers, once per source, TensorFlow version and CPU, into
@@ -68,6 +69,7 @@ LAYER_NORM_OP = "AudioTransformerLayerNorm"
 LAYER_NORM_TRAIN_OP = "AudioTransformerLayerNormTrain"
 LAYER_NORM_GRAD_OP = "AudioTransformerLayerNormGrad"
 BIAS_GELU_OP = "AudioTransformerBiasGelu"
+BIAS_GELU_GRAD_OP = "AudioTransformerBiasGeluGrad"
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
 
@@ -184,14 +186,9 @@ def _register_gradient(tf) -> None:
             x, gamma, mean, rstd, dy))
 
     @tf.RegisterGradient(BIAS_GELU_OP)
-    def _bias_gelu_grad(op, dy):
+    def _bias_gelu_grad(op, dy):  # the compiled backward: dx and the bias's in one pass
         x, bias = op.inputs
-        x_dtype = x.dtype
-        x, dy = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
-        z = x + bias
-        dz = dy * (0.5 * (1.0 + tf.math.erf(z * 0.7071067811865476))
-                   + z * tf.exp(-0.5 * tf.square(z)) * 0.3989422804014327)
-        return tf.cast(dz, x_dtype), tf.reduce_sum(dz, list(range(len(dz.shape) - 1)))
+        return tuple(_state["module"].audio_transformer_bias_gelu_grad(x, bias, dy))
 
     @tf.RegisterGradient(LAYER_NORM_OP)
     def _layer_norm_grad(op, dy):

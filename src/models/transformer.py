@@ -157,12 +157,12 @@ class TransformerBlock(layers.Layer):
 
     def feed_forward(self, x, training=None):
         """``self.ffn(x)`` (fc1, activation, fc2), each Dense as one 2-D matmul over the
-        tokens (see ``dense_over_tokens``); in inference (float32, bfloat16) fc1's bias and
-        exact GELU run as one compiled op (:mod:`src.models.native`)."""
+        tokens (see ``dense_over_tokens``); in float32 and bfloat16, fc1's bias and exact
+        GELU run as one compiled op, whose gradient is a second one
+        (:mod:`src.models.native`)."""
         for dense in self.ffn.layers:
-            fused = (  # inference: bias + GELU after the matmul as one compiled op
-                not training
-                and dense.activation is gelu
+            fused = (  # bias + GELU after the matmul as one compiled op
+                dense.activation is gelu
                 and dense.bias is not None
                 and native.usable(dense.compute_dtype, ("float32", "bfloat16"))
             )

@@ -4,14 +4,18 @@
 // mixed_bfloat16; computed in float32, rounded to nearest even); the bias float32.
 // Eigen's vectorised erf.
 //
-// Built on first use by src/models/native.py, which also registers the gradient
-// (recomputed with TensorFlow ops).
+// The gradient op at the end of this file recomputes z = x + bias and returns
+// dx = dy * (Phi(z) + z * phi(z)) in one pass, with the bias's gradient (dx summed over
+// the rows) taken in the same pass, per shard of rows.
+//
+// Built on first use by src/models/native.py, which also registers the gradient.
 
 #define EIGEN_USE_THREADS
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include <Eigen/Core>
 #ifdef __AVX512F__
@@ -92,6 +96,63 @@ class BiasGeluOp : public OpKernel {
   }
 };
 
+
+// dx = dy * GELU'(x + bias) and dbias = sum of dx over the rows (float32, whatever T);
+// computed in float32, dx rounded to T.
+template <typename T>
+class BiasGeluGradOp : public OpKernel {
+ public:
+  explicit BiasGeluGradOp(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& bias = ctx->input(1);
+    const Tensor& dy = ctx->input(2);
+    OP_REQUIRES(ctx, x.dims() >= 1 && dy.shape() == x.shape(),
+                absl::InvalidArgumentError(
+                    "AudioTransformerBiasGeluGrad: dy must have x's shape"));
+    const int64_t N = x.dim_size(x.dims() - 1);
+    OP_REQUIRES(ctx, bias.NumElements() == N,
+                absl::InvalidArgumentError("AudioTransformerBiasGeluGrad: the bias must have " +
+                                           std::to_string(N) +
+                                           " values (the last axis of x)"));
+    Tensor *dx = nullptr, *dbias = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, bias.shape(), &dbias));
+    float* db = dbias->flat<float>().data();
+    std::fill(db, db + N, 0.0f);
+    const int64_t rows = N ? x.NumElements() / N : 0;
+    if (rows == 0) return;
+    const T* xp = x.flat<T>().data();
+    const T* dyp = dy.flat<T>().data();
+    T* dxp = dx->flat<T>().data();
+    Eigen::Map<const Eigen::ArrayXf> b(bias.flat<float>().data(), N);
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const int64_t shards = std::min<int64_t>(rows, 4 * (pool->NumThreads() + 1));
+    const int64_t per = (rows + shards - 1) / shards;
+    std::vector<float> partial(shards * N, 0.0f);  // per shard: its rows' sum of dx
+    auto work = [&](int64_t begin, int64_t end) {
+      Eigen::ArrayXf z(N), d(N);
+      for (int64_t shard = begin; shard < end; ++shard) {
+        Eigen::Map<Eigen::ArrayXf> sum(partial.data() + shard * N, N);
+        for (int64_t r = shard * per; r < std::min(rows, (shard + 1) * per); ++r) {
+          Load(xp + r * N, z.data(), N);
+          Load(dyp + r * N, d.data(), N);
+          z += b;
+          // d/dz z Phi(z) = Phi(z) + z phi(z), phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+          d *= 0.5f * (1.0f + (z * 0.70710678118654752f).erf()) +
+               z * (z.square() * -0.5f).exp() * 0.39894228040143268f;
+          sum += d;
+          Store(d.data(), dxp + r * N, N);
+        }
+      }
+    };
+    pool->ParallelFor(shards, per * N * 60, work);
+    for (int64_t shard = 0; shard < shards; ++shard)
+      for (int64_t i = 0; i < N; ++i) db[i] += partial[shard * N + i];
+  }
+};
+
 }  // namespace
 
 REGISTER_OP("AudioTransformerBiasGelu")
@@ -111,3 +172,25 @@ REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGelu")
                             .Device(tensorflow::DEVICE_CPU)
                             .TypeConstraint<tensorflow::bfloat16>("T"),
                         BiasGeluOp<tensorflow::bfloat16>);
+
+REGISTER_OP("AudioTransformerBiasGeluGrad")
+    .Input("x: T")
+    .Input("bias: float")
+    .Input("dy: T")
+    .Attr("T: {float, bfloat16}")
+    .Output("dx: T")
+    .Output("dbias: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGeluGrad")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<float>("T"),
+                        BiasGeluGradOp<float>);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGeluGrad")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<tensorflow::bfloat16>("T"),
+                        BiasGeluGradOp<tensorflow::bfloat16>);
