@@ -283,6 +283,47 @@ def test_training_kernel_and_its_backward_match_tensorflow_ops(shape):
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [
+    (1, 230, 600, 3, 48, 48),  # the benchmark's head size; two blocks of query rows
+    (2, 41, 53, 2, 16, 32),   # odd numbers of queries and keys: rows and keys padded
+    (2, 2, 600, 4, 48, 48),   # the pooled last block (forward in float32, backward in pairs)
+    (3, 13, 17, 2, 8, 5),     # head sizes that are not multiples of 16: float32 copies
+])
+def test_training_kernel_in_bfloat16_and_its_backward_match_float64(shape):
+    import tensorflow as tf
+
+    q, k, v = (tf.cast(t, tf.bfloat16) for t in _inputs(*shape, seed=12))
+    upstream = tf.constant(np.random.default_rng(13).standard_normal(
+        (*shape[:2], shape[3], shape[5])), tf.bfloat16)
+    scale = 1.0 / np.sqrt(shape[4])
+
+    @tf.function
+    def ours(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = native.softmax_attention_train(q, k, v, scale)
+        return [out, *tape.gradient(out, [q, k, v], output_gradients=upstream)]
+
+    graph = ours.get_concrete_function(q, k, v).graph
+    assert native.GRAD_OP in {op.type for op in graph.get_operations()}
+    got = ours(q, k, v)
+    # the exact result for the same bfloat16 values
+    q64, k64, v64 = (tf.cast(t, tf.float64) for t in (q, k, v))
+    with tf.GradientTape() as tape:
+        tape.watch([q64, k64, v64])
+        out = _reference(q64, k64, v64, scale)
+    want = [out, *tape.gradient(out, [q64, k64, v64],
+                                output_gradients=tf.cast(upstream, tf.float64))]
+    for g, w in zip(got, want):
+        assert g.dtype == tf.bfloat16 and g.shape == w.shape
+        w = w.numpy()
+        # bfloat16 inputs and roundings of the weights and their gradient (TensorFlow's
+        # bfloat16 ops: 0.5-1.5e-2 of the largest value at these shapes)
+        np.testing.assert_allclose(tf.cast(g, tf.float64).numpy(), w, rtol=0,
+                                   atol=1e-2 * np.abs(w).max())
+
+
+@needs_compiler
 def test_a_training_step_with_the_kernels_has_the_same_gradients():
     import keras
     import tensorflow as tf
@@ -306,7 +347,8 @@ def test_a_training_step_with_the_kernels_has_the_same_gradients():
     with_kernels = tf.function(step)
     graph = with_kernels.get_concrete_function(x).graph
     assert {native.TRAIN_OP, native.GRAD_OP, native.LAYER_NORM_TRAIN_OP,
-            native.LAYER_NORM_GRAD_OP} <= {op.type for op in graph.get_operations()}
+            native.LAYER_NORM_GRAD_OP, native.BIAS_GELU_OP,
+            native.BIAS_GELU_GRAD_OP} <= {op.type for op in graph.get_operations()}
     got = with_kernels(x)
     with native.disabled():
         want = tf.function(step)(x)
@@ -406,9 +448,9 @@ def test_which_kernels_run_in_training_xla_and_mixed_precision(tiny_model):
                             {"n_mels": 32}, num_classes=5, clip_samples=16000)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    # bfloat16 training: the MLP's bias + GELU only
+    # bfloat16 training: the attention core and the MLP's bias + GELU
     assert ours & _graph_ops(tf.function(lambda v: mixed(v, training=True)), x) == {
-        native.BIAS_GELU_OP}
+        native.TRAIN_OP, native.BIAS_GELU_OP}
     infer = tf.function(lambda v: mixed(v, training=False))
     # bfloat16: the attention core and the MLP's bias + GELU run compiled, LayerNorm not
     assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.BIAS_GELU_OP}

@@ -141,9 +141,8 @@ class MultiHeadSelfAttention(layers.Layer):
     Without a mask, weights or attention dropout, the attention core runs as one
     compiled op where it can be built (:mod:`src.models.native`: the same numbers to
     float32 rounding, to bfloat16 rounding in bfloat16, no head transposes, the scores
-    never in memory): in inference in float32 and bfloat16, in training in float32 (with
-    a compiled backward). Training in bfloat16, float16 and XLA use the TensorFlow ops
-    below.
+    never in memory), in float32 and bfloat16, in training with a compiled backward.
+    float16 and XLA use the TensorFlow ops below.
 
     Call args:
         inputs: ``(batch, seq_len, embed_dim)``.
@@ -312,12 +311,11 @@ class MultiHeadSelfAttention(layers.Layer):
             mask is None
             and not return_attention_scores
             and not (training and self.dropout_rate > 0)
-            and native.usable(self.compute_dtype,
-                              ("float32",) if training else ("float32", "bfloat16"))
+            and native.usable(self.compute_dtype, ("float32", "bfloat16"))
         ):
-            # The compiled kernels (inference in float32 or bfloat16, training in float32
-            # with the compiled backward): the same numbers, one op on the (B, S, H, D/H)
-            # layout, no head transposes.
+            # The compiled kernels (float32 or bfloat16; in training with the compiled
+            # backward): the same numbers, one op on the (B, S, H, D/H) layout, no head
+            # transposes.
             query, key, value = self._project(inputs, batch_size, num_queries)
             kernel = native.softmax_attention_train if training else native.softmax_attention
             attention = kernel(query, key, value, scale=1.0 / math.sqrt(self.projection_dim))

@@ -1,7 +1,7 @@
-"""Compiled CPU kernels, built on first use: the attention core (inference in float32
-and bfloat16, training in float32 with a compiled backward), LayerNorm (float32;
-training with a compiled backward), and the MLP's bias + exact GELU (float32 and
-bfloat16, with a compiled backward).
+"""Compiled CPU kernels, built on first use: the attention core (float32 and bfloat16;
+training with a compiled backward), LayerNorm (float32; training with a compiled
+backward), and the MLP's bias + exact GELU (float32 and bfloat16, with a compiled
+backward).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
 scaling, a batched matmul, a softmax and a batched matmul, three of them passes over the
@@ -14,10 +14,12 @@ the README's Measured performance. In bfloat16 (``mixed_bfloat16``) the products
 on AVX512-BF16's pair dot products where the CPU has them (float32 sums; the scores and
 softmax in float32, the weights rounded to bfloat16 for the weighted sum, as PyTorch's
 fused CPU attention does under autocast), otherwise in float32 on converted inputs.
-For training (float32) the forward op also returns each query row's softmax
-statistics, and its gradient is a second compiled op that recomputes the weights from
-them per block of rows (never storing the ``(B, H, Sq, Sk)`` weights, as flash
-attention's backward does) and forms dQ, dK and dV in the same tiles.
+For training the forward op also returns each query row's softmax statistics, and its
+gradient is a second compiled op that recomputes the weights from them per block of
+rows (never storing the ``(B, H, Sq, Sk)`` weights, as flash attention's backward does)
+and forms dQ, dK and dV in the same tiles; in bfloat16 with the pair products, the
+weights and their gradient rounded to bfloat16 for the products that read them, dK and
+dV summed in float32.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
 where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
@@ -26,7 +28,7 @@ bfloat16, computed in float32, as under ``mixed_bfloat16``); its gradient op for
 input's gradient and the bias's (summed in float32) in one more pass.
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (attention without a mask,
-weights or attention dropout: inference in float32 and bfloat16, training in float32),
+weights or attention dropout: float32 and bfloat16, inference and training),
 :class:`~src.models.layers.LayerNorm` (float32, inference and training) and
 :meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32 and bfloat16,
 inference and training), and never in an XLA-compiled function (XLA cannot compile the

@@ -3,8 +3,8 @@
 // query (B, Sq, H, d), key (B, Sk, H, d), value (B, Sk, H, dv): the projections'
 // outputs reshaped to heads, tokens before heads, so no transposes are needed on
 // either side; output (B, Sq, H, dv). Float32 or bfloat16 (see the pair products
-// below); a training variant (float32) also returns each row's softmax statistics for
-// the gradient op at the end of this file.
+// below); a training variant also returns each row's softmax statistics for the
+// gradient op at the end of this file (float32, and bfloat16 in pair products).
 //
 // The three TensorFlow ops this replaces (a batched matmul, a softmax, a batched
 // matmul, plus the head transposes around them) each make a pass over the
@@ -427,7 +427,8 @@ inline void ToFloat(const tensorflow::bfloat16* src, int64_t rows, int64_t cols,
 }
 
 // kStats: also the rows' softmax statistics (output 1, (B, H, Sq) float32), for the
-// gradient op below (the training op; float32 only).
+// gradient op below (the training op; in bfloat16 the statistics of the float32 scores,
+// before the weights are rounded).
 template <typename T, bool kStats = false>
 class SoftmaxAttentionOp : public OpKernel {
  public:
@@ -530,6 +531,11 @@ class SoftmaxAttentionOp : public OpKernel {
           ScoresBlockBf16(reinterpret_cast<const uint16_t*>(qb), n, ldq, d2, w.kt2.data(), Sk,
                           scores, row_max);
           SoftmaxPairs(scores, n, Sk, scale, row_max, p2, sk2, inverse_sum);
+          if (kStats) {
+            const float c = scale * 1.44269504088896341f;
+            float* st = stats + bh * Sq + first;
+            for (int64_t i = 0; i < n; ++i) st[i] = row_max[i] * c - std::log2(inverse_sum[i]);
+          }
           OutputBlockBf16(p2, n, sk2, w.v2.data(), dv, inverse_sum,
                           reinterpret_cast<uint16_t*>(ob), ldv);
 #endif
@@ -544,7 +550,8 @@ class SoftmaxAttentionOp : public OpKernel {
           float* q32 = Reserve(w.q, n * d);
           float* o32 = Reserve(w.o, n * dv);
           ToFloat(qb, n, d, ldq, q32);
-          AttendFloat(q32, d, n, k32, d, v32, dv, Sk, d, dv, scale, tiled, true, bh, w, o32, dv);
+          AttendFloat(q32, d, n, k32, d, v32, dv, Sk, d, dv, scale, tiled, true, bh, w, o32, dv,
+                      kStats ? stats + bh * Sq + first : nullptr);
           for (int64_t i = 0; i < n; ++i)
             for (int64_t c = 0; c < dv; ++c) ob[i * ldv + c] = T(o32[i * dv + c]);
         }
@@ -560,15 +567,310 @@ class SoftmaxAttentionOp : public OpKernel {
   int64_t block_rows_;
 };
 
-
 // The gradient of softmax(scale Q K^T) V, from the forward op's statistics (the weights
 // are recomputed, never stored): per (batch, head) and block of query rows, with
 // P = softmax(scale S), dP = dO V^T and delta_i = sum_c dO_ic O_ic,
 //   dS = P * (dP - delta),  dQ = scale dS K,  dK += scale dS^T Q,  dV += P^T dO.
 // With AVX-512 and head sizes that are multiples of 16 the five products run in the
-// forward's register tiles (the transposed ones on transposed copies of P and dS);
-// Eigen's products otherwise. Each (batch, head) is one work item, so dK and dV
-// accumulate without sharing.
+// forward's register tiles (dK and dV read P and dS transposed, TransA); Eigen's
+// products otherwise. Each (batch, head) is one work item, so dK and dV accumulate
+// without sharing.
+// This is the float32 backward on raw arrays (shapes as the op's inputs; dk and dv are
+// zeroed here and accumulated over blocks of query rows; every row of dq is written
+// once).
+void GradFloat(tensorflow::thread::ThreadPool* pool, const float* qp, const float* kp,
+               const float* vp, const float* op, const float* sp, const float* gp,
+               float* dqp, float* dkp, float* dvp, int64_t B, int64_t Sq, int64_t H,
+               int64_t d, int64_t Sk, int64_t dv, float scale) {
+  std::fill(dkp, dkp + B * Sk * H * d, 0.0f);
+  std::fill(dvp, dvp + B * Sk * H * dv, 0.0f);
+const int64_t ldq = H * d, ldv = H * dv;
+const float c = scale * 1.44269504088896341f;
+  // Two (rows x Sk) buffers: about 1 MB together.
+  const int64_t rows = std::max<int64_t>(8, std::min<int64_t>(Sq, 131072 / Sk));
+#ifdef __AVX512F__
+  const bool tiled = d % 16 == 0 && dv % 16 == 0 && d <= kMaxTiledHead && dv <= kMaxTiledHead;
+#else
+  const bool tiled = false;
+#endif
+
+  auto work = [&](int64_t begin, int64_t end) {
+    FloatBuffer kt_buf, vt_buf, p_buf, ds_buf, scratch_max;
+    std::vector<float> delta(rows), scales(std::max(rows, Sk), scale), ones(std::max(rows, Sk), 1.0f);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* kb = kp + (b * Sk * H + h) * d;
+      const float* vb = vp + (b * Sk * H + h) * dv;
+      float* dkb = dkp + (b * Sk * H + h) * d;
+      float* dvb = dvp + (b * Sk * H + h) * dv;
+      float* kt = Reserve(kt_buf, tiled ? d * Sk : 0);
+      float* vt = Reserve(vt_buf, tiled ? dv * Sk : 0);
+      if (tiled) {  // K^T (d x Sk), V^T (dv x Sk)
+        for (int64_t j = 0; j < Sk; ++j) {
+          for (int64_t x = 0; x < d; ++x) kt[x * Sk + j] = kb[j * ldq + x];
+          for (int64_t x = 0; x < dv; ++x) vt[x * Sk + j] = vb[j * ldv + x];
+        }
+      }
+      for (int64_t first = 0; first < Sq; first += rows) {
+        const int64_t n = std::min(rows, Sq - first);
+        const int64_t row0 = (b * Sq + first) * H + h;
+        const float* qb = qp + row0 * d;
+        const float* ob = op + row0 * dv;
+        const float* gb = gp + row0 * dv;
+        float* dqb = dqp + row0 * d;
+        const float* stats = sp + bh * Sq + first;
+        for (int64_t i = 0; i < n; ++i) {
+          float acc = 0.0f;
+          for (int64_t x = 0; x < dv; ++x) acc += gb[i * ldv + x] * ob[i * ldv + x];
+          delta[i] = acc;
+        }
+        Eigen::Map<RowMatrix> P(Reserve(p_buf, n * Sk), n, Sk);
+        Eigen::Map<RowMatrix> dS(Reserve(ds_buf, n * Sk), n, Sk);
+#ifdef __AVX512F__
+        if (tiled) {
+          float* row_max = Reserve(scratch_max, n);
+          ScoresBlock(qb, n, ldq, d, kt, Sk, P.data(), row_max);    // S = Q K^T
+          ScoresBlock(gb, n, ldv, dv, vt, Sk, dS.data(), row_max);  // dP = dO V^T
+          const __m512 vc = _mm512_set1_ps(c);
+          for (int64_t i = 0; i < n; ++i) {
+            float* pr = P.data() + i * Sk;
+            float* dr = dS.data() + i * Sk;
+            const __m512 m = _mm512_set1_ps(stats[i]);
+            const __m512 dl = _mm512_set1_ps(delta[i]);
+            for (int64_t j = 0; j < Sk; j += 16) {
+              const __mmask16 t = Tail(Sk - j);
+              const __m512 pv = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, pr + j), vc, m));
+              _mm512_mask_storeu_ps(pr + j, t, pv);
+              const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dr + j), dl);
+              _mm512_mask_storeu_ps(dr + j, t, _mm512_mul_ps(pv, g));
+            }
+          }
+          OutputBlock(dS.data(), n, Sk, kb, ldq, d, scales.data(), dqb, ldq);  // dQ
+          OutputBlock<true, true>(P.data(), Sk, Sk, gb, ldv, dv, ones.data(), dvb, ldv,
+                                  n);  // dV += P^T dO
+          OutputBlock<true, true>(dS.data(), Sk, Sk, qb, ldq, d, scales.data(), dkb, ldq,
+                                  n);  // dK += scale dS^T Q
+          continue;
+        }
+#endif
+        StridedConstMap Q(qb, n, d, Stride(ldq)), K(kb, Sk, d, Stride(ldq));
+        StridedConstMap V(vb, Sk, dv, Stride(ldv)), G(gb, n, dv, Stride(ldv));
+        P.noalias() = Q * K.transpose();
+        for (int64_t i = 0; i < n; ++i)
+          P.row(i) = ((P.row(i).array() * c - stats[i]) * 0.69314718055994531f).exp().matrix();
+        dS.noalias() = G * V.transpose();
+        dS.array() = P.array() * (dS.array().colwise() -
+                                  Eigen::Map<Eigen::ArrayXf>(delta.data(), n));
+        StridedMap(dqb, n, d, Stride(ldq)).noalias() = scale * (dS * K);
+        StridedMap(dkb, Sk, d, Stride(ldq)).noalias() += scale * (dS.transpose() * Q);
+        StridedMap(dvb, Sk, dv, Stride(ldv)).noalias() += P.transpose() * G;
+      }
+    }
+  };
+  const int64_t cost = Sq * Sk * (5 * d + 5 * dv) / 2;  // rough cycles per (batch, head)
+  pool->ParallelFor(B * H, cost, work);
+}
+
+#ifdef __AVX512BF16__
+// O[R x 16W] (columns c..c+16W) = (or += with Acc) scale_r * sum_k A[r, k] B[k, :], the
+// reduction in bfloat16 pairs: A's pairs at a[r * lda + k] (TransA: a[k * lda + r]),
+// B's pairs of rows at b[k * ldb + column]; kdim pairs, float32 sums.
+template <int R, int W, bool TransA, bool Acc>
+inline void PairTile(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t c,
+                     const float* scale, float* o, int64_t ldo, int64_t kdim) {
+  __m512 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kdim; ++k) {
+    __m512bh bw[W];
+    for (int w = 0; w < W; ++w) bw[w] = AsPairs(_mm512_loadu_si512(b + k * ldb + c + 16 * w));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x =
+          AsPairs(_mm512_set1_epi32(static_cast<int>(TransA ? a[k * lda + r] : a[r * lda + k])));
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_dpbf16_ps(acc[r][w], x, bw[w]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 f = _mm512_set1_ps(scale[r]);
+    for (int w = 0; w < W; ++w) {
+      float* out = o + r * ldo + c + 16 * w;
+      _mm512_storeu_ps(out, Acc ? _mm512_fmadd_ps(acc[r][w], f, _mm512_loadu_ps(out))
+                                : _mm512_mul_ps(acc[r][w], f));
+    }
+  }
+}
+
+template <int R, bool TransA, bool Acc>
+inline void PairRows(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                     int64_t cols, const float* scale, float* o, int64_t ldo, int64_t kdim) {
+  int64_t c = 0;
+  for (; c + 48 <= cols; c += 48)
+    PairTile<R, 3, TransA, Acc>(a, lda, b, ldb, c, scale, o, ldo, kdim);
+  if (cols - c == 32) PairTile<R, 2, TransA, Acc>(a, lda, b, ldb, c, scale, o, ldo, kdim);
+  if (cols - c == 16) PairTile<R, 1, TransA, Acc>(a, lda, b, ldb, c, scale, o, ldo, kdim);
+}
+
+// Rows [0, n) of O (n x cols, stride ldo), 8 at a time, then one by one.
+template <bool TransA, bool Acc>
+inline void PairBlock(const uint32_t* a, int64_t lda, int64_t n, const uint32_t* b,
+                      int64_t ldb, int64_t cols, const float* scale, float* o, int64_t ldo,
+                      int64_t kdim) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    PairRows<8, TransA, Acc>(a + (TransA ? i : i * lda), lda, b, ldb, cols, scale + i,
+                             o + i * ldo, ldo, kdim);
+  for (; i < n; ++i)
+    PairRows<1, TransA, Acc>(a + (TransA ? i : i * lda), lda, b, ldb, cols, scale + i,
+                             o + i * ldo, ldo, kdim);
+}
+
+// Pairs of rows (rows x cols bfloat16, stride ld) as out[(i / 2) * cols + x] =
+// (X[i, x], X[i + 1, x]); an odd last row is paired with 0.
+inline void RowPairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld, uint32_t* out) {
+  for (int64_t i = 0; i < rows; i += 2)
+    for (int64_t c = 0; c < cols; ++c)
+      out[(i / 2) * cols + c] =
+          x[i * ld + c] | (i + 1 < rows ? static_cast<uint32_t>(x[(i + 1) * ld + c]) << 16 : 0u);
+}
+
+// Columns as pairs: out[p * rows + j] = (X[j, 2p], X[j, 2p + 1]) (cols even).
+inline void ColumnPairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld,
+                        uint32_t* out) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t p = 0; p < cols / 2; ++p) out[p * rows + j] = PairAt(x + j * ld + 2 * p);
+}
+
+inline float Bf16ToFloat(uint16_t x) {  // bfloat16 is float32's upper half
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void StoreRounded(const float* src, int64_t rows, int64_t cols, uint16_t* dst,
+                         int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m256bh y = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i * cols + c));
+      std::memcpy(dst + i * ld + c, &y, sizeof(y));
+    }
+}
+
+// The bfloat16 backward in pair products (head sizes multiples of 16): the same steps as
+// the float32 one, with S and dP from bfloat16 Q, K, dO and V (float32 sums), P and dS
+// in float32, then rounded to bfloat16 for the three products that read them (as the
+// forward rounds the weights); dK and dV summed in float32 over the blocks of rows and
+// rounded once, dQ rounded per row.
+void GradPairs(tensorflow::thread::ThreadPool* pool, const uint16_t* qp, const uint16_t* kp,
+               const uint16_t* vp, const uint16_t* op, const float* sp, const uint16_t* gp,
+               uint16_t* dqp, uint16_t* dkp, uint16_t* dvp, int64_t B, int64_t Sq, int64_t H,
+               int64_t d, int64_t Sk, int64_t dv, float scale) {
+  const int64_t ldq = H * d, ldv = H * dv;
+  const int64_t d2 = d / 2, dv2 = dv / 2, sk2 = (Sk + 1) / 2;
+  const float c = scale * 1.44269504088896341f;
+  // An even number of rows per block (pairs of rows), with their (rows x Sk) float32
+  // buffers about 1 MB together.
+  const int64_t rows = std::min<int64_t>(
+      (Sq + 1) / 2 * 2, std::max<int64_t>(8, 131072 / Sk / 2 * 2));
+  auto work = [&](int64_t begin, int64_t end) {
+    FloatBuffer s_buf, dp_buf, dq_buf, dk_buf, dv_buf, scratch_max;
+    std::vector<uint32_t> kt2(d2 * Sk), vt2(dv2 * Sk), k2(sk2 * d), ds_rows, pt2, dst2, g2, q2;
+    std::vector<float> delta(rows), scales(std::max(rows, Sk), scale), ones(std::max(rows, Sk), 1.0f);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const uint16_t* kb = kp + (b * Sk * H + h) * d;
+      const uint16_t* vb = vp + (b * Sk * H + h) * dv;
+      ColumnPairs(kb, Sk, d, ldq, kt2.data());   // S = Q K^T
+      ColumnPairs(vb, Sk, dv, ldv, vt2.data());  // dP = dO V^T
+      RowPairs(kb, Sk, d, ldq, k2.data());       // dQ = dS K
+      float* dk_acc = Reserve(dk_buf, Sk * d);
+      float* dv_acc = Reserve(dv_buf, Sk * dv);
+      std::fill(dk_acc, dk_acc + Sk * d, 0.0f);
+      std::fill(dv_acc, dv_acc + Sk * dv, 0.0f);
+      for (int64_t first = 0; first < Sq; first += rows) {
+        const int64_t n = std::min(rows, Sq - first), n2 = (n + 1) / 2;
+        const int64_t row0 = (b * Sq + first) * H + h;
+        const uint16_t* qb = qp + row0 * d;
+        const uint16_t* ob = op + row0 * dv;
+        const uint16_t* gb = gp + row0 * dv;
+        const float* stats = sp + bh * Sq + first;
+        for (int64_t i = 0; i < n; ++i) {
+          float acc = 0.0f;
+          for (int64_t x = 0; x < dv; ++x)
+            acc += Bf16ToFloat(gb[i * ldv + x]) * Bf16ToFloat(ob[i * ldv + x]);
+          delta[i] = acc;
+        }
+        float* S = Reserve(s_buf, n * Sk);
+        float* dP = Reserve(dp_buf, n * Sk);
+        float* row_max = Reserve(scratch_max, n);
+        ScoresBlockBf16(qb, n, ldq, d2, kt2.data(), Sk, S, row_max);
+        ScoresBlockBf16(gb, n, ldv, dv2, vt2.data(), Sk, dP, row_max);
+        uint16_t* ds16 = reinterpret_cast<uint16_t*>(Reserve(ds_rows, n * sk2));
+        uint32_t* pt = Reserve(pt2, n2 * Sk);
+        uint32_t* dst = Reserve(dst2, n2 * Sk);
+        const __m512 vc = _mm512_set1_ps(c);
+        for (int64_t i = 0; i < n; i += 2) {  // rows i and i + 1 (0 past the last row)
+          const bool two = i + 1 < n;
+          const __m512 m0 = _mm512_set1_ps(stats[i]), l0 = _mm512_set1_ps(delta[i]);
+          const __m512 m1 = _mm512_set1_ps(two ? stats[i + 1] : 0.0f);
+          const __m512 l1 = _mm512_set1_ps(two ? delta[i + 1] : 0.0f);
+          for (int64_t j = 0; j < Sk; j += 16) {
+            const __mmask16 t = Tail(Sk - j);
+            const int64_t a = i * Sk + j;
+            const __m512 p0 = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, S + a), vc, m0));
+            const __m512 s0 =
+                _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP + a), l0));
+            __m512 p1 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+            if (two) {
+              p1 = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, S + a + Sk), vc, m1));
+              s1 = _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP + a + Sk), l1));
+            }
+            const __m256bh hp0 = _mm512_cvtneps_pbh(p0), hp1 = _mm512_cvtneps_pbh(p1);
+            const __m256bh hs0 = _mm512_cvtneps_pbh(s0), hs1 = _mm512_cvtneps_pbh(s1);
+            auto pair = [](__m256bh lo, __m256bh hi) {  // (lo[j], hi[j]) per 32-bit lane
+              return _mm512_or_si512(
+                  _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(lo)),
+                  _mm512_slli_epi32(
+                      _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(hi)), 16));
+            };
+            _mm512_mask_storeu_epi32(pt + (i / 2) * Sk + j, t, pair(hp0, hp1));
+            _mm512_mask_storeu_epi32(dst + (i / 2) * Sk + j, t, pair(hs0, hs1));
+            _mm256_mask_storeu_epi16(ds16 + i * 2 * sk2 + j, t,
+                                     reinterpret_cast<const __m256i&>(hs0));
+            if (two)
+              _mm256_mask_storeu_epi16(ds16 + (i + 1) * 2 * sk2 + j, t,
+                                       reinterpret_cast<const __m256i&>(hs1));
+          }
+          if (Sk % 2) {  // the pad of each row of dS
+            ds16[i * 2 * sk2 + Sk] = 0;
+            if (two) ds16[(i + 1) * 2 * sk2 + Sk] = 0;
+          }
+        }
+        const uint32_t* ds_pairs = reinterpret_cast<const uint32_t*>(ds16);
+        float* dq32 = Reserve(dq_buf, n * d);
+        PairBlock<false, false>(ds_pairs, sk2, n, k2.data(), d, d, scales.data(), dq32, d, sk2);
+        StoreRounded(dq32, n, d, dqp + row0 * d, ldq);  // dQ = scale dS K
+        uint32_t* g = Reserve(g2, n2 * dv);
+        uint32_t* qq = Reserve(q2, n2 * d);
+        RowPairs(gb, n, dv, ldv, g);
+        RowPairs(qb, n, d, ldq, qq);
+        PairBlock<true, true>(pt, Sk, Sk, g, dv, dv, ones.data(), dv_acc, dv, n2);  // P^T dO
+        PairBlock<true, true>(dst, Sk, Sk, qq, d, d, scales.data(), dk_acc, d, n2);  // dS^T Q
+      }
+      StoreRounded(dk_acc, Sk, d, dkp + (b * Sk * H + h) * d, ldq);
+      StoreRounded(dv_acc, Sk, dv, dvp + (b * Sk * H + h) * dv, ldv);
+    }
+  };
+  const int64_t cost = Sq * Sk * (5 * d + 5 * dv) / 4;  // rough cycles per (batch, head)
+  pool->ParallelFor(B * H, cost, work);
+}
+#endif  // __AVX512BF16__
+
+// The gradient of softmax(scale Q K^T) V, from the forward op's statistics (the weights
+// are recomputed, never stored): see GradFloat and GradPairs. bfloat16 without the pair
+// products (or with head sizes the tiles do not take): computed in float32 on converted
+// copies, the gradients rounded to bfloat16.
+template <typename T>
 class SoftmaxAttentionGradOp : public OpKernel {
  public:
   explicit SoftmaxAttentionGradOp(OpKernelConstruction* c) : OpKernel(c) {
@@ -597,107 +899,50 @@ class SoftmaxAttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, k.shape(), &dk));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, v.shape(), &dvt));
-    dk->flat<float>().setZero();  // accumulated over blocks of query rows
-    dvt->flat<float>().setZero();
     if (B * H * Sq * Sk == 0) {
-      dq->flat<float>().setZero();
+      dq->flat<T>().setZero();
+      dk->flat<T>().setZero();
+      dvt->flat<T>().setZero();
       return;
-    }  // otherwise every row of dQ is written once
-
-    const float* qp = q.flat<float>().data();
-    const float* kp = k.flat<float>().data();
-    const float* vp = v.flat<float>().data();
-    const float* op = o.flat<float>().data();
+    }
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     const float* sp = st.flat<float>().data();
-    const float* gp = dout.flat<float>().data();
-    float* dqp = dq->flat<float>().data();
-    float* dkp = dk->flat<float>().data();
-    float* dvp = dvt->flat<float>().data();
-    const int64_t ldq = H * d, ldv = H * dv;
-    const float scale = scale_, c = scale_ * 1.44269504088896341f;
-    // Two (rows x Sk) buffers: about 1 MB together.
-    const int64_t rows = std::max<int64_t>(8, std::min<int64_t>(Sq, 131072 / Sk));
-#ifdef __AVX512F__
-    const bool tiled = d % 16 == 0 && dv % 16 == 0 && d <= kMaxTiledHead && dv <= kMaxTiledHead;
-#else
-    const bool tiled = false;
-#endif
-
-    auto work = [&](int64_t begin, int64_t end) {
-      FloatBuffer kt_buf, vt_buf, p_buf, ds_buf, scratch_max;
-      std::vector<float> delta(rows), scales(std::max(rows, Sk), scale), ones(std::max(rows, Sk), 1.0f);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        const float* kb = kp + (b * Sk * H + h) * d;
-        const float* vb = vp + (b * Sk * H + h) * dv;
-        float* dkb = dkp + (b * Sk * H + h) * d;
-        float* dvb = dvp + (b * Sk * H + h) * dv;
-        float* kt = Reserve(kt_buf, tiled ? d * Sk : 0);
-        float* vt = Reserve(vt_buf, tiled ? dv * Sk : 0);
-        if (tiled) {  // K^T (d x Sk), V^T (dv x Sk)
-          for (int64_t j = 0; j < Sk; ++j) {
-            for (int64_t x = 0; x < d; ++x) kt[x * Sk + j] = kb[j * ldq + x];
-            for (int64_t x = 0; x < dv; ++x) vt[x * Sk + j] = vb[j * ldv + x];
-          }
-        }
-        for (int64_t first = 0; first < Sq; first += rows) {
-          const int64_t n = std::min(rows, Sq - first);
-          const int64_t row0 = (b * Sq + first) * H + h;
-          const float* qb = qp + row0 * d;
-          const float* ob = op + row0 * dv;
-          const float* gb = gp + row0 * dv;
-          float* dqb = dqp + row0 * d;
-          const float* stats = sp + bh * Sq + first;
-          for (int64_t i = 0; i < n; ++i) {
-            float acc = 0.0f;
-            for (int64_t x = 0; x < dv; ++x) acc += gb[i * ldv + x] * ob[i * ldv + x];
-            delta[i] = acc;
-          }
-          Eigen::Map<RowMatrix> P(Reserve(p_buf, n * Sk), n, Sk);
-          Eigen::Map<RowMatrix> dS(Reserve(ds_buf, n * Sk), n, Sk);
-#ifdef __AVX512F__
-          if (tiled) {
-            float* row_max = Reserve(scratch_max, n);
-            ScoresBlock(qb, n, ldq, d, kt, Sk, P.data(), row_max);    // S = Q K^T
-            ScoresBlock(gb, n, ldv, dv, vt, Sk, dS.data(), row_max);  // dP = dO V^T
-            const __m512 vc = _mm512_set1_ps(c);
-            for (int64_t i = 0; i < n; ++i) {
-              float* pr = P.data() + i * Sk;
-              float* dr = dS.data() + i * Sk;
-              const __m512 m = _mm512_set1_ps(stats[i]);
-              const __m512 dl = _mm512_set1_ps(delta[i]);
-              for (int64_t j = 0; j < Sk; j += 16) {
-                const __mmask16 t = Tail(Sk - j);
-                const __m512 pv = Exp2(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, pr + j), vc, m));
-                _mm512_mask_storeu_ps(pr + j, t, pv);
-                const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dr + j), dl);
-                _mm512_mask_storeu_ps(dr + j, t, _mm512_mul_ps(pv, g));
-              }
-            }
-            OutputBlock(dS.data(), n, Sk, kb, ldq, d, scales.data(), dqb, ldq);  // dQ
-            OutputBlock<true, true>(P.data(), Sk, Sk, gb, ldv, dv, ones.data(), dvb, ldv,
-                                    n);  // dV += P^T dO
-            OutputBlock<true, true>(dS.data(), Sk, Sk, qb, ldq, d, scales.data(), dkb, ldq,
-                                    n);  // dK += scale dS^T Q
-            continue;
-          }
-#endif
-          StridedConstMap Q(qb, n, d, Stride(ldq)), K(kb, Sk, d, Stride(ldq));
-          StridedConstMap V(vb, Sk, dv, Stride(ldv)), G(gb, n, dv, Stride(ldv));
-          P.noalias() = Q * K.transpose();
-          for (int64_t i = 0; i < n; ++i)
-            P.row(i) = ((P.row(i).array() * c - stats[i]) * 0.69314718055994531f).exp().matrix();
-          dS.noalias() = G * V.transpose();
-          dS.array() = P.array() * (dS.array().colwise() -
-                                    Eigen::Map<Eigen::ArrayXf>(delta.data(), n));
-          StridedMap(dqb, n, d, Stride(ldq)).noalias() = scale * (dS * K);
-          StridedMap(dkb, Sk, d, Stride(ldq)).noalias() += scale * (dS.transpose() * Q);
-          StridedMap(dvb, Sk, dv, Stride(ldv)).noalias() += P.transpose() * G;
-        }
+    if constexpr (std::is_same<T, float>::value) {
+      GradFloat(pool, q.flat<float>().data(), k.flat<float>().data(), v.flat<float>().data(),
+                o.flat<float>().data(), sp, dout.flat<float>().data(), dq->flat<float>().data(),
+                dk->flat<float>().data(), dvt->flat<float>().data(), B, Sq, H, d, Sk, dv,
+                scale_);
+    } else {
+      auto u16 = [](const Tensor& t) {
+        return reinterpret_cast<const uint16_t*>(t.flat<T>().data());
+      };
+      auto out16 = [](Tensor* t) { return reinterpret_cast<uint16_t*>(t->flat<T>().data()); };
+#ifdef __AVX512BF16__
+      if (d % 16 == 0 && dv % 16 == 0 && d <= kMaxTiledHead && dv <= kMaxTiledHead) {
+        GradPairs(pool, u16(q), u16(k), u16(v), u16(o), sp, u16(dout), out16(dq), out16(dk),
+                  out16(dvt), B, Sq, H, d, Sk, dv, scale_);
+        return;
       }
-    };
-    const int64_t cost = Sq * Sk * (5 * d + 5 * dv) / 2;  // rough cycles per (batch, head)
-    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(B * H, cost, work);
+#endif
+      auto to_float = [](const Tensor& t) {
+        std::vector<float> f(t.NumElements());
+        auto x = t.flat<T>();
+        for (int64_t i = 0; i < t.NumElements(); ++i) f[i] = static_cast<float>(x(i));
+        return f;
+      };
+      const std::vector<float> qf = to_float(q), kf = to_float(k), vf = to_float(v),
+                               of = to_float(o), gf = to_float(dout);
+      std::vector<float> dqf(qf.size()), dkf(kf.size()), dvf(vf.size());
+      GradFloat(pool, qf.data(), kf.data(), vf.data(), of.data(), sp, gf.data(), dqf.data(),
+                dkf.data(), dvf.data(), B, Sq, H, d, Sk, dv, scale_);
+      auto store = [](const std::vector<float>& f, Tensor* t) {
+        auto x = t->flat<T>();
+        for (int64_t i = 0; i < t->NumElements(); ++i) x(i) = T(f[i]);
+      };
+      store(dqf, dq);
+      store(dkf, dk);
+      store(dvf, dvt);
+    }
   }
 
  private:
@@ -739,29 +984,37 @@ REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
                         SoftmaxAttentionOp<tensorflow::bfloat16>);
 
 REGISTER_OP("AudioTransformerSoftmaxAttentionTrain")
-    .Input("query: float")
-    .Input("key: float")
-    .Input("value: float")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Attr("T: {float, bfloat16}")
     .Attr("scale: float = 1.0")
     .Attr("block_rows: int = 0")
-    .Output("output: float")
+    .Output("output: T")
     .Output("stats: float")
     .SetShapeFn(AttentionShape);
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain").Device(tensorflow::DEVICE_CPU),
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<float>("T"),
                         SoftmaxAttentionOp<float, true>);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<tensorflow::bfloat16>("T"),
+                        SoftmaxAttentionOp<tensorflow::bfloat16, true>);
 
 REGISTER_OP("AudioTransformerSoftmaxAttentionGrad")
-    .Input("query: float")
-    .Input("key: float")
-    .Input("value: float")
-    .Input("output: float")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Input("output: T")
     .Input("stats: float")
-    .Input("d_output: float")
+    .Input("d_output: T")
+    .Attr("T: {float, bfloat16}")
     .Attr("scale: float = 1.0")
-    .Output("d_query: float")
-    .Output("d_key: float")
-    .Output("d_value: float")
+    .Output("d_query: T")
+    .Output("d_key: T")
+    .Output("d_value: T")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->input(1));
@@ -769,5 +1022,11 @@ REGISTER_OP("AudioTransformerSoftmaxAttentionGrad")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionGrad").Device(tensorflow::DEVICE_CPU),
-                        SoftmaxAttentionGradOp);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionGrad")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<float>("T"),
+                        SoftmaxAttentionGradOp<float>);
+REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionGrad")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<tensorflow::bfloat16>("T"),
+                        SoftmaxAttentionGradOp<tensorflow::bfloat16>);
