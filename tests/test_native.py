@@ -104,6 +104,33 @@ def test_layer_norm_kernel_matches_the_layer(shape):
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [(3, 7, 192), (4, 300, 40), (5, 33)])
+def test_layer_norm_kernels_in_bfloat16_match_the_layer_function(shape):
+    import tensorflow as tf
+
+    from src.models.layers import layer_norm
+
+    rng = np.random.default_rng(14)
+    x = tf.constant(rng.standard_normal(shape) * 3 + 1, tf.bfloat16)
+    gamma, beta = (tf.constant(rng.standard_normal(shape[-1:]).astype("float32"))
+                   for _ in range(2))
+    upstream = tf.constant(rng.standard_normal(shape), tf.bfloat16)
+    results = []  # the layer's function in bfloat16, the inference op, the training op
+    for fn in (lambda *a: layer_norm(*a, dtype="bfloat16"), native.layer_norm,
+               native.layer_norm_train):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = fn(x, gamma, beta, 1e-6)
+        results.append([y, *tape.gradient(y, [x, gamma, beta], output_gradients=upstream)])
+    for ours in results[1:]:
+        for got, want in zip(ours, results[0]):
+            assert got.dtype == want.dtype  # y and dx bfloat16, dgamma and dbeta float32
+            got, want = (tf.cast(t, tf.float32).numpy() for t in (got, want))
+            # both compute in float32 and round once: within one bfloat16 unit
+            np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=1e-4 * np.abs(want).max())
+
+
+@needs_compiler
 def test_bias_gelu_kernel_in_bfloat16_matches_tensorflow():
     import tensorflow as tf
 
@@ -448,12 +475,13 @@ def test_which_kernels_run_in_training_xla_and_mixed_precision(tiny_model):
                             {"n_mels": 32}, num_classes=5, clip_samples=16000)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    # bfloat16 training: the attention core and the MLP's bias + GELU
+    # bfloat16 training: the attention core, LayerNorm and the MLP's bias + GELU
     assert ours & _graph_ops(tf.function(lambda v: mixed(v, training=True)), x) == {
-        native.TRAIN_OP, native.BIAS_GELU_OP}
+        native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP}
     infer = tf.function(lambda v: mixed(v, training=False))
-    # bfloat16: the attention core and the MLP's bias + GELU run compiled, LayerNorm not
-    assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.BIAS_GELU_OP}
+    # bfloat16 inference: the three kernels
+    assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.LAYER_NORM_OP,
+                                           native.BIAS_GELU_OP}
     with native.disabled():
         plain = tf.function(lambda v: mixed(v, training=False))
         assert not ours & _graph_ops(plain, x)

@@ -45,3 +45,19 @@ def test_src_is_importable_as_a_package():
         capture_output=True, text=True, cwd="/",
     )
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_kernels_sources_are_package_data():
+    """An installed (non-editable) copy builds the CPU kernels from its package data:
+    every source and header under src/models/native must match a package-data pattern."""
+    import fnmatch
+
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["src.models"]
+    native = ROOT / "src" / "models" / "native"
+    files = [p.relative_to(native.parent).as_posix() for p in native.iterdir() if p.is_file()]
+    assert any(f.endswith(".cc") for f in files) and any(f.endswith(".h") for f in files)
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"

@@ -136,9 +136,10 @@ def layer_norm(x, gamma, beta, epsilon, dtype=None):
 class LayerNorm(layers.LayerNormalization):
     """``keras.layers.LayerNormalization`` (same arguments, weights, weight names and
     config, so it loads the same saved weights) computed by :func:`layer_norm`, or, in
-    float32, by the compiled ops of :mod:`src.models.native` where they can be built
-    (in training with a compiled gradient). Normalising over other axes than the last, ``center=False``, ``scale=False``
-    and ``rms_scaling`` use Keras' own implementation."""
+    float32 and bfloat16, by the compiled ops of :mod:`src.models.native` where they
+    can be built (in training with a compiled gradient). Normalising over other axes
+    than the last, ``center=False``, ``scale=False`` and ``rms_scaling`` use Keras' own
+    implementation."""
 
     def call(self, inputs, training=None):
         if (
@@ -149,12 +150,12 @@ class LayerNorm(layers.LayerNormalization):
             or not custom_gradients_supported()
         ):
             return super().call(inputs)
-        if native.usable(self.compute_dtype):
-            # float32: one compiled op (src/models/native.py); in training with the
-            # rows' statistics kept for its compiled gradient.
+        if native.usable(self.compute_dtype, ("float32", "bfloat16")):
+            # One compiled op (src/models/native.py; bfloat16 computed in float32); in
+            # training with the rows' statistics kept for its compiled gradient.
             kernel = native.layer_norm_train if training else native.layer_norm
             return kernel(
-                ops.cast(inputs, "float32"), ops.cast(self.gamma, "float32"),
+                ops.cast(inputs, self.compute_dtype), ops.cast(self.gamma, "float32"),
                 ops.cast(self.beta, "float32"), self.epsilon,
             )
         return layer_norm(inputs, self.gamma, self.beta, self.epsilon, self.compute_dtype)

@@ -1,6 +1,6 @@
 """Compiled CPU kernels, built on first use: the attention core (float32 and bfloat16;
-training with a compiled backward), LayerNorm (float32; training with a compiled
-backward), and the MLP's bias + exact GELU (float32 and bfloat16, with a compiled
+training with a compiled backward), LayerNorm (float32 and bfloat16; training with a
+compiled backward), and the MLP's bias + exact GELU (float32 and bfloat16, with a compiled
 backward).
 
 ``softmax(q k^T / sqrt(d)) v`` over heads is, in TensorFlow ops, head transposes, a
@@ -22,14 +22,14 @@ weights and their gradient rounded to bfloat16 for the products that read them, 
 dV summed in float32.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
-where TensorFlow's ops make about eight passes; ``bias_gelu.cc`` adds the MLP's first
+where TensorFlow's ops make about eight passes (bfloat16 rows computed in float32); ``bias_gelu.cc`` adds the MLP's first
 bias and applies the exact GELU in one pass, where TensorFlow makes two (also in
 bfloat16, computed in float32, as under ``mixed_bfloat16``); its gradient op forms the
 input's gradient and the bias's (summed in float32) in one more pass.
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (attention without a mask,
 weights or attention dropout: float32 and bfloat16, inference and training),
-:class:`~src.models.layers.LayerNorm` (float32, inference and training) and
+:class:`~src.models.layers.LayerNorm` (float32 and bfloat16, inference and training) and
 :meth:`~src.models.transformer.TransformerBlock.feed_forward` (float32 and bfloat16,
 inference and training), and never in an XLA-compiled function (XLA cannot compile the
 ops). The inference ops' gradients are registered here too (the attention's and
@@ -64,6 +64,7 @@ import keras
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).with_name("native")).glob("*.cc"))
+HEADERS = sorted((Path(__file__).with_name("native")).glob("*.h"))  # in the build's hash
 OP_NAME = "AudioTransformerSoftmaxAttention"
 TRAIN_OP = "AudioTransformerSoftmaxAttentionTrain"
 GRAD_OP = "AudioTransformerSoftmaxAttentionGrad"
@@ -123,7 +124,7 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     cflags, lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
     flags = ["-std=c++17", "-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
              *cflags]
-    sources = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES)
+    sources = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(
         b"\0".join([sources, tf.__version__.encode(), " ".join(flags + lflags).encode(),
                     compiler.encode(), _cpu_key().encode()])
@@ -193,8 +194,10 @@ def _register_gradient(tf) -> None:
         return tuple(_state["module"].audio_transformer_bias_gelu_grad(x, bias, dy))
 
     @tf.RegisterGradient(LAYER_NORM_OP)
-    def _layer_norm_grad(op, dy):
+    def _layer_norm_grad(op, dy):  # bfloat16: computed in float32, dx rounded
         x, gamma, _ = op.inputs
+        x_dtype = x.dtype
+        x, dy = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
         mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
         rstd = tf.math.rsqrt(var + op.get_attr("epsilon"))
         xhat = (x - mean) * rstd
@@ -202,7 +205,7 @@ def _register_gradient(tf) -> None:
         dx = rstd * (g - tf.reduce_mean(g, -1, keepdims=True)
                      - xhat * tf.reduce_mean(g * xhat, -1, keepdims=True))
         rows = list(range(len(dy.shape) - 1))
-        return dx, tf.reduce_sum(dy * xhat, rows), tf.reduce_sum(dy, rows)
+        return tf.cast(dx, x_dtype), tf.reduce_sum(dy * xhat, rows), tf.reduce_sum(dy, rows)
 
 
 def load():
@@ -240,7 +243,7 @@ def disabled():
 
 def usable(dtype, dtypes=("float32",)) -> bool:
     """Whether the kernels may run now for a layer computing in ``dtype``, one of
-    ``dtypes`` (all kernels take float32; :func:`bias_gelu` also bfloat16)."""
+    ``dtypes`` (every kernel takes float32 and bfloat16)."""
     if keras.backend.backend() != "tensorflow" or getattr(_off, "value", False):
         return False
     if keras.backend.standardize_dtype(dtype) not in dtypes:
@@ -270,7 +273,7 @@ def softmax_attention(query, key, value, scale: float = 1.0, block_rows: int = 0
 
 
 def softmax_attention_train(query, key, value, scale: float = 1.0):
-    """:func:`softmax_attention` for training (float32): the forward kernel also keeps
+    """:func:`softmax_attention` for training (float32, bfloat16): the forward kernel also keeps
     each row's softmax statistics, and the gradient is the compiled backward (the
     weights recomputed from them, never stored)."""
     module = load()
@@ -282,8 +285,8 @@ def softmax_attention_train(query, key, value, scale: float = 1.0):
 
 
 def layer_norm(x, gamma, beta, epsilon: float):
-    """LayerNorm over the last axis by the kernel (float32): ``x (..., D)``, ``gamma``
-    and ``beta (D,)``."""
+    """LayerNorm over the last axis by the kernel: ``x (..., D)`` float32 or bfloat16
+    (computed in float32, returned in x's dtype), ``gamma`` and ``beta (D,)`` float32."""
     module = load()
     if module is None:
         raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")

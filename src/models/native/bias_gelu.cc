@@ -18,10 +18,8 @@
 #include <vector>
 
 #include <Eigen/Core>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
+#include "bfloat16.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -34,32 +32,8 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
-// Rows in and out of the float32 working buffer.
-inline void Load(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-inline void Store(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-
-inline void Load(const tensorflow::bfloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#ifdef __AVX512F__
-  for (; i + 16 <= n; i += 16) {  // bfloat16 is float32's upper half
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i,
-                     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline void Store(const float* src, tensorflow::bfloat16* dst, int64_t n) {
-  int64_t i = 0;
-#ifdef __AVX512BF16__
-  for (; i + 16 <= n; i += 16) {  // round to nearest even, as Eigen's conversion
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
-    std::memcpy(dst + i, &h, sizeof(h));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<tensorflow::bfloat16>(src[i]);
-}
+using audio_transformer_native::Load;
+using audio_transformer_native::Store;
 
 template <typename T>
 class BiasGeluOp : public OpKernel {

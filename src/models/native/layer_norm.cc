@@ -1,8 +1,10 @@
 // LayerNorm over the last axis, (x - mean) / sqrt(var + epsilon) * gamma + beta, as one
 // TensorFlow CPU op: one read of x and one write of y, where TensorFlow's ops (mean,
 // subtract, square, mean, rsqrt, multiply, multiply, add) make about eight passes.
-// Float32; each row's mean, then its variance from the centred values (as
-// src/models/layers.py computes them), summed in float32 in vectorised order.
+// x and y float32, or bfloat16 (as under mixed_bfloat16: computed in float32, y rounded
+// to nearest even); gamma, beta and the statistics float32. Each row's mean, then its
+// variance from the centred values (as src/models/layers.py computes them), summed in
+// float32 in vectorised order.
 //
 // A training variant also returns each row's mean and 1 / std, for the compiled
 // gradient op at the end of this file.
@@ -17,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bfloat16.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -28,10 +31,25 @@ using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
+using audio_transformer_native::Load;
+using audio_transformer_native::Store;
+
+// A row of T as float32: the tensor's own memory for float32, else converted into buf.
+inline const float* RowIn(const float* src, int64_t, float*) { return src; }
+inline const float* RowIn(const tensorflow::bfloat16* src, int64_t n, float* buf) {
+  Load(src, buf, n);
+  return buf;
+}
+// Where a row of T is written as float32: the output's memory for float32, else buf
+// (then RowOut stores it).
+inline float* RowBuffer(float* dst, float*) { return dst; }
+inline float* RowBuffer(tensorflow::bfloat16*, float* buf) { return buf; }
+inline void RowOut(const float*, float*, int64_t) {}
+inline void RowOut(const float* buf, tensorflow::bfloat16* dst, int64_t n) { Store(buf, dst, n); }
 
 // kStats: also each row's mean and 1 / std (outputs 1 and 2, x's shape without its
 // last axis), for the gradient op below (the training op).
-template <bool kStats = false>
+template <typename T, bool kStats = false>
 class LayerNormOp : public OpKernel {
  public:
   explicit LayerNormOp(OpKernelConstruction* c) : OpKernel(c) {
@@ -63,17 +81,17 @@ class LayerNormOp : public OpKernel {
     }
     if (x.NumElements() == 0) return;
     const int64_t rows = x.NumElements() / D;
-    const float* xp = x.flat<float>().data();
+    const T* xp = x.flat<T>().data();
     const float* g = gamma.flat<float>().data();
     const float* b = beta.flat<float>().data();
-    float* yp = out->flat<float>().data();
+    T* yp = out->flat<T>().data();
     const double eps = epsilon_;
     auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> centred(D);
+      std::vector<float> centred(D), in(D), y_buf(D);
       float* c = centred.data();
       for (int64_t r = begin; r < end; ++r) {
-        const float* row = xp + r * D;
-        float* y = yp + r * D;
+        const float* row = RowIn(xp + r * D, D, in.data());
+        float* y = RowBuffer(yp + r * D, y_buf.data());
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < D; ++i) sum += row[i];
@@ -87,6 +105,7 @@ class LayerNormOp : public OpKernel {
         const float rstd =
             static_cast<float>(1.0 / std::sqrt(static_cast<double>(squares) / D + eps));
         for (int64_t i = 0; i < D; ++i) y[i] = c[i] * rstd * g[i] + b[i];
+        RowOut(y, yp + r * D, D);
         if (kStats) {
           mean_out[r] = mean;
           rstd_out[r] = rstd;
@@ -104,6 +123,7 @@ class LayerNormOp : public OpKernel {
 // The gradient of LayerNorm from the forward's row statistics: with xhat = (x - mean)
 // rstd and g = dy gamma, dx = rstd (g - mean(g) - xhat mean(g xhat)); dgamma = sum over
 // rows of dy xhat, dbeta = sum of dy, summed per shard of rows, then over shards.
+template <typename T>
 class LayerNormGradOp : public OpKernel {
  public:
   explicit LayerNormGradOp(OpKernelConstruction* c) : OpKernel(c) {}
@@ -132,24 +152,24 @@ class LayerNormGradOp : public OpKernel {
     std::fill(dg, dg + D, 0.0f);
     std::fill(db, db + D, 0.0f);
     if (rows == 0) return;
-    const float* xp = x.flat<float>().data();
+    const T* xp = x.flat<T>().data();
     const float* gp = gamma.flat<float>().data();
     const float* mp = mean.flat<float>().data();
     const float* rp = rstd.flat<float>().data();
-    const float* dyp = dy.flat<float>().data();
-    float* dxp = dx->flat<float>().data();
+    const T* dyp = dy.flat<T>().data();
+    T* dxp = dx->flat<T>().data();
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     const int64_t shards = std::min<int64_t>(rows, 4 * (pool->NumThreads() + 1));
     const int64_t per = (rows + shards - 1) / shards;
     std::vector<float> partial(2 * shards * D, 0.0f);  // per shard: dgamma, dbeta
     auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> xhat(D), g(D);
+      std::vector<float> xhat(D), g(D), x_buf(D), dy_buf(D), dx_buf(D);
       for (int64_t shard = begin; shard < end; ++shard) {
         float* pg = partial.data() + 2 * shard * D;
         float* pb = pg + D;
         for (int64_t r = shard * per; r < std::min(rows, (shard + 1) * per); ++r) {
-          const float* xr = xp + r * D;
-          const float* dr = dyp + r * D;
+          const float* xr = RowIn(xp + r * D, D, x_buf.data());
+          const float* dr = RowIn(dyp + r * D, D, dy_buf.data());
           const float m = mp[r], s = rp[r];
           float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
@@ -162,9 +182,10 @@ class LayerNormGradOp : public OpKernel {
             pb[i] += dr[i];
           }
           const float mg = sum_g / D, mgx = sum_gx / D;
-          float* out = dxp + r * D;
+          float* out = RowBuffer(dxp + r * D, dx_buf.data());
 #pragma omp simd
           for (int64_t i = 0; i < D; ++i) out[i] = s * (g[i] - mg - xhat[i] * mgx);
+          RowOut(out, dxp + r * D, D);
         }
       }
     };
@@ -180,25 +201,39 @@ class LayerNormGradOp : public OpKernel {
 }  // namespace
 
 REGISTER_OP("AudioTransformerLayerNorm")
-    .Input("x: float")
+    .Input("x: T")
     .Input("gamma: float")
     .Input("beta: float")
+    .Attr("T: {float, bfloat16}")
     .Attr("epsilon: float")
-    .Output("y: float")
+    .Output("y: T")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerLayerNorm").Device(tensorflow::DEVICE_CPU),
-                        LayerNormOp<false>);
+#define REGISTER_BOTH(name, ...)                                                       \
+  REGISTER_KERNEL_BUILDER(                                                            \
+      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),           \
+      __VA_ARGS__<float>);                                                            \
+  REGISTER_KERNEL_BUILDER(                                                            \
+      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<tensorflow::bfloat16>("T"), \
+      __VA_ARGS__<tensorflow::bfloat16>)
+
+template <typename T>
+using LayerNormInference = LayerNormOp<T, false>;
+template <typename T>
+using LayerNormTrain = LayerNormOp<T, true>;
+
+REGISTER_BOTH("AudioTransformerLayerNorm", LayerNormInference);
 
 REGISTER_OP("AudioTransformerLayerNormTrain")
-    .Input("x: float")
+    .Input("x: T")
     .Input("gamma: float")
     .Input("beta: float")
+    .Attr("T: {float, bfloat16}")
     .Attr("epsilon: float")
-    .Output("y: float")
+    .Output("y: T")
     .Output("mean: float")
     .Output("rstd: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
@@ -210,16 +245,16 @@ REGISTER_OP("AudioTransformerLayerNormTrain")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerLayerNormTrain").Device(tensorflow::DEVICE_CPU),
-                        LayerNormOp<true>);
+REGISTER_BOTH("AudioTransformerLayerNormTrain", LayerNormTrain);
 
 REGISTER_OP("AudioTransformerLayerNormGrad")
-    .Input("x: float")
+    .Input("x: T")
     .Input("gamma: float")
     .Input("mean: float")
     .Input("rstd: float")
-    .Input("dy: float")
-    .Output("dx: float")
+    .Input("dy: T")
+    .Attr("T: {float, bfloat16}")
+    .Output("dx: T")
     .Output("d_gamma: float")
     .Output("d_beta: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
@@ -229,5 +264,4 @@ REGISTER_OP("AudioTransformerLayerNormGrad")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerLayerNormGrad").Device(tensorflow::DEVICE_CPU),
-                        LayerNormGradOp);
+REGISTER_BOTH("AudioTransformerLayerNormGrad", LayerNormGradOp);

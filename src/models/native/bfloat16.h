@@ -1,0 +1,48 @@
+// Rows in and out of float32 working buffers, for kernels that take float32 or bfloat16
+// tensors and compute in float32. bfloat16 is float32's upper half: widened exactly,
+// narrowed by rounding to nearest even (as Eigen's conversion).
+
+#ifndef AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
+#define AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "tensorflow/core/framework/bfloat16.h"
+
+namespace audio_transformer_native {
+
+inline void Load(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void Store(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void Load(const tensorflow::bfloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i,
+                     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void Store(const float* src, tensorflow::bfloat16* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512BF16__
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<tensorflow::bfloat16>(src[i]);
+}
+
+}  // namespace audio_transformer_native
+
+#endif  // AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
