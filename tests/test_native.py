@@ -126,8 +126,9 @@ def test_layer_norm_kernels_in_bfloat16_match_the_layer_function(shape):
         for got, want in zip(ours, results[0]):
             assert got.dtype == want.dtype  # y and dx bfloat16, dgamma and dbeta float32
             got, want = (tf.cast(t, tf.float32).numpy() for t in (got, want))
-            # both compute in float32 and round once: within one bfloat16 unit
-            np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=1e-4 * np.abs(want).max())
+            # both compute in float32 (sums in another order) and round once: within one
+            # bfloat16 unit (up to 2^-7 of the value)
+            np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-4 * np.abs(want).max())
 
 
 @needs_compiler
@@ -560,3 +561,24 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert native.load() is None
     assert not native.usable("float32")
+
+
+@needs_compiler
+@pytest.mark.slow
+@pytest.mark.parametrize("march", ["x86-64-v3", "skylake-avx512"])
+def test_the_kernels_built_without_avx512_or_its_bfloat16_pass_these_tests(march, tmp_path):
+    """The same tests on a library built for CPUs without AVX-512 (x86-64-v3: Eigen's
+    products, the float32 roundings of bfloat16) or without AVX512-BF16 (skylake-avx512:
+    the float32 tiles, bfloat16 converted)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, AUDIO_TRANSFORMER_NATIVE_MARCH=march,
+               AUDIO_TRANSFORMER_NATIVE_DIR=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+         __file__], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and list(tmp_path.glob("kernels-*.so"))

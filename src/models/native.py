@@ -39,8 +39,10 @@ works.
 Built with the C++ compiler (``$CXX``, else ``g++``, else ``c++``) against the installed
 TensorFlow's headers, once per source, TensorFlow version and CPU, into
 ``$AUDIO_TRANSFORMER_NATIVE_DIR`` (default ``~/.cache/audio-transformer/native``); about
-25 s. Without a compiler, or if the build fails, a warning says why and the TensorFlow
-ops are used: the same results, slower. ``AUDIO_TRANSFORMER_NATIVE=0`` turns the kernels
+25-40 s, for ``-march=native`` (``$AUDIO_TRANSFORMER_NATIVE_MARCH`` names another
+target, e.g. ``x86-64-v3`` for CPUs without AVX-512; the tests run on such builds too).
+Without a compiler, or if the build fails, a warning says why and the TensorFlow ops
+are used: the same results, slower. ``AUDIO_TRANSFORMER_NATIVE=0`` turns the kernels
 off. A SavedModel written by ``scripts/export.py`` never contains the ops (it is traced
 with the kernels off), so it loads anywhere.
 """
@@ -75,6 +77,7 @@ BIAS_GELU_OP = "AudioTransformerBiasGelu"
 BIAS_GELU_GRAD_OP = "AudioTransformerBiasGeluGrad"
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
+ENV_MARCH = "AUDIO_TRANSFORMER_NATIVE_MARCH"  # the -march target (default: native)
 
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded op library, or None after a failed build
@@ -122,7 +125,8 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
             "no C++ compiler found (set CXX, or install g++: e.g. `apt-get install g++`)"
         )
     cflags, lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
-    flags = ["-std=c++17", "-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd",
+    march = os.environ.get(ENV_MARCH, "").strip() or "native"
+    flags = ["-std=c++17", "-shared", "-fPIC", "-O3", f"-march={march}", "-fopenmp-simd",
              *cflags]
     sources = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(
