@@ -70,6 +70,19 @@ def test_kernel_matches_tensorflow_ops(shape, block_rows):
         np.testing.assert_array_equal(again.numpy(), got.numpy())
 
 
+def _layer_norm_results(fns, x, gamma, beta, upstream):
+    """Per LayerNorm function: [y, dx, dgamma, dbeta] (epsilon 1e-6)."""
+    import tensorflow as tf
+
+    results = []
+    for fn in fns:
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = fn(x, gamma, beta, 1e-6)
+        results.append([y, *tape.gradient(y, [x, gamma, beta], output_gradients=upstream)])
+    return results
+
+
 @needs_compiler
 @pytest.mark.parametrize("shape", [(3, 7, 192), (5, 33), (2, 1, 3, 8), (4, 300, 40)])
 def test_layer_norm_kernel_matches_the_layer(shape):
@@ -90,12 +103,9 @@ def test_layer_norm_kernel_matches_the_layer(shape):
     ref.set_weights([gamma.numpy(), beta.numpy()])
     np.testing.assert_allclose(got.numpy(), ref(x).numpy(), atol=1e-5, rtol=1e-5)
     upstream = tf.constant(rng.standard_normal(shape).astype("float32"))
-    results = []  # the inference op (TensorFlow-op gradient), the training op (compiled)
-    for fn in (layer_norm, native.layer_norm, native.layer_norm_train):
-        with tf.GradientTape() as tape:
-            tape.watch([x, gamma, beta])
-            y = fn(x, gamma, beta, 1e-6)
-        results.append([y, *tape.gradient(y, [x, gamma, beta], output_gradients=upstream)])
+    # the inference op (TensorFlow-op gradient), the training op (compiled)
+    results = _layer_norm_results(
+        (layer_norm, native.layer_norm, native.layer_norm_train), x, gamma, beta, upstream)
     for ours in results[1:]:
         for got, want in zip(ours, results[0]):
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-4)
@@ -115,13 +125,10 @@ def test_layer_norm_kernels_in_bfloat16_match_the_layer_function(shape):
     gamma, beta = (tf.constant(rng.standard_normal(shape[-1:]).astype("float32"))
                    for _ in range(2))
     upstream = tf.constant(rng.standard_normal(shape), tf.bfloat16)
-    results = []  # the layer's function in bfloat16, the inference op, the training op
-    for fn in (lambda *a: layer_norm(*a, dtype="bfloat16"), native.layer_norm,
-               native.layer_norm_train):
-        with tf.GradientTape() as tape:
-            tape.watch([x, gamma, beta])
-            y = fn(x, gamma, beta, 1e-6)
-        results.append([y, *tape.gradient(y, [x, gamma, beta], output_gradients=upstream)])
+    # the layer's function in bfloat16, the inference op, the training op
+    results = _layer_norm_results(
+        (lambda *a: layer_norm(*a, dtype="bfloat16"), native.layer_norm,
+         native.layer_norm_train), x, gamma, beta, upstream)
     for ours in results[1:]:
         for got, want in zip(ours, results[0]):
             assert got.dtype == want.dtype  # y and dx bfloat16, dgamma and dbeta float32

@@ -1,6 +1,7 @@
 // Rows in and out of float32 working buffers, for kernels that take float32 or bfloat16
 // tensors and compute in float32. bfloat16 is float32's upper half: widened exactly,
-// narrowed by rounding to nearest even (as Eigen's conversion).
+// narrowed by rounding to nearest even (as Eigen's conversion). And the registration of
+// such a kernel for both types.
 
 #ifndef AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
 #define AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
@@ -14,6 +15,7 @@
 #endif
 
 #include "tensorflow/core/framework/bfloat16.h"
+#include "tensorflow/core/framework/op_kernel.h"
 
 namespace audio_transformer_native {
 
@@ -44,5 +46,16 @@ inline void Store(const float* src, tensorflow::bfloat16* dst, int64_t n) {
 }
 
 }  // namespace audio_transformer_native
+
+// The CPU kernels of op `name` for T = float and T = bfloat16: Kernel<float>,
+// Kernel<bfloat16> (a class template of T, or an alias template).
+#define AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16(name, Kernel)                   \
+  REGISTER_KERNEL_BUILDER(                                                           \
+      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),          \
+      Kernel<float>);                                                                \
+  REGISTER_KERNEL_BUILDER(Name(name)                                                 \
+                              .Device(tensorflow::DEVICE_CPU)                        \
+                              .TypeConstraint<tensorflow::bfloat16>("T"),            \
+                          Kernel<tensorflow::bfloat16>)
 
 #endif  // AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_

@@ -139,13 +139,7 @@ REGISTER_OP("AudioTransformerBiasGelu")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(
-    Name("AudioTransformerBiasGelu").Device(tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
-    BiasGeluOp<float>);
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGelu")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<tensorflow::bfloat16>("T"),
-                        BiasGeluOp<tensorflow::bfloat16>);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerBiasGelu", BiasGeluOp);
 
 REGISTER_OP("AudioTransformerBiasGeluGrad")
     .Input("x: T")
@@ -160,11 +154,4 @@ REGISTER_OP("AudioTransformerBiasGeluGrad")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGeluGrad")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<float>("T"),
-                        BiasGeluGradOp<float>);
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerBiasGeluGrad")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<tensorflow::bfloat16>("T"),
-                        BiasGeluGradOp<tensorflow::bfloat16>);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerBiasGeluGrad", BiasGeluGradOp);

@@ -212,20 +212,12 @@ REGISTER_OP("AudioTransformerLayerNorm")
       return absl::OkStatus();
     });
 
-#define REGISTER_BOTH(name, ...)                                                       \
-  REGISTER_KERNEL_BUILDER(                                                            \
-      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),           \
-      __VA_ARGS__<float>);                                                            \
-  REGISTER_KERNEL_BUILDER(                                                            \
-      Name(name).Device(tensorflow::DEVICE_CPU).TypeConstraint<tensorflow::bfloat16>("T"), \
-      __VA_ARGS__<tensorflow::bfloat16>)
-
 template <typename T>
 using LayerNormInference = LayerNormOp<T, false>;
 template <typename T>
 using LayerNormTrain = LayerNormOp<T, true>;
 
-REGISTER_BOTH("AudioTransformerLayerNorm", LayerNormInference);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerLayerNorm", LayerNormInference);
 
 REGISTER_OP("AudioTransformerLayerNormTrain")
     .Input("x: T")
@@ -245,7 +237,7 @@ REGISTER_OP("AudioTransformerLayerNormTrain")
       return absl::OkStatus();
     });
 
-REGISTER_BOTH("AudioTransformerLayerNormTrain", LayerNormTrain);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerLayerNormTrain", LayerNormTrain);
 
 REGISTER_OP("AudioTransformerLayerNormGrad")
     .Input("x: T")
@@ -264,4 +256,4 @@ REGISTER_OP("AudioTransformerLayerNormGrad")
       return absl::OkStatus();
     });
 
-REGISTER_BOTH("AudioTransformerLayerNormGrad", LayerNormGradOp);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerLayerNormGrad", LayerNormGradOp);

@@ -35,6 +35,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bfloat16.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -974,14 +975,12 @@ REGISTER_OP("AudioTransformerSoftmaxAttention")
     .Output("output: T")
     .SetShapeFn(AttentionShape);
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<float>("T"),
-                        SoftmaxAttentionOp<float>);
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttention")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<tensorflow::bfloat16>("T"),
-                        SoftmaxAttentionOp<tensorflow::bfloat16>);
+template <typename T>
+using AttentionInference = SoftmaxAttentionOp<T, false>;
+template <typename T>
+using AttentionTrain = SoftmaxAttentionOp<T, true>;
+
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerSoftmaxAttention", AttentionInference);
 
 REGISTER_OP("AudioTransformerSoftmaxAttentionTrain")
     .Input("query: T")
@@ -994,14 +993,7 @@ REGISTER_OP("AudioTransformerSoftmaxAttentionTrain")
     .Output("stats: float")
     .SetShapeFn(AttentionShape);
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<float>("T"),
-                        SoftmaxAttentionOp<float, true>);
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionTrain")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<tensorflow::bfloat16>("T"),
-                        SoftmaxAttentionOp<tensorflow::bfloat16, true>);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerSoftmaxAttentionTrain", AttentionTrain);
 
 REGISTER_OP("AudioTransformerSoftmaxAttentionGrad")
     .Input("query: T")
@@ -1022,11 +1014,5 @@ REGISTER_OP("AudioTransformerSoftmaxAttentionGrad")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionGrad")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<float>("T"),
-                        SoftmaxAttentionGradOp<float>);
-REGISTER_KERNEL_BUILDER(Name("AudioTransformerSoftmaxAttentionGrad")
-                            .Device(tensorflow::DEVICE_CPU)
-                            .TypeConstraint<tensorflow::bfloat16>("T"),
-                        SoftmaxAttentionGradOp<tensorflow::bfloat16>);
+AUDIO_TRANSFORMER_REGISTER_FLOAT_AND_BFLOAT16("AudioTransformerSoftmaxAttentionGrad",
+                                              SoftmaxAttentionGradOp);
