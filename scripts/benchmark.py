@@ -624,8 +624,8 @@ def bench_model(args):
         "fused_attention": args.fused,
         "fused_qkv": args.fused_qkv,
         "pooled_last_block": not args.full_last_block,
-        # Inference by the compiled kernels (src/models/native.py: attention, LayerNorm
-        # in float32, bias + GELU; in bfloat16 attention and bias + GELU)?
+        # The compiled kernels (src/models/native.py: attention, LayerNorm, bias + GELU,
+        # in float32 and bfloat16, inference and training)?
         "native_kernels": bool(not args.jit and args.precision in ("float32", "mixed_bfloat16")
                                  and native.usable("float32")),
         "precision": args.precision,

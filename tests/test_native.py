@@ -202,7 +202,11 @@ def test_bias_gelu_gradient_is_the_compiled_op_also_in_bfloat16():
     # the reference from the same bfloat16 values, in float64
     z = tf.cast(x, tf.float64).numpy() + bias.numpy().astype("float64")
     from math import erf, exp, pi, sqrt
-    slope = np.vectorize(lambda v: 0.5 * (1 + erf(v / sqrt(2))) + v * exp(-v * v / 2) / sqrt(2 * pi))(z)
+
+    def slope_at(v):  # d/dz z Phi(z)
+        return 0.5 * (1 + erf(v / sqrt(2))) + v * exp(-v * v / 2) / sqrt(2 * pi)
+
+    slope = np.vectorize(slope_at)(z)
     want = tf.cast(upstream, tf.float64).numpy() * slope
     np.testing.assert_allclose(tf.cast(dx, tf.float32).numpy(), want, rtol=2 ** -8, atol=1e-6)
     # the bias's gradient is summed in float32 before any rounding

@@ -311,7 +311,7 @@ class MultiHeadSelfAttention(layers.Layer):
             mask is None
             and not return_attention_scores
             and not (training and self.dropout_rate > 0)
-            and native.usable(self.compute_dtype, ("float32", "bfloat16"))
+            and native.usable(self.compute_dtype, native.DTYPES)
         ):
             # The compiled kernels (float32 or bfloat16; in training with the compiled
             # backward): the same numbers, one op on the (B, S, H, D/H) layout, no head

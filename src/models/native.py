@@ -22,10 +22,11 @@ weights and their gradient rounded to bfloat16 for the products that read them, 
 dV summed in float32.
 
 ``src/models/native/layer_norm.cc`` normalises each row in one read and one write,
-where TensorFlow's ops make about eight passes (bfloat16 rows computed in float32); ``bias_gelu.cc`` adds the MLP's first
-bias and applies the exact GELU in one pass, where TensorFlow makes two (also in
-bfloat16, computed in float32, as under ``mixed_bfloat16``); its gradient op forms the
-input's gradient and the bias's (summed in float32) in one more pass.
+where TensorFlow's ops make about eight passes (bfloat16 rows computed in float32);
+``bias_gelu.cc`` adds the MLP's first bias and applies the exact GELU in one pass, where
+TensorFlow makes two (also in bfloat16, computed in float32, as under
+``mixed_bfloat16``); its gradient op forms the input's gradient and the bias's (summed
+in float32) in one more pass.
 
 Used by :class:`~src.models.attention.MultiHeadSelfAttention` (attention without a mask,
 weights or attention dropout: float32 and bfloat16, inference and training),
@@ -75,6 +76,7 @@ LAYER_NORM_TRAIN_OP = "AudioTransformerLayerNormTrain"
 LAYER_NORM_GRAD_OP = "AudioTransformerLayerNormGrad"
 BIAS_GELU_OP = "AudioTransformerBiasGelu"
 BIAS_GELU_GRAD_OP = "AudioTransformerBiasGeluGrad"
+DTYPES = ("float32", "bfloat16")  # what every kernel takes (see usable)
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
 ENV_MARCH = "AUDIO_TRANSFORMER_NATIVE_MARCH"  # the -march target (default: native)
@@ -247,7 +249,7 @@ def disabled():
 
 def usable(dtype, dtypes=("float32",)) -> bool:
     """Whether the kernels may run now for a layer computing in ``dtype``, one of
-    ``dtypes`` (every kernel takes float32 and bfloat16)."""
+    ``dtypes`` (every kernel takes :data:`DTYPES`, float32 and bfloat16)."""
     if keras.backend.backend() != "tensorflow" or getattr(_off, "value", False):
         return False
     if keras.backend.standardize_dtype(dtype) not in dtypes:
@@ -277,9 +279,9 @@ def softmax_attention(query, key, value, scale: float = 1.0, block_rows: int = 0
 
 
 def softmax_attention_train(query, key, value, scale: float = 1.0):
-    """:func:`softmax_attention` for training (float32, bfloat16): the forward kernel also keeps
-    each row's softmax statistics, and the gradient is the compiled backward (the
-    weights recomputed from them, never stored)."""
+    """:func:`softmax_attention` for training (float32, bfloat16): the forward kernel
+    also keeps each row's softmax statistics, and the gradient is the compiled backward
+    (the weights recomputed from them, never stored)."""
     module = load()
     if module is None:
         raise RuntimeError(f"the CPU kernels are not available (see the log, or {ENV_SWITCH})")
