@@ -1,5 +1,5 @@
 """The compiled CPU kernels (src/models/native.py: attention core, LayerNorm, bias +
-GELU): the same numbers and gradients as TensorFlow's ops (in bfloat16: the same
+GELU, bias (+ residual)): the same numbers and gradients as TensorFlow's ops (in bfloat16: the same
 roundings as a reference), used where they may be (inference) and nowhere else
 (training, XLA, SavedModel export), and a clear fallback when they cannot be built.
 
@@ -211,6 +211,114 @@ def test_bias_gelu_gradient_is_the_compiled_op_also_in_bfloat16():
     np.testing.assert_allclose(tf.cast(dx, tf.float32).numpy(), want, rtol=2 ** -8, atol=1e-6)
     # the bias's gradient is summed in float32 before any rounding
     np.testing.assert_allclose(dbias.numpy(), want.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(3, 7, 192), (5, 33), (2, 300, 40)])
+def test_bias_add_kernels_and_their_gradients_match_float64(dtype, shape):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(8)
+    x = tf.constant(rng.standard_normal(shape) * 3, dtype)
+    residual = tf.constant(rng.standard_normal(shape) * 3, dtype)
+    bias = tf.constant(rng.standard_normal(shape[-1]).astype("float32"))
+    upstream = tf.constant(rng.standard_normal(shape), dtype)
+
+    @tf.function
+    def run(x, bias, residual, upstream):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, bias, residual])
+            plain = native.bias_add(x, bias)
+            with_residual = native.bias_add(x, bias, residual)
+        return (plain, with_residual,
+                tape.gradient(plain, [x, bias], output_gradients=upstream),
+                tape.gradient(with_residual, [x, bias, residual], output_gradients=upstream))
+
+    graph = run.get_concrete_function(x, bias, residual, upstream).graph
+    assert {native.BIAS_ADD_OP, native.BIAS_ADD_RESIDUAL_OP,
+            native.BIAS_GRAD_OP} <= {op.type for op in graph.get_operations()}
+    plain, with_residual, grads, grads_residual = run(x, bias, residual, upstream)
+    assert plain.dtype == with_residual.dtype == tf.as_dtype(dtype)
+
+    def f64(t):
+        return tf.cast(t, tf.float64).numpy()
+
+    # summed in float32, rounded once to the dtype (bfloat16: within half a unit, 2^-8)
+    rtol = 1e-6 if dtype == "float32" else 2 ** -8
+    np.testing.assert_allclose(f64(plain), f64(x) + f64(bias), rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(f64(with_residual), f64(x) + f64(bias) + f64(residual),
+                               rtol=rtol, atol=1e-5)
+    dy = f64(upstream)
+    rows = tuple(range(len(shape) - 1))
+    for dx in (grads[0], grads_residual[0], grads_residual[2]):
+        assert dx.dtype == tf.as_dtype(dtype)
+        np.testing.assert_array_equal(f64(dx), dy)
+    for dbias in (grads[1], grads_residual[1]):  # summed in float32 whatever the dtype
+        assert dbias.dtype == tf.float32
+        np.testing.assert_allclose(dbias.numpy(), dy.sum(axis=rows),
+                                   rtol=1e-5, atol=1e-5 * np.abs(dy).sum(axis=rows).max())
+
+
+@needs_compiler
+def test_bias_add_kernels_reject_mismatched_shapes():
+    import tensorflow as tf
+
+    x = tf.zeros((4, 6, 10))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the bias must have 10 values"):
+        native.bias_add(x, tf.zeros(9))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="residual must have x's shape"):
+        native.bias_add(x, tf.zeros(10), tf.zeros((4, 5, 10)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must have an axis"):
+        native.load().audio_transformer_bias_grad(tf.zeros(()))
+
+
+@needs_compiler
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_a_bfloat16_block_adds_bias_and_residual_in_one_op_unless_dropout_runs(norm_first):
+    import keras
+    import tensorflow as tf
+
+    from src.models.transformer import TransformerBlock
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        blocks = {rate: TransformerBlock(16, 2, 32, dropout_rate=rate, activation="gelu",
+                                         norm_first=norm_first) for rate in (0.0, 0.5)}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = tf.constant(np.random.default_rng(0).standard_normal((2, 9, 16)), tf.float32)
+    for block in blocks.values():
+        block(x)
+        for w in block.trainable_weights:  # non-zero biases
+            w.assign(np.random.default_rng(1).standard_normal(w.shape) * 0.2)
+    train = _graph_ops(tf.function(lambda v: blocks[0.5](v, training=True)), x)
+    # dropout between the projection and the residual: only the bias in the kernel
+    assert native.BIAS_ADD_OP in train and native.BIAS_ADD_RESIDUAL_OP not in train
+    assert native.BIAS_ADD_RESIDUAL_OP in _graph_ops(
+        tf.function(lambda v: blocks[0.5](v, training=False)), x)
+
+    block = blocks[0.0]  # training without dropout: bias and residual fused, and backward
+
+    def step(v):
+        with tf.GradientTape() as tape:
+            y = tf.cast(block(v, training=True), tf.float32)
+            loss = tf.reduce_sum(y * tf.cos(tf.range(16, dtype=tf.float32)))
+        return [y, *tape.gradient(loss, block.trainable_weights)]
+
+    ops = {op.type for op in tf.function(step).get_concrete_function(x).graph.get_operations()}
+    assert {native.BIAS_ADD_RESIDUAL_OP, native.BIAS_GRAD_OP} <= ops
+    got = tf.function(step)(x)
+    with native.disabled():
+        want = tf.function(step)(x)
+    # bfloat16 on both sides (ours rounds once where TensorFlow's ops round twice); the
+    # key bias's gradient is zero up to rounding (softmax ignores a constant per row)
+    scale = max(float(np.abs(w.numpy()).max()) for w in want[1:])
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=0,
+                               atol=3e-2 * np.abs(want[0].numpy()).max())
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=3e-2 * scale)
 
 
 def _bfloat16_reference(q, k, v, scale):
@@ -451,6 +559,8 @@ def test_model_inference_uses_the_kernel_with_the_same_numbers(tiny_model):
     infer = tf.function(lambda v: tiny_model(v, training=False))
     ours = {native.OP_NAME, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
     assert ours <= _graph_ops(infer, x)
+    # the other biases: TensorFlow's float32 BiasAdd is as fast
+    assert native.BIAS_ADD_OP not in _graph_ops(infer, x)
     with native.disabled():
         plain = tf.function(lambda v: tiny_model(v, training=False))
         assert not ours & _graph_ops(plain, x)
@@ -466,11 +576,12 @@ def test_which_kernels_run_in_training_xla_and_mixed_precision(tiny_model):
     from src.models.build import build_model
 
     x = tf.constant(np.random.default_rng(0).standard_normal((2, 16000)) * 0.1, tf.float32)
+    biases = {native.BIAS_ADD_OP, native.BIAS_ADD_RESIDUAL_OP}
     ours = {native.OP_NAME, native.TRAIN_OP, native.LAYER_NORM_OP,
-            native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP}
+            native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP, *biases}
     train = tf.function(lambda v: tiny_model(v, training=True))
     # training (float32): the attention core, LayerNorm and the MLP's bias + GELU, with
-    # compiled backwards
+    # compiled backwards (the other biases only in bfloat16)
     assert ours & _graph_ops(train, x) == {native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP,
                                            native.BIAS_GELU_OP}
     xla = tf.function(lambda v: tiny_model(v, training=False), jit_compile=True)
@@ -487,13 +598,13 @@ def test_which_kernels_run_in_training_xla_and_mixed_precision(tiny_model):
                             {"n_mels": 32}, num_classes=5, clip_samples=16000)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    # bfloat16 training: the attention core, LayerNorm and the MLP's bias + GELU
+    # bfloat16 training (dropout 0.1: the biases without the residual)
     assert ours & _graph_ops(tf.function(lambda v: mixed(v, training=True)), x) == {
-        native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP}
+        native.TRAIN_OP, native.LAYER_NORM_TRAIN_OP, native.BIAS_GELU_OP, native.BIAS_ADD_OP}
     infer = tf.function(lambda v: mixed(v, training=False))
-    # bfloat16 inference: the three kernels
+    # bfloat16 inference: every kernel
     assert ours & _graph_ops(infer, x) == {native.OP_NAME, native.LAYER_NORM_OP,
-                                           native.BIAS_GELU_OP}
+                                           native.BIAS_GELU_OP, *biases}
     with native.disabled():
         plain = tf.function(lambda v: mixed(v, training=False))
         assert not ours & _graph_ops(plain, x)
@@ -514,6 +625,7 @@ def test_exported_savedmodel_holds_no_kernel_op(tiny_model, tmp_path):
     assert native.OP_NAME.encode() not in graph
     assert native.LAYER_NORM_OP.encode() not in graph
     assert native.BIAS_GELU_OP.encode() not in graph
+    assert native.BIAS_ADD_OP.encode() not in graph  # (and ...BiasAddResidual)
     x = np.random.default_rng(0).standard_normal((2, 16000)).astype("float32") * 0.1
     loaded = tf.saved_model.load(str(out))
     np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(),

@@ -32,37 +32,50 @@ PACKAGE = "audio_transformer"
 _MASK_PENALTY = -1e9
 
 
-def dense_over_tokens(dense, x, bias_activation=None):
+def dense_over_tokens(dense, x, bias_activation=None, residual=None):
     """``dense(x)`` for tokens ``(B, S, D_in)``: the same numbers, computed as one 2-D
     matmul over the B * S rows, then the bias and the activation.
 
     On CPU, TensorFlow runs a 2-D MatMul faster than the broadcast batched matmul it
     uses for 3-D inputs (about 4% of inference end to end in float32). The bias is
-    added after the reshape back to 3-D, so TensorFlow's graph optimiser does not fuse
-    it into the matmul: its fused MatMul + BiasAdd kernel runs bfloat16 at a third of
-    the plain bfloat16 MatMul's speed on AMX CPUs (1.19x inference, 1.09x training
-    end to end under ``mixed_bfloat16``; float32 unchanged). A quantized Dense is
-    called as is.
+    not fused into the matmul: TensorFlow's fused MatMul + BiasAdd kernel runs bfloat16
+    at a third of the plain bfloat16 MatMul's speed on AMX CPUs (1.19x inference, 1.09x
+    training end to end under ``mixed_bfloat16``; float32 unchanged). Where the compiled
+    kernels run (:mod:`src.models.native`), a layer without an activation adds its bias,
+    and ``residual`` if given, in one compiled op (float32 sums, rounded once); else the
+    bias is added after the reshape back to 3-D, where TensorFlow's graph optimiser does
+    not fuse it into the matmul. A quantized Dense is called as is.
 
     ``bias_activation(y, bias)``: applied to the 2-D matmul output in place of the bias
-    and the activation (a fused kernel for both; ``bias`` is the layer's variable)."""
+    and the activation (a fused kernel for both; ``bias`` is the layer's variable).
+    ``residual``: a tensor of the output's shape added to it (a residual connection)."""
     shape = ops.shape(x)
     if getattr(dense, "quantization_mode", None) is not None:
         y = dense(ops.reshape(x, (-1, shape[-1])))
-        return ops.reshape(y, (shape[0], shape[1], dense.units))
+        y = ops.reshape(y, (shape[0], shape[1], dense.units))
+        return y if residual is None else ops.add(residual, y)
     dtype = dense.compute_dtype
     with keras.name_scope(dense.name):
         y = ops.matmul(ops.reshape(ops.cast(x, dtype), (-1, shape[-1])),
                        ops.cast(dense.kernel, dtype))
         if bias_activation is not None:
-            return ops.reshape(bias_activation(y, dense.bias),
-                               (shape[0], shape[1], dense.units))
+            y = ops.reshape(bias_activation(y, dense.bias), (shape[0], shape[1], dense.units))
+            return y if residual is None else ops.add(residual, y)
+        if (
+            dense.bias is not None
+            and dense.activation in (None, keras.activations.linear)
+            and native.usable(dtype, native.BIAS_DTYPES)
+        ):
+            if residual is not None:
+                residual = ops.reshape(ops.cast(residual, dtype), (-1, dense.units))
+            y = native.bias_add(y, ops.cast(dense.bias, "float32"), residual)
+            return ops.reshape(y, (shape[0], shape[1], dense.units))
         y = ops.reshape(y, (shape[0], shape[1], dense.units))
         if dense.bias is not None:
             y = ops.add(y, ops.cast(dense.bias, dtype))
         if dense.activation is not None:
             y = dense.activation(y)
-    return y
+    return y if residual is None else ops.add(residual, y)
 
 
 def gradient_scope():
@@ -288,25 +301,30 @@ class MultiHeadSelfAttention(layers.Layer):
         x = ops.reshape(x, (batch_size, -1, self.num_heads, self.projection_dim))
         return ops.transpose(x, (0, 2, 1, 3))
 
-    def _fused_call(self, inputs, mask, batch_size, num_queries=None):
+    def _fused_call(self, inputs, mask, batch_size, num_queries=None, residual=None):
         q, k, v = self._project(inputs, batch_size, num_queries)  # (B, S, H, D/H)
         if mask is not None:
             mask = ops.cast(mask, "bool")[:, None, None, :]  # (B, 1, 1, Sk)
         out = ops.dot_product_attention(q, k, v, mask=mask)  # (B, S, H, D/H)
         return dense_over_tokens(
-            self.combine_heads, ops.reshape(out, (batch_size, -1, self.embed_dim))
+            self.combine_heads, ops.reshape(out, (batch_size, -1, self.embed_dim)),
+            residual=residual,
         )
 
     def call(
-        self, inputs, mask=None, training=None, return_attention_scores=False, num_queries=None
+        self, inputs, mask=None, training=None, return_attention_scores=False, num_queries=None,
+        residual=None,
     ):
+        """``residual``: a tensor of the output's shape added to the output (the block's
+        residual connection: with the compiled kernels, one op with the output
+        projection's bias)."""
         batch_size = ops.shape(inputs)[0]
         if (
             self.fused
             and not return_attention_scores
             and not (training and self.dropout_rate > 0)
         ):
-            return self._fused_call(inputs, mask, batch_size, num_queries)
+            return self._fused_call(inputs, mask, batch_size, num_queries, residual)
         if (
             mask is None
             and not return_attention_scores
@@ -320,7 +338,8 @@ class MultiHeadSelfAttention(layers.Layer):
             kernel = native.softmax_attention_train if training else native.softmax_attention
             attention = kernel(query, key, value, scale=1.0 / math.sqrt(self.projection_dim))
             return dense_over_tokens(
-                self.combine_heads, ops.reshape(attention, (batch_size, -1, self.embed_dim))
+                self.combine_heads, ops.reshape(attention, (batch_size, -1, self.embed_dim)),
+                residual=residual,
             )
         if self.fused_qkv:
             qkv = ops.reshape(
@@ -350,7 +369,8 @@ class MultiHeadSelfAttention(layers.Layer):
             )
         attention = ops.transpose(attention, (0, 2, 1, 3))  # (B, S, H, D/H)
         concat = ops.reshape(attention, (batch_size, -1, self.embed_dim))  # (B, S, D)
-        output = dense_over_tokens(self.combine_heads, concat)  # mixes the heads back into D
+        # mixes the heads back into D
+        output = dense_over_tokens(self.combine_heads, concat, residual=residual)
         if return_attention_scores:
             return output, weights
         return output

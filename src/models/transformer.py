@@ -131,42 +131,59 @@ class TransformerBlock(layers.Layer):
         is row-wise, so these rows equal the first rows of the full output; a model
         that pools its [CLS] token needs no other row from its last block."""
         weights = None
+        # Without dropout between them (inference, or a rate of 0), the residual is added
+        # in the projection's own bias op (one op with the compiled kernels).
+        fuse = not (training and self.dropout_rate > 0)
 
-        def attend(x):
+        def attend(x, residual=None):
             nonlocal weights
+            kwargs = dict(mask=mask, training=training, num_queries=num_queries)
+            if residual is not None:
+                kwargs["residual"] = residual
             if return_attention_scores:
-                out, weights = self.att(
-                    x, mask=mask, training=training, return_attention_scores=True,
-                    num_queries=num_queries,
-                )
+                out, weights = self.att(x, return_attention_scores=True, **kwargs)
                 return out
-            return self.att(x, mask=mask, training=training, num_queries=num_queries)
+            return self.att(x, **kwargs)
 
         residual = inputs if num_queries is None else inputs[:, :num_queries]
         if self.norm_first:
-            x = residual + self.dropout1(attend(self.layernorm1(inputs)), training=training)
-            ffn_out = self.feed_forward(self.layernorm2(x), training=training)
-            out = x + self.dropout2(ffn_out, training=training)
+            if fuse:
+                x = attend(self.layernorm1(inputs), residual)
+            else:
+                x = residual + self.dropout1(attend(self.layernorm1(inputs)), training=training)
+            out = self._feed_forward_residual(self.layernorm2(x), x, fuse, training)
         else:
-            x = self.layernorm1(residual + self.dropout1(attend(inputs), training=training))
-            ffn_out = self.feed_forward(x, training=training)
-            out = self.layernorm2(x + self.dropout2(ffn_out, training=training))
+            if fuse:
+                x = self.layernorm1(attend(inputs, residual))
+            else:
+                x = self.layernorm1(residual + self.dropout1(attend(inputs), training=training))
+            out = self.layernorm2(self._feed_forward_residual(x, x, fuse, training))
         if return_attention_scores:
             return out, weights
         return out
 
-    def feed_forward(self, x, training=None):
+    def _feed_forward_residual(self, x, residual, fuse, training):
+        """``residual + Dropout2(FFN(x))``; with ``fuse``, the residual is added in fc2's
+        bias op."""
+        if fuse:
+            return self.feed_forward(x, training=training, residual=residual)
+        return residual + self.dropout2(self.feed_forward(x, training=training),
+                                        training=training)
+
+    def feed_forward(self, x, training=None, residual=None):
         """``self.ffn(x)`` (fc1, activation, fc2), each Dense as one 2-D matmul over the
         tokens (see ``dense_over_tokens``); in float32 and bfloat16, fc1's bias and exact
-        GELU run as one compiled op, whose gradient is a second one
-        (:mod:`src.models.native`)."""
-        for dense in self.ffn.layers:
+        GELU run as one compiled op, whose gradient is a second one, and fc2's bias and
+        ``residual`` (added to the output if given) another (:mod:`src.models.native`)."""
+        last = len(self.ffn.layers) - 1
+        for i, dense in enumerate(self.ffn.layers):
             fused = (  # bias + GELU after the matmul as one compiled op
                 dense.activation is gelu
                 and dense.bias is not None
                 and native.usable(dense.compute_dtype, native.DTYPES)
             )
-            x = dense_over_tokens(dense, x, bias_activation=_bias_gelu if fused else None)
+            x = dense_over_tokens(dense, x, bias_activation=_bias_gelu if fused else None,
+                                  residual=residual if i == last else None)
         return x
 
     def compute_output_shape(self, input_shape):
