@@ -29,8 +29,8 @@ prints the with/without ratios; FLOPs are then given for a training step's forwa
 pass over the patches left as well. ``--passt-audioset``: PaSST's AudioSet shape, a
 10 s clip of 128 mel bins x 998 frames, stride 10 (a 12 x 99 grid), with its
 structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
-says otherwise. Inference, and the attention core of a float32 training step, run the
-compiled kernels of ``src.models.native`` where they build (the report says
+says otherwise. Training and inference run the compiled kernels of
+``src.models.native`` where they build (the report says
 ``native_kernels=True``; ``AUDIO_TRANSFORMER_NATIVE=0`` times TensorFlow's ops
 instead). ``--profile N`` traces N training steps and N inference batches with
 TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
@@ -625,7 +625,8 @@ def bench_model(args):
         "fused_qkv": args.fused_qkv,
         "pooled_last_block": not args.full_last_block,
         # The compiled kernels (src/models/native.py: attention, LayerNorm, bias + GELU,
-        # in float32 and bfloat16, inference and training)?
+        # in float32 and bfloat16, and the other biases in bfloat16; inference and
+        # training)?
         "native_kernels": bool(not args.jit and args.precision in ("float32", "mixed_bfloat16")
                                  and native.usable("float32")),
         "precision": args.precision,
