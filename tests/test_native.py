@@ -319,6 +319,11 @@ def test_a_bfloat16_block_adds_bias_and_residual_in_one_op_unless_dropout_runs(n
                                atol=3e-2 * np.abs(want[0].numpy()).max())
     for g, w in zip(got[1:], want[1:]):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=3e-2 * scale)
+    # the pooled last block's rows (num_queries): the residual is sliced to them
+    pooled = tf.cast(block(x, training=False, num_queries=2), tf.float32).numpy()
+    with native.disabled():
+        want = tf.cast(block(x, training=False), tf.float32).numpy()[:, :2]
+    np.testing.assert_allclose(pooled, want, rtol=0, atol=3e-2 * np.abs(want).max())
 
 
 def _bfloat16_reference(q, k, v, scale):
