@@ -1,7 +1,8 @@
 // Rows in and out of float32 working buffers, for kernels that take float32 or bfloat16
 // tensors and compute in float32. bfloat16 is float32's upper half: widened exactly,
-// narrowed by rounding to nearest even (as Eigen's conversion). And the registration of
-// such a kernel for both types.
+// narrowed by rounding to nearest even (as Eigen's conversion); rows read and written
+// in place for float32 and through a buffer for bfloat16. And the registration of such
+// a kernel for both types.
 
 #ifndef AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
 #define AUDIO_TRANSFORMER_NATIVE_BFLOAT16_H_
@@ -44,6 +45,19 @@ inline void Store(const float* src, tensorflow::bfloat16* dst, int64_t n) {
 #endif
   for (; i < n; ++i) dst[i] = static_cast<tensorflow::bfloat16>(src[i]);
 }
+
+// A row of T (float32 or bfloat16) as float32: the tensor's own memory for float32, else converted into buf.
+inline const float* RowIn(const float* src, int64_t, float*) { return src; }
+inline const float* RowIn(const tensorflow::bfloat16* src, int64_t n, float* buf) {
+  Load(src, buf, n);
+  return buf;
+}
+// Where a row of T is written as float32: the output's memory for float32, else buf
+// (then RowOut stores it).
+inline float* RowBuffer(float* dst, float*) { return dst; }
+inline float* RowBuffer(tensorflow::bfloat16*, float* buf) { return buf; }
+inline void RowOut(const float*, float*, int64_t) {}
+inline void RowOut(const float* buf, tensorflow::bfloat16* dst, int64_t n) { Store(buf, dst, n); }
 
 }  // namespace audio_transformer_native
 

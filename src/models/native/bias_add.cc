@@ -14,15 +14,12 @@
 // Built on first use by src/models/native.py, which also registers the gradients.
 
 #define EIGEN_USE_THREADS
-#include <algorithm>
 #include <cstdint>
 #include <string>
-#include <type_traits>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "bfloat16.h"
+#include "shards.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -35,8 +32,10 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
-using audio_transformer_native::Load;
-using audio_transformer_native::Store;
+using audio_transformer_native::RowBuffer;
+using audio_transformer_native::RowIn;
+using audio_transformer_native::RowOut;
+using audio_transformer_native::SumRowsByShard;
 
 // kResidual: a third input of x's shape is added too.
 template <typename T, bool kResidual>
@@ -77,29 +76,17 @@ class BiasAddOp : public OpKernel {
     T* yp = out->flat<T>().data();
     const float* b = bias.flat<float>().data();
     auto work = [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<T, float>) {  // in place in the output row
-        for (int64_t r = begin; r < end; ++r) {
-          const float* xr = xp + r * N;
-          float* yr = yp + r * N;
-          if (kResidual) {
-            const float* rr = rp + r * N;
-            for (int64_t i = 0; i < N; ++i) yr[i] = xr[i] + b[i] + rr[i];
-          } else {
-            for (int64_t i = 0; i < N; ++i) yr[i] = xr[i] + b[i];
-          }
+      std::vector<float> x_buf(N), res_buf(N), y_buf(N);  // (bfloat16 rows)
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = RowIn(xp + r * N, N, x_buf.data());
+        float* yr = RowBuffer(yp + r * N, y_buf.data());
+        if (kResidual) {
+          const float* rr = RowIn(rp + r * N, N, res_buf.data());
+          for (int64_t i = 0; i < N; ++i) yr[i] = xr[i] + b[i] + rr[i];
+        } else {
+          for (int64_t i = 0; i < N; ++i) yr[i] = xr[i] + b[i];
         }
-      } else {  // through float32 rows
-        std::vector<float> row(N), res(kResidual ? N : 0);
-        for (int64_t r = begin; r < end; ++r) {
-          Load(xp + r * N, row.data(), N);
-          if (kResidual) {
-            Load(rp + r * N, res.data(), N);
-            for (int64_t i = 0; i < N; ++i) row[i] += b[i] + res[i];
-          } else {
-            for (int64_t i = 0; i < N; ++i) row[i] += b[i];
-          }
-          Store(row.data(), yp + r * N, N);
-        }
+        RowOut(yr, yp + r * N, N);
       }
     };
     ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
@@ -126,33 +113,17 @@ class BiasGradOp : public OpKernel {
     const int64_t N = dy.dim_size(dy.dims() - 1);
     Tensor* dbias = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({N}), &dbias));
-    float* db = dbias->flat<float>().data();
-    std::fill(db, db + N, 0.0f);
     const int64_t rows = N ? dy.NumElements() / N : 0;
-    if (rows == 0) return;
     const T* dyp = dy.flat<T>().data();
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    const int64_t shards = std::min<int64_t>(rows, 4 * (pool->NumThreads() + 1));
-    const int64_t per = (rows + shards - 1) / shards;
-    std::vector<float> partial(shards * N, 0.0f);
-    auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> row(std::is_same_v<T, float> ? 0 : N);
-      for (int64_t shard = begin; shard < end; ++shard) {
-        float* sum = partial.data() + shard * N;
-        for (int64_t r = shard * per; r < std::min(rows, (shard + 1) * per); ++r) {
-          const float* d = row.data();
-          if constexpr (std::is_same_v<T, float>) {
-            d = dyp + r * N;
-          } else {
-            Load(dyp + r * N, row.data(), N);
+    SumRowsByShard(
+        ctx->device()->tensorflow_cpu_worker_threads()->workers, rows, N, N * 2,
+        dbias->flat<float>().data(), [&](int64_t begin, int64_t end, float* sum) {
+          std::vector<float> buf(N);  // (bfloat16 rows)
+          for (int64_t r = begin; r < end; ++r) {
+            const float* d = RowIn(dyp + r * N, N, buf.data());
+            for (int64_t i = 0; i < N; ++i) sum[i] += d[i];
           }
-          for (int64_t i = 0; i < N; ++i) sum[i] += d[i];
-        }
-      }
-    };
-    pool->ParallelFor(shards, per * N * 2, work);
-    for (int64_t shard = 0; shard < shards; ++shard)
-      for (int64_t i = 0; i < N; ++i) db[i] += partial[shard * N + i];
+        });
   }
 };
 

@@ -11,15 +11,13 @@
 // Built on first use by src/models/native.py, which also registers the gradient.
 
 #define EIGEN_USE_THREADS
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
-#include <vector>
 
 #include <Eigen/Core>
 
 #include "bfloat16.h"
+#include "shards.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -34,6 +32,7 @@ using tensorflow::Tensor;
 
 using audio_transformer_native::Load;
 using audio_transformer_native::Store;
+using audio_transformer_native::SumRowsByShard;
 
 template <typename T>
 class BiasGeluOp : public OpKernel {
@@ -93,37 +92,27 @@ class BiasGeluGradOp : public OpKernel {
     Tensor *dx = nullptr, *dbias = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, bias.shape(), &dbias));
-    float* db = dbias->flat<float>().data();
-    std::fill(db, db + N, 0.0f);
     const int64_t rows = N ? x.NumElements() / N : 0;
-    if (rows == 0) return;
     const T* xp = x.flat<T>().data();
     const T* dyp = dy.flat<T>().data();
     T* dxp = dx->flat<T>().data();
     Eigen::Map<const Eigen::ArrayXf> b(bias.flat<float>().data(), N);
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    const int64_t shards = std::min<int64_t>(rows, 4 * (pool->NumThreads() + 1));
-    const int64_t per = (rows + shards - 1) / shards;
-    std::vector<float> partial(shards * N, 0.0f);  // per shard: its rows' sum of dx
-    auto work = [&](int64_t begin, int64_t end) {
-      Eigen::ArrayXf z(N), d(N);
-      for (int64_t shard = begin; shard < end; ++shard) {
-        Eigen::Map<Eigen::ArrayXf> sum(partial.data() + shard * N, N);
-        for (int64_t r = shard * per; r < std::min(rows, (shard + 1) * per); ++r) {
-          Load(xp + r * N, z.data(), N);
-          Load(dyp + r * N, d.data(), N);
-          z += b;
-          // d/dz z Phi(z) = Phi(z) + z phi(z), phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
-          d *= 0.5f * (1.0f + (z * 0.70710678118654752f).erf()) +
-               z * (z.square() * -0.5f).exp() * 0.39894228040143268f;
-          sum += d;
-          Store(d.data(), dxp + r * N, N);
-        }
-      }
-    };
-    pool->ParallelFor(shards, per * N * 60, work);
-    for (int64_t shard = 0; shard < shards; ++shard)
-      for (int64_t i = 0; i < N; ++i) db[i] += partial[shard * N + i];
+    SumRowsByShard(
+        ctx->device()->tensorflow_cpu_worker_threads()->workers, rows, N, N * 60,
+        dbias->flat<float>().data(), [&](int64_t begin, int64_t end, float* partial) {
+          Eigen::Map<Eigen::ArrayXf> sum(partial, N);
+          Eigen::ArrayXf z(N), d(N);
+          for (int64_t r = begin; r < end; ++r) {
+            Load(xp + r * N, z.data(), N);
+            Load(dyp + r * N, d.data(), N);
+            z += b;
+            // d/dz z Phi(z) = Phi(z) + z phi(z), phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+            d *= 0.5f * (1.0f + (z * 0.70710678118654752f).erf()) +
+                 z * (z.square() * -0.5f).exp() * 0.39894228040143268f;
+            sum += d;
+            Store(d.data(), dxp + r * N, N);
+          }
+        });
   }
 };
 

@@ -14,12 +14,14 @@
 // compiled gradient op).
 
 #define EIGEN_USE_THREADS
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "bfloat16.h"
+#include "shards.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -31,21 +33,10 @@ using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
-using audio_transformer_native::Load;
-using audio_transformer_native::Store;
-
-// A row of T as float32: the tensor's own memory for float32, else converted into buf.
-inline const float* RowIn(const float* src, int64_t, float*) { return src; }
-inline const float* RowIn(const tensorflow::bfloat16* src, int64_t n, float* buf) {
-  Load(src, buf, n);
-  return buf;
-}
-// Where a row of T is written as float32: the output's memory for float32, else buf
-// (then RowOut stores it).
-inline float* RowBuffer(float* dst, float*) { return dst; }
-inline float* RowBuffer(tensorflow::bfloat16*, float* buf) { return buf; }
-inline void RowOut(const float*, float*, int64_t) {}
-inline void RowOut(const float* buf, tensorflow::bfloat16* dst, int64_t n) { Store(buf, dst, n); }
+using audio_transformer_native::RowBuffer;
+using audio_transformer_native::RowIn;
+using audio_transformer_native::RowOut;
+using audio_transformer_native::SumRowsByShard;
 
 // kStats: also each row's mean and 1 / std (outputs 1 and 2, x's shape without its
 // last axis), for the gradient op below (the training op).
@@ -149,52 +140,41 @@ class LayerNormGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, gamma.shape(), &dbeta));
     float* dg = dgamma->flat<float>().data();
     float* db = dbeta->flat<float>().data();
-    std::fill(dg, dg + D, 0.0f);
-    std::fill(db, db + D, 0.0f);
-    if (rows == 0) return;
     const T* xp = x.flat<T>().data();
     const float* gp = gamma.flat<float>().data();
     const float* mp = mean.flat<float>().data();
     const float* rp = rstd.flat<float>().data();
     const T* dyp = dy.flat<T>().data();
     T* dxp = dx->flat<T>().data();
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    const int64_t shards = std::min<int64_t>(rows, 4 * (pool->NumThreads() + 1));
-    const int64_t per = (rows + shards - 1) / shards;
-    std::vector<float> partial(2 * shards * D, 0.0f);  // per shard: dgamma, dbeta
-    auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> xhat(D), g(D), x_buf(D), dy_buf(D), dx_buf(D);
-      for (int64_t shard = begin; shard < end; ++shard) {
-        float* pg = partial.data() + 2 * shard * D;
-        float* pb = pg + D;
-        for (int64_t r = shard * per; r < std::min(rows, (shard + 1) * per); ++r) {
-          const float* xr = RowIn(xp + r * D, D, x_buf.data());
-          const float* dr = RowIn(dyp + r * D, D, dy_buf.data());
-          const float m = mp[r], s = rp[r];
-          float sum_g = 0.0f, sum_gx = 0.0f;
+    std::vector<float> sums(2 * D);  // dgamma, then dbeta
+    SumRowsByShard(
+        ctx->device()->tensorflow_cpu_worker_threads()->workers, rows, 2 * D, D * 12,
+        sums.data(), [&](int64_t begin, int64_t end, float* pg) {
+          float* pb = pg + D;
+          std::vector<float> xhat(D), g(D), x_buf(D), dy_buf(D), dx_buf(D);
+          for (int64_t r = begin; r < end; ++r) {
+            const float* xr = RowIn(xp + r * D, D, x_buf.data());
+            const float* dr = RowIn(dyp + r * D, D, dy_buf.data());
+            const float m = mp[r], s = rp[r];
+            float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
-          for (int64_t i = 0; i < D; ++i) {
-            xhat[i] = (xr[i] - m) * s;
-            g[i] = dr[i] * gp[i];
-            sum_g += g[i];
-            sum_gx += g[i] * xhat[i];
-            pg[i] += dr[i] * xhat[i];
-            pb[i] += dr[i];
-          }
-          const float mg = sum_g / D, mgx = sum_gx / D;
-          float* out = RowBuffer(dxp + r * D, dx_buf.data());
+            for (int64_t i = 0; i < D; ++i) {
+              xhat[i] = (xr[i] - m) * s;
+              g[i] = dr[i] * gp[i];
+              sum_g += g[i];
+              sum_gx += g[i] * xhat[i];
+              pg[i] += dr[i] * xhat[i];
+              pb[i] += dr[i];
+            }
+            const float mg = sum_g / D, mgx = sum_gx / D;
+            float* out = RowBuffer(dxp + r * D, dx_buf.data());
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) out[i] = s * (g[i] - mg - xhat[i] * mgx);
-          RowOut(out, dxp + r * D, D);
-        }
-      }
-    };
-    pool->ParallelFor(shards, per * D * 12, work);
-    for (int64_t shard = 0; shard < shards; ++shard)
-      for (int64_t i = 0; i < D; ++i) {
-        dg[i] += partial[2 * shard * D + i];
-        db[i] += partial[(2 * shard + 1) * D + i];
-      }
+            for (int64_t i = 0; i < D; ++i) out[i] = s * (g[i] - mg - xhat[i] * mgx);
+            RowOut(out, dxp + r * D, D);
+          }
+        });
+    std::copy(sums.begin(), sums.begin() + D, dg);
+    std::copy(sums.begin() + D, sums.end(), db);
   }
 };
 
