@@ -3,7 +3,8 @@
     python -m scripts.benchmark model [--embed 192 --layers 4 --heads 4 --ff 768 --mels 128
         --frames 512 --stride 10 --batch 32] [--jit] [--fused] [--fused-qkv]
         [--full-last-block] [--precision float32|mixed_bfloat16|mixed_float16]
-        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--profile N] [--json]
+        [--patchout T,F[,R]] [--passt-audioset] [--vs-pytorch] [--profile N]
+        [--ab KERNEL[,KERNEL] [--ab-pairs 20]] [--json]
     python -m scripts.benchmark pretrain [--embed 192 --layers 4 --heads 4 --ff 768
         --mels 128 --frames 998 --batch 16] [--patchout T,F] [--mask-fraction 0.78] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
@@ -32,7 +33,10 @@ structured patchout t=40, f=4 (8 x 59 = 472 patches left) unless ``--patchout``
 says otherwise. Training and inference run the compiled kernels of
 ``src.models.native`` where they build (the report says
 ``native_kernels=True``; ``AUDIO_TRANSFORMER_NATIVE=0`` times TensorFlow's ops
-instead). ``--profile N`` traces N training steps and N inference batches with
+instead). ``--ab KERNEL[,KERNEL]`` (of attention, layer_norm, bias_gelu, bias) measures
+what kernels are worth: the same model traced without them, alternating steps with the
+default one in one process (``--ab-pairs`` pairs, in both orders), and the median and
+quartiles of the step-time ratios. ``--profile N`` traces N training steps and N inference batches with
 TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
 step under ``--jit`` has no per-op times).
 
@@ -504,6 +508,43 @@ def _patchout_counts(text):
     return tuple(counts + [0] * (3 - len(counts)))
 
 
+def _kernel_names(text):
+    """``"attention,bias"`` -> the names, each one of ``src.models.native.KERNELS``."""
+    from src.models import native
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in native.KERNELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--ab takes kernel names separated by commas, of {', '.join(native.KERNELS)}; "
+            f"got {text!r}")
+    return names
+
+
+def ab_pairs(steps: dict, pairs: int) -> dict:
+    """``steps``: ``{what: (default step, step without the kernels)}``. Times the two
+    alternately, ``pairs`` times each, the order swapped every pair (a pair's ratio is
+    then free of the machine's drift); per ``what``: the median step-time ratio
+    (without / with: above 1 when the kernels help), its quartiles, and the median step
+    times in ms."""
+    import numpy as np
+
+    out = {}
+    for what, (with_kernels, without) in steps.items():
+        times = {"with": [], "without": []}
+        for i in range(pairs):
+            order = (("with", with_kernels), ("without", without))
+            for key, step in order if i % 2 == 0 else order[::-1]:
+                times[key].append(_timed(step))
+        ratio = np.array(times["without"]) / np.array(times["with"])
+        out[what] = {"speedup": float(np.median(ratio)),
+                     "speedup_quartiles": [float(np.percentile(ratio, 25)),
+                                           float(np.percentile(ratio, 75))],
+                     "step_ms": float(np.median(times["with"]) * 1e3),
+                     "step_ms_without": float(np.median(times["without"]) * 1e3)}
+    return out
+
+
 def measured_peak_gflops(size=4096, repeats=5, dtype="float32"):
     """A square matmul with XLA, in the compute dtype of the model being measured."""
     import tensorflow as tf
@@ -569,6 +610,10 @@ def bench_model(args):
         return model, backbone, infer
 
     model, backbone, infer = compiled(cfg)
+    without = None
+    if args.ab:  # the same model traced without the named kernels
+        with native.disabled(*args.ab):
+            without = compiled(cfg)
     # The same model without patchout, timed alternately with it.
     plain = compiled(dict(cfg, patchout=None)) if any(args.patchout) else None
     wave = rng.standard_normal((1, clip_samples)).astype("float32") * 0.1
@@ -590,6 +635,13 @@ def bench_model(args):
                 args.batch / _settled(lambda: plain[1].train_on_batch(x, y)))
             ours.setdefault("infer_plain", []).append(
                 args.batch / _settled(lambda: plain[2](x).numpy()))
+    ab = None
+    if without is not None:
+        ab = {"kernels": list(args.ab), "pairs": args.ab_pairs, **ab_pairs(
+            {"train": (lambda: backbone.train_on_batch(x, y),
+                       lambda: without[1].train_on_batch(x, y)),
+             "infer": (lambda: infer(x).numpy(), lambda: without[2](x).numpy())},
+            args.ab_pairs)}
     profile = profile_infer = None
     if args.profile:
         profile = profile_steps(lambda: backbone.train_on_batch(x, y), args.profile)
@@ -618,6 +670,7 @@ def bench_model(args):
         "grid": list(backbone.grid),
         "profile": profile,
         "profile_inference": profile_infer,
+        "ab": ab,
         "patchout": patchout,
         "train_patches": int(backbone.patch_embed.num_train_patches),
         "jit_compile": args.jit,
@@ -892,6 +945,13 @@ def main(argv=None) -> int:
                    help="PaSST's AudioSet shape: 128 mels x 998 frames (10 s), stride 10 "
                         "(12 x 99 patches), patchout 40,4 unless --patchout is given")
     m.add_argument("--vs-pytorch", action="store_true")
+    m.add_argument("--ab", type=_kernel_names, default=(), metavar="KERNEL[,KERNEL]",
+                   help="also time the model traced without these compiled kernels "
+                        "(attention, layer_norm, bias_gelu, bias), alternating steps in one "
+                        "process, and print the step-time ratios")
+    m.add_argument("--ab-pairs", type=int, default=20, metavar="N",
+                   help="pairs of steps for --ab (default 20; the ratios' spread shows "
+                        "whether that is enough)")
     m.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also trace STEPS training steps and STEPS batches' inference with "
                         "TensorFlow's profiler and print the time per op type and per part of "
@@ -969,6 +1029,11 @@ def main(argv=None) -> int:
         return 0
 
     if args.what == "model":
+        if args.ab and args.jit:
+            parser.error("model: --ab with --jit measures nothing (an XLA-compiled step "
+                         "never runs the compiled kernels)")
+        if args.ab_pairs < 1:
+            parser.error(f"model: --ab-pairs must be at least 1, got {args.ab_pairs}")
         try:
             r = bench_model(args)
         except ValueError as err:  # sizes that do not fit the grid: say so, no traceback
@@ -1001,6 +1066,15 @@ def main(argv=None) -> int:
               f"({r['infer_gflops_per_s']:.0f} GFLOP/s, {100 * r['infer_fraction_of_peak']:.0f}%"
               " of peak)")
         print(f"  latency    {r['latency_ms']:8.1f} ms for one clip (waveform in)")
+        if r["ab"]:
+            ab = r["ab"]
+            print(f"  A/B without {' + '.join(ab['kernels'])} ({ab['pairs']} pairs of "
+                  "steps, alternating in one process; step-time ratio without / with):")
+            for what, label in (("train", "training"), ("infer", "inference")):
+                q1, q3 = ab[what]["speedup_quartiles"]
+                print(f"    {label:<10} {ab[what]['speedup']:.3f}x (quartiles {q1:.3f}-{q3:.3f}; "
+                      f"{ab[what]['step_ms']:.1f} ms with, {ab[what]['step_ms_without']:.1f} "
+                      "ms without)")
         for what, key in (("a training step", "profile"), ("a batch's inference",
                                                                "profile_inference")):
             pr = r.get(key)

@@ -685,6 +685,42 @@ def test_without_a_compiler_the_model_runs_on_tensorflow_ops(tmp_path):
     assert "missing-c++" in result.stderr
 
 
+@needs_compiler
+def test_kernels_are_switched_off_by_name():
+    import keras
+    import tensorflow as tf
+
+    from src.models.transformer import TransformerBlock
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        block = TransformerBlock(16, 2, 32, dropout_rate=0.0, activation="gelu")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = tf.zeros((2, 9, 16))
+    every = {native.OP_NAME, native.LAYER_NORM_OP, native.BIAS_GELU_OP,
+             native.BIAS_ADD_RESIDUAL_OP, native.BIAS_ADD_OP}
+    assert every - {native.BIAS_ADD_OP} <= _graph_ops(
+        tf.function(lambda v: block(v, training=False)), x)
+    with native.disabled("bias"):
+        assert native.usable("float32", kernel="attention")
+        assert not native.usable("bfloat16", native.DTYPES, kernel="bias")
+        assert native.usable("float32")  # some kernel still runs
+        ops = _graph_ops(tf.function(lambda v: block(v, training=False)), x)
+        with native.disabled("attention", "layer_norm"):  # nested: adds to the set
+            inner = _graph_ops(tf.function(lambda v: block(v, training=False)), x)
+            with native.disabled("bias_gelu"):
+                assert not native.usable("float32")  # every kernel is off
+    assert ops & every == {native.OP_NAME, native.LAYER_NORM_OP, native.BIAS_GELU_OP}
+    assert inner & every == {native.BIAS_GELU_OP}
+    assert native.usable("bfloat16", native.DTYPES, kernel="bias")  # restored
+    for bad in (lambda: native.disabled("bias", "softmax").__enter__(),
+                lambda: native.usable("float32", kernel="softmax")):
+        with pytest.raises(ValueError, match="unknown kernel 'softmax': the kernels are "
+                                             "attention, layer_norm, bias_gelu, bias"):
+            bad()
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert native.load() is None

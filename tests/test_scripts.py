@@ -8,6 +8,11 @@ import sys
 import pytest
 from helpers import ROOT, TINY_DATA, TINY_MODEL, train_env
 
+from src.models import native
+
+needs_compiler = pytest.mark.skipif(
+    native._compiler() is None, reason="no C++ compiler to build the kernels")
+
 TINY = [*TINY_DATA, *TINY_MODEL, "trainer.epochs=1"]
 
 
@@ -175,6 +180,34 @@ def test_model_benchmark_reports_throughput_and_flops(tmp_path):
         fraction = r[f"{kind}_fraction_of_peak"]
         assert fraction == pytest.approx(r[f"{kind}_gflops_per_s"] / r["peak_gflops_per_s"])
         assert 0.0 < fraction < 1.0
+
+
+@needs_compiler
+def test_model_benchmark_measures_a_kernel_a_b_in_one_process(capsys):
+    import keras
+
+    from scripts.benchmark import main
+
+    tiny = ["model", "--embed", "16", "--layers", "1", "--heads", "2", "--ff", "32",
+            "--mels", "32", "--frames", "64", "--stride", "16", "--batch", "4"]
+    try:
+        assert main([*tiny, "--repeats", "1", "--precision", "mixed_bfloat16",
+                     "--ab", "bias,layer_norm", "--ab-pairs", "3", "--json"]) == 0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    ab = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ab"]
+    assert ab["kernels"] == ["bias", "layer_norm"] and ab["pairs"] == 3
+    for what in ("train", "infer"):
+        r = ab[what]
+        assert _finite_positive(r["speedup"]) and _finite_positive(r["step_ms"])
+        assert r["speedup_quartiles"][0] <= r["speedup"] <= r["speedup_quartiles"][1]
+    for argv, needle in (([*tiny, "--ab", "bias,softmax"], "of attention, layer_norm, "
+                          "bias_gelu, bias; got 'bias,softmax'"),
+                         ([*tiny, "--ab", "bias", "--jit"], "--ab with --jit measures nothing"),
+                         ([*tiny, "--ab", "bias", "--ab-pairs", "0"], "at least 1, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_cpu_description_names_the_model_and_its_matmul_features():

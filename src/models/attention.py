@@ -64,7 +64,7 @@ def dense_over_tokens(dense, x, bias_activation=None, residual=None):
         if (
             dense.bias is not None
             and dense.activation in (None, keras.activations.linear)
-            and native.usable(dtype, native.BIAS_DTYPES)
+            and native.usable(dtype, native.BIAS_DTYPES, "bias")
         ):
             if residual is not None:
                 residual = ops.reshape(ops.cast(residual, dtype), (-1, dense.units))
@@ -329,7 +329,7 @@ class MultiHeadSelfAttention(layers.Layer):
             mask is None
             and not return_attention_scores
             and not (training and self.dropout_rate > 0)
-            and native.usable(self.compute_dtype, native.DTYPES)
+            and native.usable(self.compute_dtype, native.DTYPES, "attention")
         ):
             # The compiled kernels (float32 or bfloat16; in training with the compiled
             # backward): the same numbers, one op on the (B, S, H, D/H) layout, no head

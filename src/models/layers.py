@@ -150,7 +150,7 @@ class LayerNorm(layers.LayerNormalization):
             or not custom_gradients_supported()
         ):
             return super().call(inputs)
-        if native.usable(self.compute_dtype, native.DTYPES):
+        if native.usable(self.compute_dtype, native.DTYPES, "layer_norm"):
             # One compiled op (src/models/native.py; bfloat16 computed in float32); in
             # training with the rows' statistics kept for its compiled gradient.
             kernel = native.layer_norm_train if training else native.layer_norm

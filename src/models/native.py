@@ -88,6 +88,9 @@ DTYPES = ("float32", "bfloat16")  # what every kernel takes (see usable)
 # Where the models use the bias kernels: TensorFlow's float32 BiasAdd already runs at
 # memory speed (A/B end to end: 0.98-1.00x), its bfloat16 one does not (1.05x inference).
 BIAS_DTYPES = ("bfloat16",)
+# Names of the kernels for disabled() and usable(): the attention core, LayerNorm, the
+# MLP's bias + GELU, and the other Dense layers' bias (+ residual).
+KERNELS = ("attention", "layer_norm", "bias_gelu", "bias")
 ENV_SWITCH = "AUDIO_TRANSFORMER_NATIVE"
 ENV_DIR = "AUDIO_TRANSFORMER_NATIVE_DIR"
 ENV_MARCH = "AUDIO_TRANSFORMER_NATIVE_MARCH"  # the -march target (default: native)
@@ -255,21 +258,34 @@ def load():
 
 
 @contextlib.contextmanager
-def disabled():
-    """Trace without the kernels in this block (this thread): for graphs that are saved
-    and loaded elsewhere (SavedModel export)."""
-    previous = getattr(_off, "value", False)
-    _off.value = True
+def disabled(*kernels: str):
+    """Trace without the kernels in this block (this thread): all of them (for graphs
+    that are saved and loaded elsewhere: SavedModel export), or those named, of
+    :data:`KERNELS` (to measure what one is worth: ``scripts/benchmark.py model
+    --ab``)."""
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"unknown kernel {', '.join(map(repr, unknown))}: the kernels are "
+                         f"{', '.join(KERNELS)}")
+    previous = getattr(_off, "value", frozenset())
+    _off.value = previous | frozenset(kernels or KERNELS)
     try:
         yield
     finally:
         _off.value = previous
 
 
-def usable(dtype, dtypes=("float32",)) -> bool:
+def usable(dtype, dtypes=("float32",), kernel: str | None = None) -> bool:
     """Whether the kernels may run now for a layer computing in ``dtype``, one of
-    ``dtypes`` (every kernel takes :data:`DTYPES`, float32 and bfloat16)."""
-    if keras.backend.backend() != "tensorflow" or getattr(_off, "value", False):
+    ``dtypes`` (every kernel takes :data:`DTYPES`, float32 and bfloat16): ``kernel``
+    (one of :data:`KERNELS`) unless :func:`disabled` switched it off, or, without a
+    name, any kernel unless all are off."""
+    off = getattr(_off, "value", frozenset())
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: the kernels are {', '.join(KERNELS)}")
+    if kernel in off or off >= set(KERNELS):
+        return False
+    if keras.backend.backend() != "tensorflow":
         return False
     if keras.backend.standardize_dtype(dtype) not in dtypes:
         return False

@@ -180,7 +180,7 @@ class TransformerBlock(layers.Layer):
             fused = (  # bias + GELU after the matmul as one compiled op
                 dense.activation is gelu
                 and dense.bias is not None
-                and native.usable(dense.compute_dtype, native.DTYPES)
+                and native.usable(dense.compute_dtype, native.DTYPES, "bias_gelu")
             )
             x = dense_over_tokens(dense, x, bias_activation=_bias_gelu if fused else None,
                                   residual=residual if i == last else None)
