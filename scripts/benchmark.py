@@ -637,7 +637,12 @@ def bench_model(args):
                 args.batch / _settled(lambda: plain[2](x).numpy()))
     ab = None
     if without is not None:
-        ab = {"kernels": list(args.ab), "pairs": args.ab_pairs, **ab_pairs(
+        idle = [k for k in args.ab if k == "bias"
+                and keras.backend.standardize_dtype(backbone.compute_dtype)
+                not in native.BIAS_DTYPES]
+        ab = {"kernels": list(args.ab), "pairs": args.ab_pairs,
+              # kernels the model does not run at this precision: both sides are the same
+              "not_used": idle, **ab_pairs(
             {"train": (lambda: backbone.train_on_batch(x, y),
                        lambda: without[1].train_on_batch(x, y)),
              "infer": (lambda: infer(x).numpy(), lambda: without[2](x).numpy())},
@@ -1070,6 +1075,12 @@ def main(argv=None) -> int:
             ab = r["ab"]
             print(f"  A/B without {' + '.join(ab['kernels'])} ({ab['pairs']} pairs of "
                   "steps, alternating in one process; step-time ratio without / with):")
+            if ab["not_used"]:
+                from src.models import native
+
+                print(f"    ({', '.join(ab['not_used'])}: not used under {r['precision']} "
+                      f"(only in {', '.join(native.BIAS_DTYPES)}), so both sides run the "
+                      "same ops)")
             for what, label in (("train", "training"), ("infer", "inference")):
                 q1, q3 = ab[what]["speedup_quartiles"]
                 print(f"    {label:<10} {ab[what]['speedup']:.3f}x (quartiles {q1:.3f}-{q3:.3f}; "

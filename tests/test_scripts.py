@@ -197,10 +197,14 @@ def test_model_benchmark_measures_a_kernel_a_b_in_one_process(capsys):
         keras.mixed_precision.set_global_policy("float32")
     ab = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ab"]
     assert ab["kernels"] == ["bias", "layer_norm"] and ab["pairs"] == 3
+    assert ab["not_used"] == []  # bfloat16: both run
     for what in ("train", "infer"):
         r = ab[what]
         assert _finite_positive(r["speedup"]) and _finite_positive(r["step_ms"])
         assert r["speedup_quartiles"][0] <= r["speedup"] <= r["speedup_quartiles"][1]
+    # float32: the bias kernel is not used, and the report says so
+    assert main([*tiny, "--repeats", "1", "--ab", "bias", "--ab-pairs", "1"]) == 0
+    assert "bias: not used under float32 (only in bfloat16)" in capsys.readouterr().out
     for argv, needle in (([*tiny, "--ab", "bias,softmax"], "of attention, layer_norm, "
                           "bias_gelu, bias; got 'bias,softmax'"),
                          ([*tiny, "--ab", "bias", "--jit"], "--ab with --jit measures nothing"),
