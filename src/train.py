@@ -321,6 +321,8 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         prob=float(cfg.augment.get("mixup", 0.0)),
         alpha=float(cfg.augment.get("mixup_alpha", 10.0)),
         domain=str(cfg.augment.get("mixup_domain", "power")),
+        # new draws every epoch; under multi_worker the file list stays the only source
+        seed=None if shard_by_file else int(cfg.seed) + 1,
     )
     eval_batch = int(t.eval_batch_size)
 

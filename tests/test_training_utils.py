@@ -184,6 +184,35 @@ def test_apply_mixup_probability_zero_and_one():
     assert not np.array_equal(mx, mixed(1)[0])
 
 
+def test_apply_mixup_with_a_seed_draws_anew_every_epoch():
+    x = tf.random.stateless_normal((32, 5, 4), seed=[1, 2])
+    y = tf.one_hot(tf.range(32), 32)
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(2)  # two batches an epoch
+    keras.utils.set_random_seed(0)  # as training sets it: stateful ops would repeat
+    stateful = apply_mixup(ds, prob=1.0, alpha=10, domain="logmel")
+    first, second = ([my.numpy() for _, my in stateful] for _ in range(2))
+    np.testing.assert_array_equal(first[0], second[0])  # why the seed exists
+
+    def epochs(seed, n=3):
+        mixed = apply_mixup(ds, prob=1.0, alpha=10, domain="logmel", seed=seed)
+        return [[my.numpy() for _, my in mixed] for _ in range(n)]
+
+    runs = epochs(7)
+    for epoch in runs:  # a real mix in every batch
+        for my in epoch:
+            partner, lam = _pairing(my)
+            assert (partner != np.arange(32)).mean() > 0.9
+    # every epoch and every batch draws anew ...
+    batches = [my for epoch in runs for my in epoch]
+    for i in range(len(batches)):
+        for j in range(i):
+            assert not np.allclose(batches[i], batches[j])
+    # ... and the same seed gives the same epochs
+    for a, b in zip(runs, epochs(7)):
+        for my_a, my_b in zip(a, b):
+            np.testing.assert_array_equal(my_a, my_b)
+
+
 def test_classification_report_and_confusion():
     y = [0, 0, 1, 2, 2, 2]
     logits = np.eye(3)[[0, 1, 1, 2, 2, 0]]

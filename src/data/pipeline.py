@@ -152,12 +152,31 @@ class _Shape:
             crop = _fit(crop, self.target_frames, 0.0)
         return crop
 
-    def train_crop(self, feats):
+    def train_crop(self, feats, seed=None):
+        """A random clip-long stretch of a longer stored clip; ``seed`` (shape (2,)) a
+        stateless seed for it, None for TensorFlow's stateful random op."""
         if not self.variable:
             return self.finish(feats)
         extra = tf.maximum(tf.shape(feats)[0] - self.clip_frames, 0)
-        start = tf.random.uniform([], 0, extra + 1, dtype=tf.int32)
+        if seed is None:
+            start = tf.random.uniform([], 0, extra + 1, dtype=tf.int32)
+        else:
+            start = tf.random.stateless_uniform([], seed, 0, extra + 1, dtype=tf.int32)
         return self.finish(feats[start : start + self.clip_frames])
+
+
+def epoch_seeds(seed: int) -> tf.data.Dataset:
+    """An endless stream of stateless seeds (int32, shape (2,)), new in every pass over
+    the dataset it is zipped with, and the same passes for the same ``seed``.
+
+    TensorFlow's stateful random ops in a ``tf.data`` function restart their sequence
+    with every iterator once a global seed is set (``keras.utils.set_random_seed``), and
+    ``fit`` makes one iterator per epoch: every epoch would draw the same numbers. These
+    seeds do not (``rerandomize_each_iteration``), and they do not depend on the order in
+    which a parallel map runs its calls."""
+    draws = tf.data.Dataset.random(seed=int(seed), rerandomize_each_iteration=True)
+    return draws.map(lambda v: tf.stack([tf.cast(v % 2**31, tf.int32),
+                                         tf.cast(v // 2**31 % 2**31, tf.int32)]))
 
 
 def _records(store: FeatureStore, index: DatasetIndex, rows, *, shuffle_files: bool, seed: int):
@@ -261,13 +280,18 @@ def training_dataset(
         buffer = int(samples_per_epoch or len(rows)) + len(rows)
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
 
-    def example(row, feats):
-        return shape.train_crop(feats), labels.target(row)
+    def example(row, feats, seed=None):
+        return shape.train_crop(feats, seed), labels.target(row)
 
-    # Random crops and draws use the stateful ops seeded by keras.utils.set_random_seed;
-    # the file list stays the pipeline's only source, so tf.distribute can shard it by
-    # file (each worker of trainer.strategy=multi_worker reads its own shards).
-    ds = ds.map(example, num_parallel_calls=AUTOTUNE)
+    if shape.variable and not shard_by_file:
+        # Random crops from stateless seeds, new every epoch (see epoch_seeds).
+        ds = tf.data.Dataset.zip((ds, epoch_seeds(seed))).map(
+            lambda pair, s: example(*pair, s), num_parallel_calls=AUTOTUNE)
+    else:
+        # Under trainer.strategy=multi_worker the file list stays the pipeline's only
+        # source, so tf.distribute can shard it by file (each worker reads its own
+        # shards); the crops use the stateful op, in one endless iterator (repeat).
+        ds = ds.map(example, num_parallel_calls=AUTOTUNE)
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(int(batch_size))

@@ -74,14 +74,28 @@ def mixup_batch(x, y, *, prob: float, alpha: float, domain: str, seed=None):
     return mixed, ly * y + (1.0 - ly) * tf.cast(y2, y.dtype)
 
 
-def apply_mixup(ds: tf.data.Dataset, *, prob: float, alpha: float, domain: str):
+def apply_mixup(ds: tf.data.Dataset, *, prob: float, alpha: float, domain: str,
+                seed: int | None = None):
     """Map mixup over a batched ``(x, targets)`` dataset; no-op when prob is 0. Multi-hot
-    targets are mixed with the same lam (soft targets for the binary cross-entropy)."""
+    targets are mixed with the same lam (soft targets for the binary cross-entropy).
+
+    ``seed``: each batch's draws from a stateless seed of
+    :func:`src.data.pipeline.epoch_seeds` (new every epoch, the same for the same seed);
+    None: TensorFlow's stateful ops, which keep the dataset's file list its only source
+    (shardable by file) but repeat their draws in every new iterator once a global seed
+    is set (use it with an endless, repeated dataset)."""
     if prob <= 0.0:
         return ds
     if alpha <= 0.0:
         raise ValueError(f"augment.mixup_alpha must be positive, got {alpha}.")
-    return ds.map(
-        lambda x, y: mixup_batch(x, y, prob=prob, alpha=alpha, domain=domain),
+    if seed is None:
+        return ds.map(
+            lambda x, y: mixup_batch(x, y, prob=prob, alpha=alpha, domain=domain),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    from src.data.pipeline import epoch_seeds
+
+    return tf.data.Dataset.zip((ds, epoch_seeds(seed))).map(
+        lambda batch, s: mixup_batch(*batch, prob=prob, alpha=alpha, domain=domain, seed=s),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
