@@ -145,36 +145,33 @@ class TransformerBlock(layers.Layer):
                 return out
             return self.att(x, **kwargs)
 
+        def add(residual, branch, dropout):
+            """``residual + dropout(branch(None))``, or with ``fuse`` (no dropout to run)
+            ``branch(residual)``, which adds the residual in its last Dense's bias op."""
+            if fuse:
+                return branch(residual)
+            return residual + dropout(branch(None), training=training)
+
+        def ffn(x):
+            return lambda r: self.feed_forward(x, training=training, residual=r)
+
         residual = inputs if num_queries is None else inputs[:, :num_queries]
         if self.norm_first:
-            if fuse:
-                x = attend(self.layernorm1(inputs), residual)
-            else:
-                x = residual + self.dropout1(attend(self.layernorm1(inputs)), training=training)
-            out = self._feed_forward_residual(self.layernorm2(x), x, fuse, training)
+            x = add(residual, lambda r: attend(self.layernorm1(inputs), r), self.dropout1)
+            out = add(x, ffn(self.layernorm2(x)), self.dropout2)
         else:
-            if fuse:
-                x = self.layernorm1(attend(inputs, residual))
-            else:
-                x = self.layernorm1(residual + self.dropout1(attend(inputs), training=training))
-            out = self.layernorm2(self._feed_forward_residual(x, x, fuse, training))
+            x = self.layernorm1(add(residual, lambda r: attend(inputs, r), self.dropout1))
+            out = self.layernorm2(add(x, ffn(x), self.dropout2))
         if return_attention_scores:
             return out, weights
         return out
 
-    def _feed_forward_residual(self, x, residual, fuse, training):
-        """``residual + Dropout2(FFN(x))``; with ``fuse``, the residual is added in fc2's
-        bias op."""
-        if fuse:
-            return self.feed_forward(x, training=training, residual=residual)
-        return residual + self.dropout2(self.feed_forward(x, training=training),
-                                        training=training)
-
     def feed_forward(self, x, training=None, residual=None):
         """``self.ffn(x)`` (fc1, activation, fc2), each Dense as one 2-D matmul over the
         tokens (see ``dense_over_tokens``); in float32 and bfloat16, fc1's bias and exact
-        GELU run as one compiled op, whose gradient is a second one, and fc2's bias and
-        ``residual`` (added to the output if given) another (:mod:`src.models.native`)."""
+        GELU run as one compiled op, whose gradient is a second one; ``residual`` is added
+        to the output (in bfloat16 in one compiled op with fc2's bias;
+        :mod:`src.models.native`)."""
         last = len(self.ffn.layers) - 1
         for i, dense in enumerate(self.ffn.layers):
             fused = (  # bias + GELU after the matmul as one compiled op

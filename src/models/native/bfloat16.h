@@ -46,7 +46,8 @@ inline void Store(const float* src, tensorflow::bfloat16* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<tensorflow::bfloat16>(src[i]);
 }
 
-// A row of T (float32 or bfloat16) as float32: the tensor's own memory for float32, else converted into buf.
+// A row of T (float32 or bfloat16) as float32: the tensor's own memory for float32,
+// else converted into buf.
 inline const float* RowIn(const float* src, int64_t, float*) { return src; }
 inline const float* RowIn(const tensorflow::bfloat16* src, int64_t n, float* buf) {
   Load(src, buf, n);
