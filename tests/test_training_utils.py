@@ -9,7 +9,7 @@ from src.evaluation.metrics import aggregate_folds, classification_report, confu
 from src.models import load_model
 from src.models.build import build_model
 from src.training.mixup import apply_mixup, mixup_batch
-from src.training.optim import EpochSchedule, build_optimizer
+from src.training.optim import Adam, AdamW, EpochSchedule, build_optimizer
 
 
 def lr_at(schedule, step):
@@ -60,7 +60,7 @@ def test_weight_decay_zero_is_no_decay_and_epsilon_is_used(name):
     cfg = {"name": name, "lr": lr, "beta_1": b1, "beta_2": b2, "weight_decay": 0.0,
            "epsilon": eps}
     opt = build_optimizer(cfg, lr)
-    assert type(opt) is {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}[name]
+    assert type(opt) is {"adam": Adam, "adamw": AdamW}[name] and opt.fused
     assert not opt.weight_decay and opt.epsilon == eps
     # A zero gradient moves nothing but decay: the weight stays where it is.
     assert _one_step(build_optimizer(cfg, lr), 3.0, 0.0) == 3.0
@@ -73,6 +73,101 @@ def test_weight_decay_zero_is_no_decay_and_epsilon_is_used(name):
     # A decay that is asked for is decoupled: w <- w - lr * wd * w, on top of the step.
     decayed = build_optimizer({**cfg, "weight_decay": 0.5}, lr)
     assert _one_step(decayed, 3.0, 0.0) == pytest.approx(3.0 * (1 - lr * 0.5), rel=1e-6)
+
+
+# The fused Adam update (one ResourceApplyAdam per variable) against Keras' own.
+
+_SHAPES = [(7, 5), (5,), (3, 4, 2)]
+
+
+def _adam_run(opt, steps=4, sparse_last=False):
+    """Weights after ``steps`` steps of ``opt`` from fixed weights and gradients (the
+    gradients of the last variable as IndexedSlices if ``sparse_last``), and the op types
+    of the traced step."""
+    rng = np.random.default_rng(0)
+    weights = [keras.Variable(rng.standard_normal(s).astype("float32")) for s in _SHAPES]
+    grads = [[rng.standard_normal(s).astype("float32") for s in _SHAPES] for _ in range(steps)]
+    opt.build(weights)
+
+    @tf.function
+    def step(gs):
+        if sparse_last:
+            gs = [*gs[:-1], tf.IndexedSlices(gs[-1], tf.range(tf.shape(gs[-1])[0]),
+                                             dense_shape=tf.shape(gs[-1], out_type=tf.int64))]
+        opt.apply_gradients(zip(gs, weights))
+
+    for gs in grads:
+        step([tf.constant(g) for g in gs])
+    graph = step.get_concrete_function([tf.TensorSpec(s) for s in _SHAPES]).graph
+    ops = {op.type for op in graph.get_operations()}
+    return [keras.ops.convert_to_numpy(w) for w in weights], ops, opt
+
+
+@pytest.mark.parametrize("ours,keras_cls,kwargs", [
+    (Adam, keras.optimizers.Adam, dict(learning_rate=3e-2, beta_1=0.8, beta_2=0.99,
+                                       epsilon=1e-3)),
+    (Adam, keras.optimizers.Adam, dict(learning_rate=1e-2, weight_decay=0.1, clipnorm=1.0)),
+    (AdamW, keras.optimizers.AdamW, dict(learning_rate=1e-2, weight_decay=0.05)),
+])
+def test_fused_adam_is_one_op_per_variable_and_matches_keras_adam(ours, keras_cls, kwargs):
+    fused, fused_ops, opt = _adam_run(ours(**kwargs))
+    plain, plain_ops, ref = _adam_run(keras_cls(**kwargs))
+    assert "ResourceApplyAdam" in fused_ops and "ResourceApplyAdam" not in plain_ops
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The moments too: a backup of one continues in the other.
+    assert len(opt.variables) == len(ref.variables)
+    for a, b in zip(opt.variables, ref.variables):
+        assert a.name.rsplit("_", 1)[-1] == b.name.rsplit("_", 1)[-1]  # momentum, velocity...
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a),
+                                   keras.ops.convert_to_numpy(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,sparse", [(dict(fused=False), False), (dict(amsgrad=True), False),
+                                           ({}, True)])
+def test_keras_adam_update_runs_where_the_fused_one_does_not_and_sparse_is_fused(kwargs, sparse):
+    fused, ops, _ = _adam_run(Adam(learning_rate=1e-2, **kwargs), steps=2, sparse_last=sparse)
+    plain, _, _ = _adam_run(keras.optimizers.Adam(learning_rate=1e-2, **{
+        k: v for k, v in kwargs.items() if k != "fused"}), steps=2, sparse_last=sparse)
+    # A sparse gradient is made dense, as Keras' update does, and stays fused.
+    assert ("ResourceApplyAdam" in ops) == sparse
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adam_serializes_with_its_switch():
+    for opt in (Adam(2e-3, fused=False), AdamW(1e-3, weight_decay=0.02)):
+        back = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+        assert type(back) is type(opt)
+        assert (back.fused, back.weight_decay) == (opt.fused, opt.weight_decay)
+        assert float(back.learning_rate) == pytest.approx(float(opt.learning_rate))
+
+
+def test_a_model_trained_with_keras_adam_resumes_with_the_fused_one(tmp_path):
+    """Weight files hold the optimizer's state by position: Keras' Adam and the fused one
+    hold the same variables, so a backup written before the switch continues after it."""
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.Dense(3)])
+        return m
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 6)).astype("float32"), rng.integers(0, 3, 16)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    before = model()
+    before.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+    before.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    before.save_weights(tmp_path / "backup.weights.h5")
+    resumed = model()
+    resumed.compile(optimizer=Adam(1e-2), loss=loss)
+    resumed.optimizer.build(resumed.trainable_variables)
+    resumed.load_weights(tmp_path / "backup.weights.h5")
+    assert int(resumed.optimizer.iterations) == 4
+    before.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
+    resumed.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(before.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,61 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         )
 
 
+class _FusedAdamUpdate:
+    """Adam's update of a variable as one TensorFlow op (``ResourceApplyAdam``, the op
+    ``tf.compat.v1.train.AdamOptimizer`` ran) instead of Keras' dozen element-wise ops
+    per variable: one pass over the weight, its gradient and moments rather than one per
+    op, and a few hundred fewer ops per step. The same update, to float rounding: m and v
+    move by ``(1 - beta) * (g - m)`` and ``(1 - beta) * (g^2 - v)``, and the weight by
+    ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)``; decoupled
+    weight decay stays Keras' own, applied before. The optimizer's variables are Keras',
+    in Keras' order, so weight files and backups of either load into the other.
+
+    Keras' update runs instead (the same numbers) on another backend, with ``amsgrad``,
+    for a variable that is not float32/float64, and with ``fused=False``."""
+
+    def __init__(self, *args, fused: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = bool(fused)
+
+    def _fusable(self, gradient, variable) -> bool:
+        return (self.fused and not self.amsgrad and keras.backend.backend() == "tensorflow"
+                and keras.backend.standardize_dtype(variable.dtype) in ("float32", "float64"))
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._fusable(gradient, variable):
+            return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=m.value.handle, v=v.value.handle,
+            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
+            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
+            # A sparse gradient (IndexedSlices) is made dense, as Keras' update does.
+            grad=tf.cast(tf.convert_to_tensor(gradient), dtype), use_locking=False,
+            use_nesterov=False)
+
+    def get_config(self):
+        return {**super().get_config(), "fused": self.fused}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Adam(_FusedAdamUpdate, keras.optimizers.Adam):
+    """Keras' Adam with the fused update of :class:`_FusedAdamUpdate`."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
+    """Keras' AdamW (decoupled weight decay) with the fused update of
+    :class:`_FusedAdamUpdate`."""
+
+
 def build_schedule(schedule_cfg: Mapping, lr: float, steps_per_epoch: int, epochs: int):
     cfg = dict(schedule_cfg or {})
     return EpochSchedule(
@@ -147,7 +202,7 @@ def build_optimizer(optimizer_cfg: Mapping, schedule):
     decay = cfg.get("weight_decay")
     decay = None if decay is None or float(decay) == 0.0 else float(decay)
     if name in ("adam", "adamw"):
-        cls = keras.optimizers.Adam if name == "adam" else keras.optimizers.AdamW
+        cls = Adam if name == "adam" else AdamW
         kwargs = dict(
             learning_rate=schedule,
             beta_1=float(cfg.get("beta_1", 0.9)),
