@@ -7,6 +7,8 @@
         [--ab KERNEL[,KERNEL] [--ab-pairs 20]] [--json]
     python -m scripts.benchmark pretrain [--embed 192 --layers 4 --heads 4 --ff 768
         --mels 128 --frames 998 --batch 16] [--patchout T,F] [--mask-fraction 0.78] [--json]
+    python -m scripts.benchmark optimizer [--embed 192 --layers 4 --heads 4 --ff 768
+        --mels 128 --frames 512 --stride 10] [--pairs 40] [--json]
     python -m scripts.benchmark pipeline [--clips 240] [--seconds 5] [--rate 44100]
         [--tfio-clips 48] [--soxr-recipes] [--json]
 
@@ -36,7 +38,8 @@ says otherwise. Training and inference run the compiled kernels of
 instead). ``--ab KERNEL[,KERNEL]`` (of attention, layer_norm, bias_gelu, bias) measures
 what kernels are worth: the same model traced without them, alternating steps with the
 default one in one process (``--ab-pairs`` pairs, in both orders), and the median and
-quartiles of the step-time ratios. ``--profile N`` traces N training steps and N inference batches with
+quartiles of the step-time ratios; ``adam`` among them trains the other model with
+Keras' own Adam update instead of the fused one. ``--profile N`` traces N training steps and N inference batches with
 TensorFlow's profiler: op time by part of the model and by op type (an XLA-compiled
 step under ``--jit`` has no per-op times).
 
@@ -45,6 +48,12 @@ Adam) steps per second with structured patchout (``--patchout T,F``, default 25,
 of a 10 s clip's 8 x 62 grid of non-overlapping 16 x 16 patches, 5 x 37 are left, a
 ratio close to PaSST's AudioSet setting) and without it, alternating; the masks cover
 the same fraction of the patches a step sees (``--mask-fraction``).
+
+``optimizer``: one Adam update of every weight of the model (the ``model`` shape's
+block and head), fused (``src.training.optim.Adam``: one ResourceApplyAdam per weight,
+what training uses) against Keras' own element-wise update, alternating in one process:
+ms per update and the ratio. ``--embed 768 --layers 12 --heads 12 --ff 3072 --frames
+1024`` is AST-base (86M parameters).
 
 ``pipeline``: input pipeline throughput on generated 16-bit WAV clips in ESC-50
 layout (5 s at 44.1 kHz by default, like ESC-50), resampled to 16 kHz: decode
@@ -72,6 +81,7 @@ rate pair, and the CPU time to resample a 5 s 44.1 kHz clip to 16 kHz.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -508,15 +518,21 @@ def _patchout_counts(text):
     return tuple(counts + [0] * (3 - len(counts)))
 
 
+# ``--ab adam``: Keras' own Adam update (a dozen ops per variable) against the fused one.
+FUSED_ADAM = "adam"
+
+
 def _kernel_names(text):
-    """``"attention,bias"`` -> the names, each one of ``src.models.native.KERNELS``."""
+    """``"attention,bias"`` -> the names, each one of ``src.models.native.KERNELS`` or
+    :data:`FUSED_ADAM`."""
     from src.models import native
 
+    known = (*native.KERNELS, FUSED_ADAM)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in native.KERNELS]
+    unknown = [n for n in names if n not in known]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
-            f"--ab takes kernel names separated by commas, of {', '.join(native.KERNELS)}; "
+            f"--ab takes kernel names separated by commas, of {', '.join(known)}; "
             f"got {text!r}")
     return names
 
@@ -579,6 +595,7 @@ def bench_model(args):
 
     from src.models import native
     from src.models.build import build_model
+    from src.training.optim import Adam
 
     hop = 160
     clip_samples = (args.frames - 1) * hop + 400  # exactly `frames` frames
@@ -595,12 +612,12 @@ def bench_model(args):
     x = rng.standard_normal((args.batch, args.frames, args.mels)).astype("float32")
     y = rng.integers(0, args.classes, args.batch).astype("int32")
 
-    def compiled(model_cfg):
+    def compiled(model_cfg, fused_adam=True):
         """(waveform model, its backbone compiled and warmed up, jitted inference)"""
         model = build_model(model_cfg, dict(n_mels=args.mels), num_classes=args.classes,
                             clip_samples=clip_samples)
         backbone = model.backbone
-        backbone.compile(optimizer=keras.optimizers.Adam(1e-4),
+        backbone.compile(optimizer=Adam(1e-4, fused=fused_adam),
                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                          jit_compile=args.jit)
         for _ in range(2):  # compile + warm up
@@ -612,8 +629,9 @@ def bench_model(args):
     model, backbone, infer = compiled(cfg)
     without = None
     if args.ab:  # the same model traced without the named kernels
-        with native.disabled(*args.ab):
-            without = compiled(cfg)
+        kernels = [k for k in args.ab if k != FUSED_ADAM]
+        with native.disabled(*kernels) if kernels else contextlib.nullcontext():
+            without = compiled(cfg, fused_adam=FUSED_ADAM not in args.ab)
     # The same model without patchout, timed alternately with it.
     plain = compiled(dict(cfg, patchout=None)) if any(args.patchout) else None
     wave = rng.standard_normal((1, clip_samples)).astype("float32") * 0.1
@@ -715,8 +733,43 @@ def bench_model(args):
     return out
 
 
+def bench_optimizer(args):
+    """One Adam update of every trainable weight of the model (AST's block and head),
+    fused (``src.training.optim.Adam``: one ResourceApplyAdam per weight) against Keras'
+    own update, alternating in one process, gradients fixed."""
+    import numpy as np
+    import tensorflow as tf
+
+    from src.models.build import build_model
+    from src.training.optim import Adam
+
+    cfg = dict(embed_dim=args.embed, num_layers=args.layers, num_heads=args.heads,
+               ff_dim=args.ff, f_stride=args.stride, t_stride=args.stride, dropout_rate=0.0,
+               norm_first=True, activation="gelu", pooling="cls_dist")
+    backbone = build_model(cfg, dict(n_mels=args.mels), num_classes=args.classes,
+                           clip_samples=(args.frames - 1) * 160 + 400).backbone
+    weights = backbone.trainable_variables
+    grads = [tf.random.stateless_normal(w.shape, (0, i)) * 1e-3 for i, w in enumerate(weights)]
+
+    def update(fused):
+        opt = Adam(1e-4, fused=fused)
+        opt.build(weights)
+        step = tf.function(lambda: opt.apply_gradients(zip(grads, weights)))
+        for _ in range(2):  # trace + warm up
+            step()
+        return step
+
+    fused, plain = update(True), update(False)
+    ab = ab_pairs({"update": (fused, plain)}, args.pairs)["update"]
+    return {"cpu": cpu_description(), "cpu_count": os.cpu_count(),
+            "device": (tf.config.list_physical_devices("GPU") or ["CPU"])[0].__str__(),
+            "parameters": int(sum(np.prod(w.shape) for w in weights)),
+            "weights": len(weights), "pairs": args.pairs,
+            "fused_ms": ab["step_ms"], "keras_ms": ab["step_ms_without"],
+            "speedup": ab["speedup"], "speedup_quartiles": ab["speedup_quartiles"]}
+
+
 def bench_pretrain(args):
-    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -728,6 +781,7 @@ def bench_pretrain(args):
         training_grid,
         training_mask_count,
     )
+    from src.training.optim import Adam
 
     clip_samples = (args.frames - 1) * 160 + 400  # exactly `frames` frames
     cfg = dict(embed_dim=args.embed, num_layers=args.layers, num_heads=args.heads,
@@ -743,7 +797,7 @@ def bench_pretrain(args):
         backbone = model.backbone
         pretrainer = MaskedPatchPretrainer(backbone)
         pretrainer.build()
-        pretrainer.compile(optimizer=keras.optimizers.Adam(1e-4))
+        pretrainer.compile(optimizer=Adam(1e-4))
         n = int(backbone.num_patches)
         count = mask_count(n, fraction=args.mask_fraction)
         grid = training_grid(backbone)
@@ -952,8 +1006,9 @@ def main(argv=None) -> int:
     m.add_argument("--vs-pytorch", action="store_true")
     m.add_argument("--ab", type=_kernel_names, default=(), metavar="KERNEL[,KERNEL]",
                    help="also time the model traced without these compiled kernels "
-                        "(attention, layer_norm, bias_gelu, bias), alternating steps in one "
-                        "process, and print the step-time ratios")
+                        "(attention, layer_norm, bias_gelu, bias) or, for adam, trained with "
+                        "Keras' own Adam update instead of the fused one, alternating steps "
+                        "in one process, and print the step-time ratios")
     m.add_argument("--ab-pairs", type=int, default=20, metavar="N",
                    help="pairs of steps for --ab (default 20; the ratios' spread shows "
                         "whether that is enough)")
@@ -978,7 +1033,36 @@ def main(argv=None) -> int:
     pt.add_argument("--mask-fraction", type=float, default=0.78,
                     help="masked share of the patches (pretrain.mask.fraction)")
     pt.add_argument("--json", action="store_true")
+    o = sub.add_parser("optimizer", help="Adam's update of the model's weights: fused "
+                       "against Keras' own")
+    o.add_argument("--embed", type=int, default=192)
+    o.add_argument("--layers", type=int, default=4)
+    o.add_argument("--heads", type=int, default=4)
+    o.add_argument("--ff", type=int, default=768)
+    o.add_argument("--mels", type=int, default=128)
+    o.add_argument("--frames", type=int, default=512)
+    o.add_argument("--stride", type=int, default=10)
+    o.add_argument("--classes", type=int, default=50)
+    o.add_argument("--pairs", type=int, default=40,
+                   help="pairs of updates, alternating in one process (default 40)")
+    o.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.what == "optimizer":
+        if args.pairs < 1:
+            parser.error(f"optimizer: --pairs must be at least 1, got {args.pairs}")
+        r = bench_optimizer(args)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        q1, q3 = r["speedup_quartiles"]
+        print(f"optimizer: Adam over {r['parameters']:,} parameters in {r['weights']} "
+              f"weights; {r['device']}, {r['cpu_count']} CPU(s)")
+        print(f"  CPU: {r['cpu']}")
+        print(f"  fused (one ResourceApplyAdam per weight) {r['fused_ms']:8.2f} ms per update")
+        print(f"  Keras' own update                        {r['keras_ms']:8.2f} ms per update")
+        print(f"  {r['speedup']:.2f}x (quartiles {q1:.2f}-{q3:.2f}, {r['pairs']} pairs "
+              "alternating in one process)")
+        return 0
     if args.what == "pretrain":
         if args.patchout[2]:
             parser.error("pretrain --patchout: T,F only (random patchout is not supported "
@@ -1034,7 +1118,7 @@ def main(argv=None) -> int:
         return 0
 
     if args.what == "model":
-        if args.ab and args.jit:
+        if args.jit and set(args.ab) - {FUSED_ADAM}:
             parser.error("model: --ab with --jit measures nothing (an XLA-compiled step "
                          "never runs the compiled kernels)")
         if args.ab_pairs < 1:

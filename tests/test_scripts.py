@@ -205,13 +205,35 @@ def test_model_benchmark_measures_a_kernel_a_b_in_one_process(capsys):
     # float32: the bias kernel is not used, and the report says so
     assert main([*tiny, "--repeats", "1", "--ab", "bias", "--ab-pairs", "1"]) == 0
     assert "bias: not used under float32 (only in bfloat16)" in capsys.readouterr().out
+    # adam: the other model trains with Keras' own Adam update, XLA or not
+    assert main([*tiny, "--repeats", "1", "--jit", "--ab", "adam", "--ab-pairs", "1",
+                 "--json"]) == 0
+    ab = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ab"]
+    assert ab["kernels"] == ["adam"] and _finite_positive(ab["train"]["speedup"])
     for argv, needle in (([*tiny, "--ab", "bias,softmax"], "of attention, layer_norm, "
-                          "bias_gelu, bias; got 'bias,softmax'"),
+                          "bias_gelu, bias, adam; got 'bias,softmax'"),
                          ([*tiny, "--ab", "bias", "--jit"], "--ab with --jit measures nothing"),
                          ([*tiny, "--ab", "bias", "--ab-pairs", "0"], "at least 1, got 0")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_optimizer_benchmark_times_the_fused_adam_against_keras(capsys):
+    from scripts.benchmark import main
+
+    tiny = ["optimizer", "--embed", "16", "--layers", "1", "--heads", "2", "--ff", "32",
+            "--mels", "32", "--frames", "64", "--stride", "16", "--pairs", "3"]
+    assert main([*tiny, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["weights"] > 10 and r["parameters"] > 1000 and r["pairs"] == 3
+    assert _finite_positive(r["fused_ms"]) and _finite_positive(r["keras_ms"])
+    assert r["speedup_quartiles"][0] <= r["speedup"] <= r["speedup_quartiles"][1]
+    assert main(tiny) == 0
+    assert "ms per update" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main([*tiny[:-1], "0"])
+    assert exit_info.value.code == 2 and "at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cpu_description_names_the_model_and_its_matmul_features():
