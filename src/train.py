@@ -197,6 +197,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         truncate_csv_log,
     )
     from src.training.distribute import enter_strategy, exit_strategy, jit_compile
+    from src.training.fold_inputs import check_fold_inputs, fold_inputs
     from src.training.mixup import apply_mixup
     from src.training.optim import build_optimizer, build_schedule
     from src.training.provenance import git_info, package_versions
@@ -211,13 +212,17 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     fold_dir = run_dir / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     done = fold_dir / "results.json"
+    splits = make_splits(index, fold, cfg.data)
+    # A finished fold is skipped and a begun one resumes only on the inputs it had.
+    check_fold_inputs(fold_dir, fold_inputs(
+        index, store, splits, _pretrained_path(cfg) if cfg.model.get("pretrained") else None,
+    ), fold)
     if done.exists():
         log.info("fold %d already complete (%s), skipping", fold, done)
         return json.loads(done.read_text())
 
     t = cfg.trainer
     primary = _primary(index)
-    splits = make_splits(index, fold, cfg.data)
     log.info(
         "fold %d: %d train / %d validation (%s) / %d test clips",
         fold, len(splits.train), len(splits.val), splits.val_source, len(splits.test),

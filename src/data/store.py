@@ -114,9 +114,10 @@ class Shard:
     count: int  # records in it
     keys: tuple[str, ...]  # the file paths stored in it, in order
     frames: tuple[int, ...]  # length of each record: frames (features) or samples (waveform)
+    sha256: str = ""  # of the .tfrecord file: what the records hold
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -527,7 +528,7 @@ def _load_shard(shard_dir: Path, stem: str, content: str, verify: str):
                         record, st.st_size, m["bytes"])
             return None
         if verify == "always" or (verify == "auto" and changed):
-            if _sha256(record) != m["sha256"]:
+            if file_sha256(record) != m["sha256"]:
                 log.warning("feature store: %s fails its checksum; rebuilding it", record)
                 return None
             if changed:  # same bytes, touched: remember the new stat
@@ -536,6 +537,7 @@ def _load_shard(shard_dir: Path, stem: str, content: str, verify: str):
         shard = Shard(
             fold=int(m["fold"]), bucket=int(m["bucket"]), path=str(record), count=int(m["count"]),
             keys=tuple(m["keys"]), frames=tuple(int(f) for f in m["frames"]),
+            sha256=str(m["sha256"]),
         )
         problems = [FileProblem(**p) for p in m["problems"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -597,12 +599,12 @@ def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featuri
         "format": STORE_FORMAT, "content": content, "fold": fold, "bucket": bucket,
         "files": files, "keys": keys, "frames": frames, "count": len(keys),
         "bytes": int(st.st_size), "stat": [int(st.st_size), int(st.st_mtime_ns)],
-        "sha256": _sha256(record), "problems": [dataclasses.asdict(p) for p in problems],
+        "sha256": file_sha256(record), "problems": [dataclasses.asdict(p) for p in problems],
         "created": time.time(),
     }
     _write_json(shard_dir / f"{stem}.json", manifest)
     shard = Shard(fold=fold, bucket=bucket, path=str(record), count=len(keys),
-                  keys=tuple(keys), frames=tuple(frames))
+                  keys=tuple(keys), frames=tuple(frames), sha256=manifest["sha256"])
     return shard, problems
 
 
@@ -632,7 +634,7 @@ def shard_is_intact(shard_path: str | os.PathLike) -> bool:
     record = Path(shard_path)
     try:
         m = json.loads(record.with_suffix(".json").read_text())
-        return record.stat().st_size == int(m["bytes"]) and _sha256(record) == m["sha256"]
+        return record.stat().st_size == int(m["bytes"]) and file_sha256(record) == m["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

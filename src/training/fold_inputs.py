@@ -1,0 +1,120 @@
+"""What a fold's result was computed from, besides its config.
+
+A finished fold is skipped on the next run, and a killed one resumes from its backup;
+the run directory's config check (:mod:`src.training.rundir`) makes sure the config is
+the same. This module does the same for the inputs the config only points at: the clips
+of each split with their labels, the stored features (or waveforms) of those clips, and
+the pretrained weights' file. Each fold writes them, as digests, to
+``fold_<k>/inputs.json`` when it starts; a later run that finds other inputs stops with
+what changed, instead of skipping to an old result or resuming onto new data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from src.config import ConfigError
+from src.data.store import file_sha256
+
+INPUTS_FILE = "inputs.json"
+SPLITS = ("train", "val", "test")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def fold_inputs(index, store, splits, pretrained: str | os.PathLike | None = None) -> dict:
+    """The inputs of one fold as digests (a dataset at another root is another
+    ``data.root``, which the config check sees).
+
+    * ``splits``: per split, its clips with their labels (a relabelled clip, a clip moved
+      to another fold or another split changes them);
+    * ``features``: the checksums of the store's shards that hold the fold's clips (a
+      file whose audio changed changes them; one only touched, recomputed to the same
+      features, does not), with the data folds those shards belong to;
+    * ``pretrained``: the weights file's sha256, when the model starts from one.
+    """
+    root = Path(index.root)
+    out: dict = {"splits": {}}
+    paths = []
+    for name in SPLITS:
+        rows = sorted(
+            (_relative(index.records[i].path, root), index.records[i].label,
+             int(index.records[i].fold))
+            for i in getattr(splits, name)
+        )
+        paths.extend(index.records[i].path for i in getattr(splits, name))
+        out["splits"][name] = {"clips": len(rows), "digest": _digest(rows)}
+    shards = store.shards_for(paths)
+    out["features"] = {
+        "shards": len(shards),
+        "digest": _digest(sorted(s.sha256 for s in shards)),
+        "by_data_fold": {str(f): _digest(sorted(s.sha256 for s in shards if s.fold == f))
+                         for f in sorted({s.fold for s in shards})},
+    }
+    if pretrained is not None:
+        out["pretrained"] = {"file": str(pretrained), "sha256": file_sha256(pretrained)}
+    return out
+
+
+def changes(before: dict, now: dict) -> list[str]:
+    """What differs between two :func:`fold_inputs`, in words (empty: the same)."""
+    found = []
+    for name in SPLITS:
+        a, b = before.get("splits", {}).get(name), now["splits"][name]
+        if a != b:
+            counts = (f"{a['clips']} -> {b['clips']} clips" if a and a["clips"] != b["clips"]
+                      else "the same number of clips")
+            found.append(f"the {name} split ({counts}; its files, labels or folds differ)")
+    a, b = before.get("features", {}), now["features"]
+    if a.get("digest") != b["digest"]:
+        old = a.get("by_data_fold", {})
+        folds = sorted((f for f, d in b["by_data_fold"].items() if old.get(f) != d), key=int)
+        found.append("the stored features of data fold(s) "
+                     f"{', '.join(folds) or '?'} (an audio file in them changed)")
+    a, b = before.get("pretrained"), now.get("pretrained")
+    if a != b:
+        if a is None or b is None:
+            found.append(f"model.pretrained ({'none' if a is None else a['file']} -> "
+                         f"{'none' if b is None else b['file']})")
+        else:
+            same_file = a["file"] == b["file"]
+            found.append(f"model.pretrained ({b['file'] if same_file else a['file'] + ' -> ' + b['file']}"
+                         f": sha256 {a['sha256'][:12]} -> {b['sha256'][:12]})")
+    return found
+
+
+def check_fold_inputs(fold_dir: Path, inputs: dict, fold: int) -> None:
+    """Stop if fold ``fold`` was computed from other inputs than ``inputs``; record them
+    when the fold starts (or when a fold of an older run directory has no record yet)."""
+    path = Path(fold_dir) / INPUTS_FILE
+    try:
+        before = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        before = None  # unreadable: recorded anew
+    if before is not None:
+        found = changes(before, inputs)
+        if found:
+            state = "finished" if (Path(fold_dir) / "results.json").exists() else "begun"
+            raise ConfigError(
+                f"fold {fold} in {Path(fold_dir).parent} was {state} on other inputs than "
+                f"this run has, with the same config: {'; '.join(found)}. Its results would "
+                "be reported as if they came from these inputs. Run with "
+                "trainer.resume=false to move the earlier results aside and train again, "
+                "or restore the earlier inputs (or use another run directory: name=...)."
+            )
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(inputs, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,111 @@
+"""A fold's inputs beyond its config (splits, stored features, pretrained weights): a
+finished or begun fold is only reused on the inputs it had."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from src.config import ConfigError
+from src.data.index import DatasetIndex, Record
+from src.data.splits import make_splits
+from src.data.store import build_store
+from src.models.frontend import LogMel
+from src.training.fold_inputs import INPUTS_FILE, changes, check_fold_inputs, fold_inputs
+
+RATE = 16000
+DATA = {"val_fraction": 0.25, "split_seed": 0}
+
+
+def _clips(folder, n=18, folds=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        path = folder / f"clip{i:03d}.wav"
+        sf.write(path, 0.3 * rng.standard_normal(RATE // 4), RATE, subtype="PCM_16")
+        records.append(Record(path=str(path), label=i % 3, fold=1 + i % folds))
+    return DatasetIndex(records=tuple(records), class_names=("a", "b", "c"), root=str(folder))
+
+
+def _inputs(index, tmp_path, pretrained=None, fold=1):
+    store = build_store(index, LogMel(sample_rate=RATE, n_mels=16), sample_rate=RATE,
+                        clip_samples=RATE // 4, cache_dir=tmp_path / "features", name="t",
+                        shard_clips=4, progress=False)
+    return fold_inputs(index, store, make_splits(index, fold, DATA), pretrained)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    index = _clips(tmp_path / "audio")
+    return index, tmp_path, _inputs(index, tmp_path)
+
+
+def test_the_same_inputs_are_the_same(setup, tmp_path):
+    index, _, inputs = setup
+    assert [inputs["splits"][s]["clips"] for s in ("train", "val", "test")] == [8, 4, 6]
+    assert _inputs(index, tmp_path) == inputs
+    # A clip touched (new mtime, the same audio): its shard is recomputed to the same bytes.
+    import os
+
+    st = os.stat(index.records[2].path)
+    os.utime(index.records[2].path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _inputs(index, tmp_path) == inputs
+
+
+def test_relabelled_refolded_and_changed_clips_are_named(setup, tmp_path):
+    index, _, inputs = setup
+    records = list(index.records)
+    records[0] = dataclasses.replace(records[0], label=2)  # fold 1: the test split
+    relabelled = dataclasses.replace(index, records=tuple(records))
+    (found,) = changes(inputs, _inputs(relabelled, tmp_path))
+    assert found.startswith("the test split (the same number of clips;")
+
+    records = list(index.records)
+    records[1] = dataclasses.replace(records[1], fold=1)  # from fold 2 into the test fold
+    refolded = dataclasses.replace(index, records=tuple(records))
+    found = changes(inputs, _inputs(refolded, tmp_path))
+    assert any(f.startswith("the test split (6 -> 7 clips") for f in found), found
+
+    path = index.records[4].path  # fold 2
+    samples, _ = sf.read(path, dtype="float32")
+    sf.write(path, samples * 0.5, RATE, subtype="PCM_16")
+    assert changes(inputs, _inputs(index, tmp_path)) == [
+        "the stored features of data fold(s) 2 (an audio file in them changed)"]
+
+
+def test_pretrained_weights_that_changed_are_named(setup, tmp_path):
+    index, _, _ = setup
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"first weights")
+    before = _inputs(index, tmp_path, pretrained=weights)
+    assert before["pretrained"]["file"] == str(weights)
+    weights.write_bytes(b"other weights")
+    (found,) = changes(before, _inputs(index, tmp_path, pretrained=weights))
+    assert found.startswith(f"model.pretrained ({weights}: sha256 ")
+    (found,) = changes(before, _inputs(index, tmp_path))
+    assert found == f"model.pretrained ({weights} -> none)"
+
+
+def test_a_fold_records_its_inputs_then_stops_on_others(setup, tmp_path):
+    index, _, inputs = setup
+    fold_dir = tmp_path / "run" / "fold_1"
+    fold_dir.mkdir(parents=True)
+    check_fold_inputs(fold_dir, inputs, 1)  # first start: recorded
+    assert json.loads((fold_dir / INPUTS_FILE).read_text()) == inputs
+    check_fold_inputs(fold_dir, inputs, 1)  # the same: nothing to say
+    other = json.loads(json.dumps(inputs))
+    other["splits"]["train"]["digest"] = "0" * 64
+    with pytest.raises(ConfigError, match=r"fold 1 in .*run was begun on other inputs .*"
+                                          r"the train split .*trainer\.resume=false"):
+        check_fold_inputs(fold_dir, other, 1)
+    (fold_dir / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="was finished on other inputs"):
+        check_fold_inputs(fold_dir, other, 1)
+    assert json.loads((fold_dir / INPUTS_FILE).read_text()) == inputs  # kept
+    # A record that cannot be read (a crash while it was written) is made anew.
+    (fold_dir / INPUTS_FILE).write_text("{")
+    check_fold_inputs(fold_dir, other, 1)
+    assert json.loads((fold_dir / INPUTS_FILE).read_text()) == other
