@@ -118,6 +118,13 @@ def _pretrained_path(cfg: DictConfig) -> Path:
     )
 
 
+def _earlier_wall_time(results_file: Path) -> float | None:
+    try:
+        return float(json.loads(results_file.read_text())["wall_time_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _primary(index) -> str:
     return "mAP" if index.multi_label else "accuracy"
 
@@ -662,6 +669,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         feature_time = time.time() - t0
         log.info("features ready in %.1fs (%s)", feature_time, store.directory)
 
+        earlier = run_dir / "results.json"
+        # Every fold finished earlier: the run's wall time stays the one that trained them.
+        nothing_to_do = earlier.exists() and all(
+            (run_dir / f"fold_{f}" / "results.json").exists() for f in folds)
         for fold in folds:
             train_fold(cfg, index, store, fold, run_dir, resolved)
 
@@ -690,7 +701,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "feature_time_s": feature_time,
             "feature_store": str(store.directory),
             "train_time_s": sum(r["train_time_s"] for r in fold_results),
-            "wall_time_s": time.time() - start,
+            "wall_time_s": (nothing_to_do and _earlier_wall_time(earlier)) or time.time() - start,
             "config": resolved,
             **provenance(),
         }
@@ -714,8 +725,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     n = summary["num_folds"]
     msg = (
         f"{cfg.name}: test {primary} {results[key]:.4f} +- {results[f'{key}_std']:.4f} "
-        f"(last epoch, {n} fold(s): {summary['folds']}); wall time "
-        f"{results['wall_time_s']:.0f}s; results in {run_dir / 'results.json'}"
+        f"(last epoch, {n} fold(s): {summary['folds']}); "
+        + ("every fold was complete already; " if nothing_to_do else "")
+        + f"wall time {results['wall_time_s']:.0f}s; results in {run_dir / 'results.json'}"
     )
     log.info(msg)
     print(msg, flush=True)

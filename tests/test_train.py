@@ -108,6 +108,32 @@ def test_feature_store_is_reused_and_follows_the_files(quickstart_run):
     after = {p.name for p in (store / "shards").glob("*.json")}
     assert len(after - before) == 1 and len(before - after) == 1
 
+    # The finished run, rerun: the touched clip's features are the same, so its fold is
+    # skipped, and the run keeps the wall time of the run that trained it.
+    first = json.loads((run_dir / "results.json").read_text())
+    inputs = json.loads((run_dir / "fold_5" / "inputs.json").read_text())
+    assert inputs["splits"]["test"]["clips"] == 12 and inputs["features"]["shards"] >= 1
+    again = run_train(tmp, "experiment=quickstart", *TINY)
+    assert "fold 5 already complete" in again.stdout + again.stderr
+    assert "every fold was complete already" in again.stdout
+    rerun = json.loads((run_dir / "results.json").read_text())
+    assert rerun["wall_time_s"] == first["wall_time_s"]
+    assert rerun["test_accuracy"] == first["test_accuracy"]
+
+    # The clip's audio changed: the finished fold is not reported as if trained on it.
+    original = clip.read_bytes()
+    samples, rate = sf.read(clip, dtype="float32")
+    sf.write(clip, samples * 0.5, rate, subtype="PCM_16")
+    try:
+        out = run_train(tmp, "experiment=quickstart", *TINY, check=False)
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+        err = out.stderr
+        assert f"fold 5 in {run_dir} was finished on other inputs" in err, err[-3000:]
+        assert "stored features of data fold(s)" in err and "trainer.resume=false" in err
+        assert json.loads((run_dir / "results.json").read_text()) == rerun  # untouched
+    finally:
+        clip.write_bytes(original)
+
 
 @pytest.mark.slow  # the heads ablation script's smoke test covers multirun by default
 def test_multirun_sweeps_heads(tmp_path):
