@@ -136,3 +136,89 @@ def validate_config(cfg: DictConfig) -> None:
         )
     except ValueError as err:
         raise ConfigError(f"invalid model/frontend config: {err}") from None
+
+
+def unknown_override_keys(argv, config_name: str) -> str | None:
+    """The error for command-line overrides (``key=value``) of keys the composed config
+    does not have, naming each key, its close matches and its siblings; None when every
+    key exists (or when Hydra itself will report the problem: a syntax error, an unknown
+    config group option, ``--config-name``).
+
+    Hydra's own message for such a key is a stack of merge errors without the keys
+    that do exist; this check runs before Hydra creates the run directory."""
+    import difflib
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import OmegaConf
+
+    args = list(argv)
+    if any(a in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+           or a.startswith(("--config-name=", "--config-path=", "--config-dir="))
+           for a in args):
+        return None
+    texts = [a for a in args if "=" in a and not a.startswith("-")]
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    try:
+        overrides = OverridesParser.create().parse_overrides(texts)
+    except Exception:  # Hydra reports its own syntax errors
+        return None
+    groups, values = [], []
+    for o in overrides:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.package is not None or o.type != OverrideType.CHANGE:
+            continue
+        if (conf / key).is_dir():  # a config group: model=small, experiment=esc50
+            first = (next(iter(o.sweep_string_iterator())) if o.is_sweep_override()
+                     else o.get_value_element_as_str())
+            groups.append(f"{key}={first}")
+        else:
+            values.append(key)
+    if not values:
+        return None
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:  # an unknown group option: Hydra lists the options itself
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    missing = object()
+    problems = []
+    for key in values:
+        if OmegaConf.select(cfg, key, default=missing) is not missing:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        while parent and node is None:  # the nearest level that exists
+            parent, _, _ = parent.rpartition(".")
+            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        siblings = sorted(str(k) for k in node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)
+        where = parent or "the top level"
+        text = f"{key} is not a config key"
+        if close:
+            text += f" (did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}?)"
+        if siblings:
+            text += f"; {where} has: {', '.join(siblings)}"
+        problems.append(text + ".")
+    if not problems:
+        return None
+    return (" ".join(problems) + " To add a key the config does not list (one the code "
+            "reads, e.g. trainer.optimizer.epsilon), write +KEY=VALUE; `--cfg job` prints "
+            "the whole config.")
+
+
+def exit_on_unknown_override_keys(argv, config_name: str) -> None:
+    """:func:`unknown_override_keys` as a command's first step: print it, exit 2."""
+    import sys
+
+    message = unknown_override_keys(argv, config_name)
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -758,4 +758,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from src.config import exit_on_unknown_override_keys
+
+    exit_on_unknown_override_keys(sys.argv[1:], "train")
     main()

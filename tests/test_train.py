@@ -162,6 +162,30 @@ def test_bad_model_config_names_the_key(tmp_path):
     assert not (tmp_path / "cache" / "quickstart").exists()  # failed before any data work
 
 
+@pytest.mark.parametrize("module,overrides,needle", [
+    ("src.train", ["experiment=quickstart", "model.num_head=4"],
+     "model.num_head is not a config key (did you mean model.num_heads?); model has: "),
+    ("src.train", ["-m", "experiment=quickstart", "model.num_heads=1,2", "data.fold=[1]"],
+     "data.fold is not a config key (did you mean data.folds"),
+    ("src.train", ["trainer.optimizer.amsgard=true"],
+     "trainer.optimizer.amsgard is not a config key; trainer.optimizer has: beta_1, "),
+    ("src.pretrain", ["pretrain.mask.fractoin=0.5"],
+     "pretrain.mask.fractoin is not a config key (did you mean pretrain.mask.fraction?)"),
+])
+def test_an_unknown_override_key_names_its_close_matches(tmp_path, module, overrides, needle):
+    out = subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT,
+                         env=train_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert needle in out.stderr and "+KEY=VALUE" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_an_added_key_reaches_the_code_that_names_its_options(tmp_path):
+    out = run_train(tmp_path, "+trainer.optimizer.amsgard=true", check=False, timeout=120)
+    assert out.returncode == 2
+    assert "trainer.optimizer.amsgard is not an option of adam; its options are" in out.stderr
+
+
 def test_unknown_fold_is_rejected(tmp_path):
     out = run_train(tmp_path, "experiment=quickstart", *TINY, "data.folds=[7]", check=False)
     assert out.returncode == 2
