@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         help="the test fold whose training split is used (default: the first "
                              "of data.folds)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from src.config import ConfigError
     from src.data.datasets import load_index

@@ -377,3 +377,17 @@ def test_cli_missing_dataset(tmp_path):
     result = _cli("data=esc50", f"data.root={tmp_path / 'nowhere'}", cache=tmp_path / "c")
     assert result.returncode == 2
     assert "ESC-50 data not found" in result.stderr
+
+
+def test_cli_takes_overrides_after_an_option(tmp_path):
+    """Hydra overrides may come before and after the options, as on any command line."""
+    missing = tmp_path / "nowhere"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "AUDIO_CACHE_DIR": str(tmp_path / "c")}
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.check_data", "data=esc50", "--no-progress",
+         f"data.root={missing}", "--workers", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "unrecognized arguments" not in result.stderr
+    assert f"ESC-50 data not found at {missing}" in result.stderr

@@ -337,3 +337,12 @@ def test_gpu_benchmark_times_the_backbone_on_any_device(tmp_path):
         assert math.isfinite(q["loss_after_steps"])
     assert "tiny (batch 4), mixed_bfloat16, fused: ours train" in out.stdout
     assert "with patchout t=1, f=1: train" in out.stdout
+
+
+def test_compute_stats_takes_overrides_after_an_option(tmp_path, capsys):
+    """Hydra overrides may follow --fold: data.root given after it is the one read."""
+    from scripts.compute_stats import main
+
+    missing = tmp_path / "nowhere"
+    assert main(["data=esc50", "--fold", "2", f"data.root={missing}", "--json"]) == 2
+    assert f"ESC-50 data not found at {missing}" in capsys.readouterr().err
