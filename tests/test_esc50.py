@@ -202,3 +202,28 @@ def test_empty_csv(tmp_path):
     root = _write_tree(tmp_path / "ds", "")
     with pytest.raises(DatasetError, match="no rows"):
         read_esc50(root)
+
+
+def test_fold_differing_from_the_file_name_is_warned_about(tmp_path, caplog):
+    """A csv fold that disagrees with the ESC-50 file name ({fold}-{src}-{take}-{target})
+    is used as written (re-folding is allowed) but logged, naming the csv and the rows."""
+    root = _write_tree(
+        tmp_path / "ds",
+        "1-100001-A-0.wav,7,0,dog,False,100001,A\n1-100002-A-1.wav,1,1,cat,False,100002,A\n"
+        "2-100003-A-0.wav,2,0,dog,False,100003,A\n2-100004-B-1.wav,3,1,cat,False,100004,B\n"
+        "my_own_name.wav,4,1,cat,False,1,A\n",
+    )
+    with caplog.at_level("WARNING", logger="src.data.esc50"):
+        index = read_esc50(root)
+    assert index.folds() == [1, 2, 3, 4, 7]  # the csv stays authoritative
+    (message,) = [r.getMessage() for r in caplog.records if "file name" in r.getMessage()]
+    assert str(root / "meta" / "esc50.csv") in message and "2 row(s)" in message
+    assert "1-100001-A-0.wav (row 2: fold 7)" in message
+    assert "2-100004-B-1.wav (row 5: fold 3)" in message
+    assert "1-100002-A-1.wav" not in message and "my_own_name.wav" not in message
+
+
+def test_folds_matching_the_file_names_give_no_warning(tree, caplog):
+    with caplog.at_level("WARNING", logger="src.data.esc50"):
+        read_esc50(tree)
+    assert not [r for r in caplog.records if "file name" in r.getMessage()]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from pathlib import Path
 
 from src.data.index import DatasetError, DatasetIndex, Record
@@ -29,6 +30,9 @@ __all__ = [
 REQUIRED_COLUMNS = ("filename", "fold", "target", "category")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
+# ESC-50 file names: {fold}-{src_file}-{take}-{target}.wav, e.g. 1-100032-A-0.wav
+_ESC50_NAME = re.compile(r"(\d+)-[^-/\\]+-[A-Za-z]+-\d+\.wav", re.IGNORECASE)
+_SHOWN_MISMATCHES = 5
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,7 @@ def read_esc50(
     if not rows:
         which = "rows with esc10=True" if esc10_only else "rows"
         raise DatasetError(f"{csv_file} has no {which}; the dataset index is empty")
+    _warn_fold_mismatch(csv_file, rows)
 
     names: dict[int, str] = {}
     for row_no, _filename, _fold, target, category in rows:
@@ -159,6 +164,30 @@ def read_esc50(
     )
     class_names = tuple(names[t] for t in original)
     return DatasetIndex(records=records, class_names=class_names, root=str(root), info=info)
+
+
+def _warn_fold_mismatch(csv_file: Path, rows: list) -> None:
+    """Warn about rows whose csv fold differs from the fold in an ESC-50 file name.
+
+    The csv stays authoritative (a deliberate re-folding keeps the original file names),
+    but a typo in the fold column otherwise goes unnoticed: the clip lands in a fold of
+    its own, or in the wrong one, and is never tested where the file name says.
+    """
+    mismatched = []
+    for row_no, filename, fold, _target, _category in rows:
+        match = _ESC50_NAME.fullmatch(Path(filename).name)
+        if match and int(match.group(1)) != fold:
+            mismatched.append(f"{filename} (row {row_no}: fold {fold})")
+    if mismatched:
+        shown = ", ".join(mismatched[:_SHOWN_MISMATCHES])
+        more = (f", and {len(mismatched) - _SHOWN_MISMATCHES} more"
+                if len(mismatched) > _SHOWN_MISMATCHES else "")
+        log.warning(
+            "%s: %d row(s) have a 'fold' value that differs from the fold in the file name "
+            "({fold}-{src_file}-{take}-{target}.wav): %s%s. The csv's fold is used; if the "
+            "dataset was not re-folded on purpose, fix the 'fold' column of those rows",
+            csv_file, len(mismatched), shown, more,
+        )
 
 
 def _ranges(values: list[int]) -> str:
