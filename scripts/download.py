@@ -19,7 +19,7 @@ import sys
 import urllib.error
 from pathlib import Path
 
-from src.data.download import DATASETS, ensure_dataset_downloaded
+from src.data.download import DATASETS, DownloadError, ensure_dataset_downloaded, offline_hint
 from src.data.esc50 import DatasetError
 
 # Training experiment that reads each dataset, with the config's default root folder.
@@ -84,6 +84,10 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
             force=args.force,
         )
+    except DownloadError as err:
+        hint = "" if err.local else " " + offline_hint(args.dataset, root, url_option="--url ")
+        print(f"error: {err}{hint}", file=sys.stderr, flush=True)
+        return 2
     except (DatasetError, urllib.error.URLError, http.client.HTTPException, OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

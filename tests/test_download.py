@@ -479,12 +479,46 @@ def test_cli_downloads_and_prints_the_path_and_hint(server, tmp_path):
     assert proc.stdout.strip().endswith("python -m src.train experiment=esc50")
 
 
-def test_cli_exits_2_with_a_message_on_errors(server, tmp_path):
+def test_cli_exits_2_with_a_message_on_errors(server, esc_zip, tmp_path):
     url = server.url("/nothing-here.zip")
-    proc = _cli("esc50", "--root", str(tmp_path / "ESC-50-master"), "--url", url)
+    root = tmp_path / "ESC-50-master"
+    args = ("esc50", "--root", str(root), "--url", url, "--expected-clips", "60")
+    proc = _cli(*args)
     assert proc.returncode == 2
     assert url in proc.stderr and "404" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # The ways out: the official URL to fetch elsewhere, where to put the archive, the
+    # mirror option and data.root for a tree unpacked by hand.
+    archive = tmp_path / "ESC-50-master.zip"
+    assert DATASETS["esc50"].url in proc.stderr and f"copy the archive to {archive}" in proc.stderr
+    assert "a mirror of the archive with --url <URL>." in proc.stderr and "data.root=" in proc.stderr
+    # ... and the first one works: the archive copied there is used without a download.
+    shutil.copy(esc_zip, archive)
+    server.requests.clear()
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert server.requests == [] and is_complete(root)
+
+
+def test_failed_download_for_training_names_the_config_keys_to_get_around_it(server, tmp_path):
+    """`data.download=true` that cannot download says how to get the data without it."""
+    from omegaconf import OmegaConf
+
+    from src.data.datasets import load_index
+
+    root = tmp_path / "data" / "ESC-50-master"
+    url = server.url("/gone.zip")
+    cfg = OmegaConf.create(
+        {"format": "esc50", "root": str(root), "download": True, "download_url": url}
+    )
+    with pytest.raises(DownloadError) as err:
+        load_index(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"Could not download {url}: HTTP 404")
+    assert DATASETS["esc50"].url in msg
+    assert f"copy the archive to {tmp_path / 'data' / 'ESC-50-master.zip'}" in msg
+    assert "point data.root= at the unpacked ESC-50-master folder" in msg
+    assert msg.endswith("a mirror of the archive with data.download_url=<URL>.")
 
 
 def test_training_with_data_download_fetches_and_verifies(server, tmp_path):

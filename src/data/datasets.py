@@ -57,10 +57,23 @@ def load_index(data_cfg: DictConfig) -> DatasetIndex:
     fmt = data_cfg.format
     root = Path(str(data_cfg.root)).expanduser()
     if fmt in DOWNLOADABLE and data_cfg.get("download", False):
-        from src.data.download import ensure_dataset_downloaded, is_complete
+        from src.data.download import (
+            DownloadError,
+            ensure_dataset_downloaded,
+            is_complete,
+            offline_hint,
+        )
 
         if not is_complete(root) and not root.exists():
-            ensure_dataset_downloaded(DOWNLOADABLE[fmt], root, url=data_cfg.get("download_url"))
+            try:
+                ensure_dataset_downloaded(
+                    DOWNLOADABLE[fmt], root, url=data_cfg.get("download_url")
+                )
+            except DownloadError as err:
+                if err.local:
+                    raise
+                hint = offline_hint(DOWNLOADABLE[fmt], root, url_option="data.download_url=")
+                raise DownloadError(f"{err} {hint}") from None
     if fmt in NOT_DOWNLOADABLE and data_cfg.get("download", False):
         raise DatasetError(
             f"data.download=true, but data.format={fmt} has no archive to download: "

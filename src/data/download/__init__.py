@@ -42,10 +42,29 @@ __all__ = [
     "extract_archive",
     "get_spec",
     "is_complete",
+    "offline_hint",
     "verify_archive",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def offline_hint(name: str, root: str | os.PathLike, *, url_option: str) -> str:
+    """The ways to a dataset when its archive cannot be downloaded here.
+
+    ``root`` is the dataset folder the download was meant to create; ``url_option`` is how
+    the caller sets a mirror (``data.download_url=`` in the training config, ``--url `` for
+    ``scripts.download``).
+    """
+    spec = get_spec(name)
+    root = Path(root).expanduser().absolute()
+    return (
+        f"Without network access here: download {spec.url} elsewhere, then either copy the "
+        f"archive to {root.parent / spec.filename} and run the same command again (it is "
+        f"verified and unpacked from there), or unpack it yourself and point data.root= at "
+        f"the unpacked {spec.folder} folder; or download from a mirror of the archive with "
+        f"{url_option}<URL>."
+    )
 
 
 def ensure_dataset_downloaded(

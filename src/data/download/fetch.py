@@ -30,7 +30,15 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 
 
 class DownloadError(DatasetError):
-    """A download failed; the message names the URL and any partial file kept for resuming."""
+    """A download failed; the message names the URL and any partial file kept for resuming.
+
+    ``local`` is true when the transfer worked but the file could not be written here (a full
+    disk, no permission), so fetching the data from elsewhere would not help.
+    """
+
+    def __init__(self, message: str, *, local: bool = False) -> None:
+        super().__init__(message)
+        self.local = local
 
 
 class _Interrupted(Exception):
@@ -214,6 +222,8 @@ def download_file(
             )
             time.sleep(min(backoff * 2 ** (attempt - 1), 30.0))
         except OSError as err:
-            raise DownloadError(_failure(url, part, f"could not write {part}: {err}")) from None
+            raise DownloadError(
+                _failure(url, part, f"could not write {part}: {err}"), local=True
+            ) from None
     os.replace(part, dest)
     return dest
