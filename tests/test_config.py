@@ -268,6 +268,56 @@ def test_run_invariant_keys_name_the_directory(monkeypatch):
     assert run_dir(longer, "trainer.epochs=3") == run_dir(longer) == plain
 
 
+def _earlier_run(directory: Path, *overrides) -> list[str]:
+    """An unfinished run of ``python -m src.train OVERRIDES`` in ``directory`` (its saved
+    config and a fold folder); returns the config's run_invariant_keys."""
+    cfg = make(*overrides)
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (directory / "fold_1").mkdir()
+    return list(cfg.run_invariant_keys)
+
+
+def test_configs_that_share_a_directory_name_are_told_so(tmp_path, monkeypatch):
+    """Two data roots whose names differ only in characters the directory name replaces
+    land in one directory: the refusal says so and points to a directory of its own, not
+    to trainer.resume=false (which would move the earlier run's results aside)."""
+    from src.training.rundir import prepare_run_dir
+
+    monkeypatch.setenv("AUDIO_RUNS_DIR", str(tmp_path / "runs"))
+    first, second = tmp_path / "a_b", tmp_path / "a" / "b"
+    shared = run_dir("data=esc50", f"data.root={first}")
+    assert run_dir("data=esc50", f"data.root={second}") == shared
+    invariant = _earlier_run(shared, "data=esc50", f"data.root={first}")
+
+    resolved = OmegaConf.to_container(make("data=esc50", f"data.root={second}"), resolve=True)
+    with pytest.raises(ConfigError) as err:
+        prepare_run_dir(shared, resolved, resume=True, invariant=invariant)
+    msg = str(err.value)
+    assert f"share the directory name {shared.name!r}" in msg
+    assert f"data.root={str(first)!r} (the earlier run) and data.root={str(second)!r}" in msg
+    assert "hydra.run.dir=<another folder>" in msg and "trainer.resume=false is not the way" in msg
+    assert (shared / "fold_1").is_dir()  # nothing was moved
+    # The advice works: the other directory, with no earlier run in it.
+    other = tmp_path / "elsewhere"
+    assert run_dir("data=esc50", f"data.root={second}", f"hydra.run.dir={other}") == other
+
+
+def test_a_changed_default_in_the_same_directory_advises_starting_over(tmp_path):
+    """A config that changed underneath the same overrides is not a shared name: the way
+    out stays trainer.resume=false."""
+    from src.training.rundir import prepare_run_dir
+
+    run = tmp_path / "runs" / "base-esc50" / "data=esc50"
+    invariant = _earlier_run(run, "data=esc50", "model.embed_dim=24")
+    resolved = OmegaConf.to_container(make("data=esc50"), resolve=True)
+    with pytest.raises(ConfigError) as err:
+        prepare_run_dir(run, resolved, resume=True, invariant=invariant)
+    msg = str(err.value)
+    assert "model.embed_dim: 24 ->" in msg and "Run with trainer.resume=false" in msg
+    assert "share the directory name" not in msg
+
+
 @pytest.mark.slow
 def test_run_invariant_keys_are_the_ones_the_resume_check_ignores(tmp_path):
     """The same list, read from the config, decides the resume check: an earlier run's

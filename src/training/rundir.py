@@ -50,6 +50,11 @@ def is_invariant(key: str, invariant: Iterable[str]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in invariant)
 
 
+def _safe(text: str) -> str:
+    """``text`` with every run of characters other than ``A-Za-z0-9=,._+-[]`` as one ``_``."""
+    return re.sub(r"[^A-Za-z0-9=,._+\-\[\]]+", "_", text)
+
+
 def run_dirname(overrides, invariant: Sequence[str] | None = None) -> str:
     """A directory name for a command's overrides: the overrides that change the run
     (not those under ``invariant``), readable, filesystem-safe, bounded."""
@@ -62,7 +67,7 @@ def run_dirname(overrides, invariant: Sequence[str] | None = None) -> str:
             continue
         kept.append(str(o))
     text = ",".join(sorted(kept)) or "default"
-    safe = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]+", "_", text)
+    safe = _safe(text)
     if len(safe) > 100:
         digest = hashlib.sha1(text.encode()).hexdigest()[:10]
         safe = f"{safe[:80]}-{digest}"
@@ -167,10 +172,37 @@ def check_same_config(
     diff = sorted(
         k for k in old if not is_invariant(k, invariant) and old.get(k) != new.get(k)
     )
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+    if not diff:
+        return
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+    shared = _shared_name_keys(run_dir.name, diff, old, new)
+    if shared:
+        both = ", ".join(f"{k}={old.get(k)!r} (the earlier {kind}) and {k}={new.get(k)!r} "
+                         f"(this one)" for k in shared)
         raise ConfigError(
-            f"{run_dir} holds a {kind} with a different config ({shown}). Run with "
-            f"trainer.resume=false to start over there (the earlier results are moved to "
-            f"{run_dir}/previous/), or change name=... to use another directory."
+            f"{run_dir} holds a {kind} with a different config ({shown}). The two configs "
+            f"share the directory name {run_dir.name!r}: the name replaces every "
+            f"character of the overrides other than letters, digits and =,._+-[] by '_', "
+            f"so {both} give the same name. Give this {kind} a directory of its own "
+            f"with hydra.run.dir=<another folder> (hydra.sweep.dir=<another folder> for a "
+            f"-m sweep), or with name=<another name>. trainer.resume=false is not the way "
+            f"here: it would move the earlier {kind}'s results aside to {run_dir}/previous/ "
+            f"and start this one over in their place."
         )
+    raise ConfigError(
+        f"{run_dir} holds a {kind} with a different config ({shown}). Run with "
+        f"trainer.resume=false to start over there (the earlier results are moved to "
+        f"{run_dir}/previous/), or change name=... to use another directory."
+    )
+
+
+def _shared_name_keys(dirname: str, diff: Sequence[str], old: dict, new: dict) -> list[str]:
+    """The keys of ``diff`` that are in the directory name with two values that the name
+    cannot tell apart (``/tmp/a_b`` and ``/tmp/a/b`` both give ``_tmp_a_b``): two
+    different commands that landed in one directory."""
+    shared = []
+    for key in diff:
+        named = re.search(r"(?:^|[,+~])" + re.escape(_safe(key)) + "=", dirname)
+        if named and _safe(str(old.get(key))) == _safe(str(new.get(key))):
+            shared.append(key)
+    return shared
