@@ -12,8 +12,12 @@ pairs of the setting, the validation metric, AST's optimistic paper-protocol
 number when the runs recorded it (marked †, with a footnote), parameters, runs,
 folds, train time and throughput. A table holds one metric: accuracy (single-label)
 and mAP (multi-label) runs given together are an error (exit status 2); tabulate
-them separately. Warnings (incomplete settings, mixed commits or versions, runs
-whose folds mix commits, unreadable files) go to stderr.
+them separately. A row of a single value (one run of one fold) shows its mean
+alone (CSV: an empty ``test_<metric>_std``). Warnings (incomplete settings, rows
+pooling runs on different ``data.root`` paths or data sets, mixed commits or
+versions, runs whose folds mix commits, unreadable files) go to stderr. A setting
+is incomplete when a run lacks folds that other runs on the same data set
+(``data.name``) have. Options may come before, between or after the directories.
 
 ``--expect KEY=V1,V2,...`` lists the values a sweep should have: values without
 a run appear as "missing" rows. ``--reference FILE`` (YAML or JSON, see
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also log the table and the plot to a W&B run in PROJECT "
                              "(job_type=table; offline without credentials, as training)")
     parser.add_argument("--name", default=None, help="W&B run name/group for --log-wandb")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # directories after options, too
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -114,7 +115,8 @@ def write_run(
             "name": "ablate",
             "seed": seed,
             "tags": ["quickstart"],
-            "data": {"name": "quickstart", "folds": folds, "root": str(run_dir / "data")},
+            # one sweep, one data set: the same data.root for every run of it
+            "data": {"name": "quickstart", "folds": folds, "root": str(run_dir.parent / "data")},
             "model": {"name": "small", "embed_dim": 64, "num_heads": heads},
             "trainer": {"epochs": 3, "verbose": 0, "resume": True, "optimizer": {"lr": 0.001}},
             "logger": {"name": "none"},
@@ -182,7 +184,7 @@ def audioset_config(run_dir: Path, *, stride=10, pretrained="deit_base_distilled
                     adapt="auto", data="audioset_balanced", seed=1):
     return {
         "name": "audioset", "seed": seed,
-        "data": {"name": data, "folds": [3], "root": str(run_dir / "data")},
+        "data": {"name": data, "folds": [3], "root": str(run_dir.parent / "data")},
         "model": {"name": "ast_base384", "stride": stride, "pretrained": pretrained,
                   "pretrained_adapt": adapt},
         "trainer": {"epochs": 25},
@@ -338,13 +340,14 @@ def test_map_table(map_sweep):
     assert header.startswith("| model.stride | params | test mAP | val mAP | runs | folds |")
     assert "(%)" not in header and "accuracy" not in md
     assert "| 10 | 87,000,000 | .459 ± .003 | .403 | 2 | 1 |" in md
-    assert "| 16 | 87,000,000 | .440 ± .000 | .390 | 1 | 1 |" in md
+    assert "| 16 | 87,000,000 | .440 | .390 | 1 | 1 |" in md  # one value: no spread
     assert r".459 $\pm$ .003" in format_table(rows, "latex")
     (t10, t16) = list(csv.DictReader(io.StringIO(format_table(rows, "csv"))))
     assert t10["test_mAP"] == ".459 ± .003" and t10["val_mAP"] == ".403"
     assert float(t10["test_mAP_mean"]) == pytest.approx(0.459)
     assert float(t10["test_mAP_std"]) == pytest.approx(0.003)
     assert float(t16["val_mAP_mean"]) == pytest.approx(0.3901)
+    assert t16["test_mAP"] == ".440" and t16["test_mAP_std"] == ""
     assert "test_accuracy_mean" not in t10
     # the AST Table 5 numbers beside ours
     ref, key = load_reference(ROOT / "references" / "ast_table5.yaml")
@@ -434,6 +437,161 @@ def test_incomplete_group_is_marked(sweep):
     assert all(r.status == "" for r in rows[:-1])
     md = format_table(rows, "md")
     assert "incomplete (2/3 folds)" in md and "| 2/3 |" in md
+
+
+def data_config(run_dir: Path, *, name="esc50", root="/data/ESC-50-master", folds=(1, 2, 3, 4, 5),
+                heads=1, seed=1, logger="none"):
+    """A run's config as src.train writes it (resolved), on data set ``name`` at ``root``."""
+    return {
+        "name": "ablate", "seed": seed, "tags": [name],
+        "data": {"name": name, "folds": list(folds), "root": str(root)},
+        "model": {"name": "small", "num_heads": heads},
+        "trainer": {"epochs": 3, "verbose": 0},
+        "logger": {"name": logger},
+        "paths": {"runs_dir": str(run_dir.parent)},
+    }
+
+
+ESC50 = [0.5, 0.6, 0.5, 0.6, 0.5]
+
+
+def test_rows_pooling_runs_on_different_data_roots_are_noted(tmp_path):
+    """data.root is not a setting (one data set, another machine's path), so runs on
+    four roots pool into one row; the row says so, with the --by that splits it."""
+    root = tmp_path / "esc50"
+    for i, path in enumerate(["/a/ESC-50-master", "/b/ESC-50-master", "/c/ESC-50-master",
+                              "/d/ESC-50-master"]):
+        write_run(root / f"run{i}", ESC50, config=data_config(root / f"run{i}", root=path))
+    runs = load_runs([root])
+    assert varying_keys(runs) == []
+    (row,) = group_runs(runs)
+    assert row.num_runs == 4 and row.key == {}
+    (note,) = row.notes
+    assert note.startswith("runs differ in data.root: /a/ESC-50-master (1 run), "
+                           "/b/ESC-50-master (1 run), /c/ESC-50-master (1 run), "
+                           "/d/ESC-50-master (1 run); fine if these are copies"), note
+    assert note.endswith("else split them with --by data.root"), note
+    # split as the note says: one row per root, nothing to note
+    rows = group_runs(runs, by=["data.root"])
+    assert len(rows) == 4 and all(r.notes == [] for r in rows)
+    out = make_tables(root)
+    assert out.returncode == 0, out.stderr
+    assert "| 4 | 5 |" in out.stdout  # still one row of 4 runs: the table is unchanged
+    assert ("warning: all runs: runs differ in data.root: /a/ESC-50-master (1 run)"
+            in out.stderr)
+    assert "--by data.root" in out.stderr
+    out = make_tables(root, "--by", "data.root")
+    assert out.returncode == 0 and "data.root" not in out.stderr, out.stderr
+
+    # with setting keys, the --by to split keeps them; two runs per root are counted
+    sweep = tmp_path / "heads"
+    for heads, seed, path in itertools.product((1, 2), (1, 2), ("/a/esc", "/b/esc")):
+        name = f"h{heads}_s{seed}_{path[1]}"
+        write_run(sweep / name, ESC50, config=data_config(sweep / name, root=path,
+                                                          heads=heads, seed=seed))
+    rows = group_runs(load_runs([sweep]))
+    assert [r.key for r in rows] == [{"model.num_heads": 1}, {"model.num_heads": 2}]
+    for r in rows:
+        (note,) = r.notes
+        assert note.startswith("runs differ in data.root: /a/esc (2 runs), /b/esc (2 runs);")
+        assert note.endswith("--by model.num_heads,data.root"), note
+
+
+def test_pooling_seeds_and_logger_settings_is_not_noted(tmp_path):
+    """Seeds are repeats and the logger is no part of the data: pooled without a note;
+    so are runs on one root."""
+    root = tmp_path / "esc50"
+    for seed, logger in ((1, "none"), (2, "wandb"), (3, "csv")):
+        write_run(root / f"seed{seed}", ESC50,
+                  config=data_config(root / f"seed{seed}", seed=seed, logger=logger))
+    (row,) = group_runs(load_runs([root]))
+    assert row.num_runs == 3 and row.seeds == [1, 2, 3] and row.notes == []
+    out = make_tables(root)
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+
+
+def test_rows_pooling_data_sets_under_an_explicit_by_are_noted(tmp_path):
+    root = tmp_path / "mixed"
+    write_run(root / "esc", ESC50, config=data_config(root / "esc"))
+    write_run(root / "qs", [0.9], folds=[5],
+              config=data_config(root / "qs", name="quickstart", root="/cache/qs", folds=[5]))
+    (row,) = group_runs(load_runs([root]), by=["model.num_heads"])
+    notes = "\n".join(row.notes)
+    assert ("runs differ in data.name: esc50 (1 run), quickstart (1 run); different data sets"
+            in notes), notes
+    assert "--by model.num_heads,data.name" in notes and "data.root" in notes
+
+
+def test_folds_are_judged_per_data_set(tmp_path):
+    """A one-fold quickstart run beside five-fold ESC-50 runs: each is complete on its
+    own data set; a run lacking folds its data set's peers have is still incomplete."""
+    root = tmp_path / "runs"
+    for heads in (1, 2):
+        write_run(root / f"esc_h{heads}", ESC50,
+                  config=data_config(root / f"esc_h{heads}", heads=heads))
+    write_run(root / "quickstart", [0.958], folds=[5],
+              config=data_config(root / "quickstart", name="quickstart", root="/cache/qs",
+                                 folds=[5]))
+    rows = group_runs(load_runs([root]))
+    assert [(r.key["data.name"], r.key["model.num_heads"]) for r in rows] == [
+        ("esc50", 1), ("esc50", 2), ("quickstart", 1)]
+    assert [(r.status, r.folds_label) for r in rows] == [("", "5"), ("", "5"), ("", "1")]
+    md = format_table(rows, "md")
+    assert "incomplete" not in md and "status" not in md
+    out = make_tables(root)
+    assert out.returncode == 0 and "incomplete" not in out.stderr, out.stderr
+
+    # same data set, fewer folds: incomplete, judged against its own data set only
+    write_run(root / "esc_h4", [0.5, 0.6], folds=[1, 2],
+              config=data_config(root / "esc_h4", heads=4, folds=[1, 2]))
+    write_run(root / "quickstart_cv", [0.9, 0.9, 0.9, 0.9, 0.9, 0.9], folds=[1, 2, 3, 4, 5, 6],
+              config=data_config(root / "quickstart_cv", name="quickstart", root="/cache/qs",
+                                 heads=2, folds=[1, 2, 3, 4, 5, 6]))
+    rows = {(r.key["data.name"], r.key["model.num_heads"]): r
+            for r in group_runs(load_runs([root]))}
+    assert (rows["esc50", 4].status, rows["esc50", 4].folds_label) == ("incomplete", "2/5")
+    assert (rows["esc50", 1].status, rows["esc50", 2].status) == ("", "")
+    assert (rows["quickstart", 1].status, rows["quickstart", 1].folds_label) == (
+        "incomplete", "1/6")
+    assert rows["quickstart", 2].status == ""
+    out = make_tables(root)
+    assert "data.name=esc50, model.num_heads=4: incomplete (2/5 folds)" in out.stderr
+    assert "data.name=quickstart, model.num_heads=1: incomplete (1/6 folds)" in out.stderr
+    assert out.stderr.count("incomplete") == 2, out.stderr
+
+
+def test_a_single_value_shows_no_spread(tmp_path):
+    """One run of one fold: the mean alone (runs and folds say n=1), an empty std in the
+    CSV; rows of two values (two folds, or two seeds of one fold) keep theirs."""
+    root = tmp_path / "runs"
+    write_run(root / "one", [0.958], folds=[5], heads=1)
+    write_run(root / "seed1", [0.7], folds=[5], heads=4, seed=1)
+    write_run(root / "seed2", [0.8], folds=[5], heads=4, seed=2)
+    other = tmp_path / "other"  # another sweep: two folds
+    write_run(other / "folds", [0.9, 0.8], folds=[4, 5], heads=2,
+              config=data_config(other / "folds", name="esc10", heads=2, folds=[4, 5]))
+    rows = group_runs(load_runs([root, other]), by=["model.num_heads"])
+    assert [r.test_std for r in rows] == [None, pytest.approx(0.05), pytest.approx(0.05)]
+    assert rows[0].test_mean == pytest.approx(0.958)
+    md = format_table(rows, "md")
+    assert "| 1 | 2,700 | 95.8 | 90.8 | 1 | 1 |" in md, md
+    assert "| 2 | 2,700 | 85.0 ± 5.0 | 80.0 | 1 | 2 |" in md
+    assert "| 4 | 2,700 | 75.0 ± 5.0 | 70.0 | 2 | 1 |" in md
+    assert "± 0.0" not in md and "incomplete" not in md
+    tex = format_table(rows, "latex")
+    assert r"1 & 2,700 & 95.8 & 90.8 & 1 & 1" in tex and r"85.0 $\pm$ 5.0" in tex
+    text = format_table(rows, "csv")
+    header, *lines = list(csv.reader(io.StringIO(text)))
+    assert all(len(line) == len(header) for line in lines)
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert table[0]["test_accuracy"] == "95.8" and table[0]["test_accuracy_std"] == ""
+    assert float(table[0]["test_accuracy_mean"]) == pytest.approx(0.958)
+    assert float(table[1]["test_accuracy_std"]) == pytest.approx(0.05)
+    # the plot draws the single value without an error bar
+    assert plot(rows, "model.num_heads", tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    out = make_tables(root, "--by", "model.num_heads", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert list(csv.DictReader(io.StringIO(out.stdout)))[0]["test_accuracy_std"] == ""
 
 
 def test_expected_values_show_missing_rows(sweep):
@@ -537,7 +695,7 @@ def test_runs_from_wandb_summaries():
     t = runs[12]
     assert t.metric == "mAP" and t.test_per_fold == [0.41] and t.val_mean == 0.38
     (row,) = group_runs([t])
-    assert "| .410 ± .000 | .380 |" in format_table([row], "md")
+    assert row.test_std is None and "| .410 | .380 |" in format_table([row], "md")
     with pytest.raises(ValueError, match="mix primary metrics"):
         group_runs(list(runs.values()))
 
@@ -619,6 +777,16 @@ def test_cli(sweep, tmp_path):
 
     out = make_tables(sweep, "--by", "model.num_head")
     assert out.returncode == 2 and "did you mean model.num_heads" in out.stderr
+
+
+def test_cli_options_between_directories(sweep):
+    """Directories after an option (``A --format csv B``) are directories too."""
+    out = make_tables(sweep / "heads1_seed1", "--format", "csv", sweep / "heads2_seed1",
+                      "--by", "model.num_heads", sweep / "heads2_seed2")
+    assert out.returncode == 0, out.stderr
+    table = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [(t["model.num_heads"], t["runs"]) for t in table] == [("1", "1"), ("2", "2")]
+    assert table[1]["seeds"] == "1 2"
 
 
 def test_cli_no_results_exits_2(tmp_path):

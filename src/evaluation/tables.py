@@ -23,6 +23,9 @@ Statistics of a row (documented once, used everywhere): the test mean and std
 are the mean and *population* std (NumPy's default, ``ddof=0``) of the pooled
 per-fold test values of every run in the group, i.e. over all (fold, seed)
 pairs. With one seed this is exactly the run's ``cv.last_epoch`` mean and std.
+A row of a single value (one run of one fold) has no std (``None``): the tables
+show its mean alone (the runs and folds columns say it is one value) and the CSV
+leaves ``test_<metric>_std`` empty.
 The validation column is the mean of the runs' ``val_<metric>`` (each the mean
 over its folds of the final model's validation metric). The paper-protocol
 column (AST's: the epoch is chosen by the test folds' mean, so it is
@@ -58,8 +61,9 @@ METRICS = ("accuracy", "mAP")  # primary metrics: single-label, multi-label
 DAGGER = "†"
 PAPER_PROTOCOL_NOTE = f"{DAGGER} AST's protocol: epoch chosen by the test folds' mean; optimistic."
 
-# Config keys that never define a setting: where things are written, how a run
-# is logged or resumed, which folds were requested (checked separately, see
+# Config keys that never define a setting: where things are written (data.root
+# included: one data set lives at different paths on different machines), how a
+# run is logged or resumed, which folds were requested (checked separately, see
 # Row.status), and the seed (seeds of one setting are repeats).
 DEFAULT_IGNORE = (
     "paths",
@@ -75,6 +79,18 @@ DEFAULT_IGNORE = (
     "_*",
     "*._*",
 )
+
+# The key naming a run's data set: rows judge their folds against the runs on the
+# same data set only (see Row.status).
+DATASET_KEY = "data.name"
+
+# Config keys that say which data a run saw. Runs pooled in one row that differ in
+# one of them get a note (Row.notes): data.root is ignored when grouping (the same
+# data set at another path), data.name only pools when --by leaves it out.
+DATA_KEYS = {
+    "data.name": "different data sets in one row",
+    "data.root": "fine if these are copies of one data set",
+}
 
 
 @dataclass
@@ -117,8 +133,9 @@ class Row:
     """One setting: the values of the grouping keys and the statistics of its runs.
 
     ``status`` is ``""`` (complete), ``"incomplete"`` (a run lacks folds that
-    other runs have, see ``folds_label``) or ``"missing"`` (an expected setting
-    with no run).
+    other runs on its data set have, see ``folds_label``) or ``"missing"`` (an
+    expected setting with no run). ``test_std`` is ``None`` for a single value
+    (one run of one fold): there is no spread to show.
     """
 
     key: dict[str, Any]
@@ -351,10 +368,11 @@ def _check_one_metric(runs: Sequence[Run]) -> str:
 
 
 def _pooled(runs: Sequence[Run]) -> tuple[float | None, float | None]:
-    """Mean and population std over every (fold, seed) test value of ``runs``."""
+    """Mean and population std over every (fold, seed) test value of ``runs``; the std
+    is None when there is a single value (no spread to speak of)."""
     if all(r.test_per_fold for r in runs):
         values = np.concatenate([np.asarray(r.test_per_fold, np.float64) for r in runs])
-        return float(values.mean()), float(values.std())
+        return float(values.mean()), float(values.std()) if len(values) > 1 else None
     # Runs known only by their mean/std over n folds (e.g. W&B summaries): the same
     # pooled statistics from the moments, sum_i n_i (s_i^2 + (m_i - M)^2) / N.
     parts = []
@@ -370,6 +388,8 @@ def _pooled(runs: Sequence[Run]) -> tuple[float | None, float | None]:
     m = np.array([p[1] for p in parts])
     s = np.array([p[2] for p in parts])
     mean = float((n * m).sum() / n.sum())
+    if n.sum() < 2:
+        return mean, None
     var = float((n * (s**2 + (m - mean) ** 2)).sum() / n.sum())
     return mean, math.sqrt(max(var, 0.0))
 
@@ -392,8 +412,12 @@ def group_runs(
     metric and of their paper-protocol number (each if every run has it);
     number of runs; folds per run; mean train time per run; mean train/eval
     throughput (clips/s). A row is ``"incomplete"`` when one of its runs lacks
-    folds of the largest folds set among all runs (``folds_label`` then reads
-    e.g. ``"3/5"``). Runs of different primary metrics raise ``ValueError``.
+    folds of the largest folds set among the runs on its data set (``data.name``;
+    a one-fold quickstart run does not judge ESC-50 runs, nor they it), and
+    ``folds_label`` then reads e.g. ``"3/5"``. A row whose runs differ in a key of
+    :data:`DATA_KEYS` (e.g. ``data.root``, which is not a grouping key) gets a note
+    naming the values and the ``--by`` that splits them. Runs of different primary
+    metrics raise ``ValueError``.
     """
     metric = _check_one_metric(runs)
     expected = dict(expected or {})
@@ -412,10 +436,8 @@ def group_runs(
         groups.setdefault(token, []).append(r)
         values.setdefault(token, vals)
 
-    fold_sets = Counter(frozenset(r.folds) for r in runs if r.folds)
-    reference = max(fold_sets, key=lambda s: (len(s), fold_sets[s])) if fold_sets else frozenset()
-
-    rows = [_make_row(dict(zip(keys, values[t])), groups[t], reference) for t in groups]
+    references = _fold_references(runs)
+    rows = [_make_row(dict(zip(keys, values[t])), groups[t], references) for t in groups]
 
     if expected:
         exp_keys = list(expected)
@@ -433,13 +455,47 @@ def _mean_if_all(values: Sequence[float | None]) -> float | None:
     return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
 
-def _make_row(key: dict[str, Any], runs: list[Run], reference: frozenset) -> Row:
+def _dataset(run: Run) -> tuple:
+    return _sort_token(run.config.get(DATASET_KEY))
+
+
+def _fold_references(runs: Sequence[Run]) -> dict[tuple, frozenset]:
+    """Per data set (:data:`DATASET_KEY`): the folds a complete run has, i.e. the
+    largest folds set among its runs (the most common one on a tie)."""
+    by_dataset: dict[tuple, Counter] = {}
+    for r in runs:
+        if r.folds:
+            by_dataset.setdefault(_dataset(r), Counter())[frozenset(r.folds)] += 1
+    return {d: max(sets, key=lambda s: (len(s), sets[s])) for d, sets in by_dataset.items()}
+
+
+def _data_notes(key: Mapping[str, Any], runs: Sequence[Run]) -> list[str]:
+    """Notes on runs of one row that differ in a key of :data:`DATA_KEYS`: the values
+    (with their number of runs) and the ``--by`` that splits them."""
+    notes = []
+    for k, hint in DATA_KEYS.items():
+        counts = Counter(r.config[k] for r in runs if k in r.config)
+        if len(counts) < 2:
+            continue
+        shown = [f"{_show(v)} ({n} run{'s' if n > 1 else ''})"
+                 for v, n in sorted(counts.items(), key=lambda item: _sort_token(item[0]))]
+        if len(shown) > 4:
+            shown = shown[:3] + [f"{len(shown) - 3} more"]
+        by = ",".join([*key, k])
+        notes.append(f"runs differ in {k}: {', '.join(shown)}; {hint}, "
+                     f"else split them with --by {by}")
+    return notes
+
+
+def _make_row(key: dict[str, Any], runs: list[Run],
+              references: Mapping[tuple, frozenset]) -> Row:
     metric = _check_one_metric(runs)
     mean, std = _pooled(runs)
     params = {r.parameters for r in runs if r.parameters is not None}
     notes = []
     if len(params) > 1:
         notes.append(f"parameter counts differ: {sorted(params)}")
+    notes += _data_notes(key, runs)
     row = Row(
         key=key,
         runs=list(runs),
@@ -458,11 +514,18 @@ def _make_row(key: dict[str, Any], runs: list[Run], reference: frozenset) -> Row
         notes=notes,
     )
     row.folds_label = str(row.num_folds)
-    if reference:
-        have = min(len(set(r.folds) & reference) for r in runs)
-        if have < len(reference) or any(set(r.folds) - reference for r in runs):
-            row.status = "incomplete"
-            row.folds_label = f"{have}/{len(reference)}"
+    worst: tuple[int, int] | None = None  # (folds of the reference it has, reference size)
+    for r in runs:
+        reference = references.get(_dataset(r))
+        if not reference:
+            continue
+        have = len(set(r.folds) & reference)
+        if have < len(reference) or set(r.folds) - reference:
+            if worst is None or have * worst[1] < worst[0] * len(reference):
+                worst = (have, len(reference))
+    if worst is not None:
+        row.status = "incomplete"
+        row.folds_label = f"{worst[0]}/{worst[1]}"
     return row
 
 
@@ -620,7 +683,8 @@ def format_table(
     """Render rows: ``"md"`` (pipe table), ``"latex"`` (booktabs tabular) or ``"csv"``.
 
     Columns: the key columns, ``params``, ``test <metric>`` (mean ± population
-    std over the pooled folds and seeds), ``val <metric>`` (when the runs have
+    std over the pooled folds and seeds; the mean alone for a single value, and
+    CSV's ``test_<metric>_std`` empty), ``val <metric>`` (when the runs have
     it), ``paper protocol†`` (AST's optimistic protocol, when the runs have it;
     Markdown and LaTeX add the footnote line), runs, folds, train time and
     throughput. Accuracy reads ``77.5 ± 1.7`` (percent, one decimal), mAP
