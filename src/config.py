@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 DATA_FORMATS = ("synthetic", "esc50", "speech_commands", "urbansound8k", "audioset", "fsd50k",
                 "folder", "synthetic_tagging")
@@ -10,6 +15,20 @@ DATA_FORMATS = ("synthetic", "esc50", "speech_commands", "urbansound8k", "audios
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+
+def fit_verbosity(value) -> int:
+    """``trainer.verbose`` as Keras' ``fit(verbose=)``: ``auto`` is progress bars on a
+    terminal and one line per epoch otherwise (a log file or a cluster job's output,
+    where each bar update would be a line of its own)."""
+    if value == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    if isinstance(value, bool) or value not in (0, 1, 2):
+        raise ConfigError(
+            f"trainer.verbose={value!r} is unknown; use auto (bars on a terminal, a line "
+            "per epoch in a log), 0 (silent), 1 (progress bars) or 2 (a line per epoch)."
+        )
+    return int(value)
 
 
 def _positive(cfg: DictConfig, dotted: str, integer=True):
@@ -105,6 +124,15 @@ def validate_config(cfg: DictConfig) -> None:
         _positive(cfg, key)
     _positive(cfg, "data.clip_seconds", integer=False)
     _positive(cfg, "trainer.optimizer.lr", integer=False)
+    fit_verbosity(cfg.trainer.get("verbose", "auto"))
+    warmup = float((cfg.trainer.get("schedule") or {}).get("warmup_epochs") or 0.0)
+    if warmup >= epochs > 0:
+        log.warning(
+            "trainer.schedule.warmup_epochs=%g >= trainer.epochs=%d: the learning rate is "
+            "still warming up when training ends and never reaches trainer.optimizer.lr=%g; "
+            "lower trainer.schedule.warmup_epochs or train longer.",
+            warmup, epochs, float(cfg.trainer.optimizer.lr),
+        )
     if int(cfg.frontend.sample_rate) != int(cfg.data.sample_rate):
         raise ConfigError(
             f"frontend.sample_rate={cfg.frontend.sample_rate} differs from data.sample_rate="

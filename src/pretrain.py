@@ -39,7 +39,7 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.config import ConfigError, validate_config  # noqa: E402
+from src.config import ConfigError, fit_verbosity, validate_config  # noqa: E402
 from src.data.index import DatasetError  # noqa: E402
 from src.models.pretrained import PretrainedError  # noqa: E402
 
@@ -469,7 +469,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     try:
         history = pretrainer.fit(
             train_ds, validation_data=val_ds, epochs=int(t.epochs), callbacks=callbacks,
-            verbose=int(t.verbose), shuffle=False,
+            verbose=fit_verbosity(t.get("verbose", "auto")), shuffle=False,
         )
         train_time = time.time() - fit_start
         hist = _full_history(csv_path, history.history)

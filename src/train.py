@@ -33,7 +33,7 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.config import ConfigError, validate_config  # noqa: E402
+from src.config import ConfigError, fit_verbosity, validate_config  # noqa: E402
 from src.data.index import DatasetError  # noqa: E402
 from src.training.rundir import run_dirname  # noqa: E402
 
@@ -405,7 +405,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             epochs=epochs,
             steps_per_epoch=steps_per_epoch if stream else None,
             callbacks=callbacks,
-            verbose=int(t.verbose),
+            verbose=fit_verbosity(t.get("verbose", "auto")),
             shuffle=False,  # the tf.data pipeline shuffles
         )
         train_time = time.time() - start

@@ -359,3 +359,41 @@ def test_test_folds_that_train_are_refused_before_any_work(tmp_path):
                            (["data.train_folds=[1]", "data.val_folds=[1]"], "data.train_folds")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_config(make("experiment=quickstart", *overrides))
+
+
+# ------------------------------------------------------------ trainer.verbose, warmup
+
+
+def test_fit_verbosity_is_bars_on_a_terminal_and_a_line_per_epoch_in_a_log(monkeypatch):
+    import io
+
+    from src.config import fit_verbosity
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert fit_verbosity("auto") == 1
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert fit_verbosity("auto") == 2
+    assert [fit_verbosity(v) for v in (0, 1, 2)] == [0, 1, 2]
+    assert make().trainer.verbose == "auto"
+    for bad in (3, "bars", True):
+        with pytest.raises(ConfigError, match=r"trainer\.verbose=.* use auto"):
+            fit_verbosity(bad)
+    with pytest.raises(ConfigError, match=r"trainer\.verbose=3"):
+        validate_config(make("experiment=quickstart", "trainer.verbose=3"))
+
+
+def test_a_warmup_as_long_as_training_is_warned_about(caplog):
+    cfg = make("experiment=quickstart", "trainer.epochs=2",
+               "trainer.schedule.warmup_epochs=2")
+    with caplog.at_level("WARNING", logger="src.config"):
+        validate_config(cfg)
+    assert "trainer.schedule.warmup_epochs=2 >= trainer.epochs=2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="src.config"):
+        validate_config(make("experiment=quickstart", "trainer.epochs=5",
+                             "trainer.schedule.warmup_epochs=2"))
+    assert "warmup_epochs" not in caplog.text
