@@ -386,9 +386,17 @@ def read_thresholds(value, class_names: Sequence[str]) -> np.ndarray:
     missing = [c for c in class_names if c not in table]
     unknown = [c for c in table if c not in set(class_names)]
     if missing or unknown:
+        def listed(names):
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            return f"{', '.join(map(repr, names[:10]))}{more}"
+
+        parts = ([f"missing {len(missing)} of the model's {len(class_names)} classes: "
+                  f"{listed(missing)}"] if missing else [])
+        parts += [f"{len(unknown)} name(s) the model does not have: {listed(unknown)}"
+                  if unknown else ""]
         raise ValueError(
-            f"{path}: thresholds must name every class of the model once; missing "
-            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
+            f"{path}: a threshold file names every class of the model once (a number, "
+            f"threshold=0.3, applies one threshold to all); {'; '.join(p for p in parts if p)}"
         )
     return np.array([table[c] for c in class_names])
 

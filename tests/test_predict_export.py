@@ -762,12 +762,13 @@ def test_a_thresholds_file_missing_a_class_is_an_error(tagger, tmp_path, capsys)
     csv.write_text("dog,0.5\nrain,0.5\nsiren,0.5\n")
     code, out, err = _run_main([tagger, path, f"threshold={csv}", "--json"], capsys)
     assert code == 2 and out == ""
-    assert str(csv) in err and "missing ['speech']" in err
+    assert str(csv) in err and "missing 1 of the model's 4 classes: 'speech'" in err
     js = tmp_path / "thresholds.json"
     js.write_text(json.dumps({"dog": 0.5, "rain": 0.5, "siren": 0.5, "speech": 0.5,
                               "cat": 0.5}))
     code, _, err = _run_main([tagger, path, f"threshold={js}"], capsys)
-    assert code == 2 and "unknown ['cat']" in err
+    assert code == 2 and "1 name(s) the model does not have: 'cat'" in err
+    assert "missing 0" not in err and "classes:" not in err
     code, _, err = _run_main([tagger, path, "threshold=often"], capsys)
     assert code == 2 and "neither a number nor a file" in err
 
