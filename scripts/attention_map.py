@@ -70,10 +70,16 @@ def main(argv=None) -> int:
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     pred = int(probs[0].argmax())
     out = Path(args.out or f"{Path(args.audio).stem}_attention.png")
-    title = f"{Path(args.audio).name}: {names[pred]} (p={probs[0, pred]:.2f})"
+    # Which window of a longer file this is (one window of the model's clip length).
+    end = min(len(audio), start + model.clip_samples) / rate
+    window = (f" [{start / rate:g}-{end:g} s of {len(audio) / rate:.2f} s; --start moves it]"
+              if len(audio) > model.clip_samples or start else "")
+    title = f"{Path(args.audio).name}{window}: {names[pred]} (p={probs[0, pred]:.2f})"
     hop = getattr(model.frontend, "hop_samples", None)
     frame_rate = rate / hop if hop else None
     plot_map(features[0], maps[0], out, title, frame_rate)
+    if window:
+        print(f"{args.audio}: the window{window}", file=sys.stderr)
     print(f"{out}  {names[pred]} {probs[0, pred]:.3f}")
     return 0
 

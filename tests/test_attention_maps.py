@@ -137,7 +137,9 @@ def test_command_line_reads_the_window_as_predict_does(model, tmp_path, capsys):
         out = tmp_path / f"map_{start}.png"
         assert attention_map.main([str(tmp_path / "model.keras"), str(wav), "--out", str(out),
                                    "--start", str(start)]) == 0
-        label, prob = capsys.readouterr().out.split()[-2:]
+        printed = capsys.readouterr()
+        label, prob = printed.out.split()[-2:]
+        assert f"the window [{start:g}-{min(start + 0.5, 0.75):g} s of 0.75 s" in printed.err
         p = _softmax(model(window[None], training=False))[0]
         assert label == names[int(p.argmax())] and float(prob) == pytest.approx(p.max(), abs=6e-4)
         assert out.read_bytes()[:8] == PNG
