@@ -534,6 +534,9 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, DatasetError, PretrainedError) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
+        from src.training.rundir import remove_if_nothing_ran
+
+        remove_if_nothing_ran(run_dir, cfg.paths.runs_dir)  # a config error leaves no run
         sys.exit(2)
     msg = _done_message(cfg, results)
     log.info("%s", msg)

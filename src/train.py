@@ -754,6 +754,9 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, DatasetError) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
+        from src.training.rundir import remove_if_nothing_ran
+
+        remove_if_nothing_ran(run_dir, cfg.paths.runs_dir)  # a config error leaves no run
         sys.exit(2)
 
 

@@ -397,3 +397,23 @@ def test_a_warmup_as_long_as_training_is_warned_about(caplog):
         validate_config(make("experiment=quickstart", "trainer.epochs=5",
                              "trainer.schedule.warmup_epochs=2"))
     assert "warmup_epochs" not in caplog.text
+
+
+def test_a_run_directory_with_nothing_but_hydras_files_is_removed(tmp_path):
+    from src.training.rundir import remove_if_nothing_ran
+
+    runs = tmp_path / "runs"
+    for extra in ("config.yaml", ".lock", "fold_1"):  # an earlier run's or a running one's
+        kept = runs / "esc50" / extra.strip(".")
+        (kept / ".hydra").mkdir(parents=True)
+        (kept / "train.log").write_text("")
+        (kept / extra).mkdir() if extra.startswith("fold") else (kept / extra).write_text("")
+        assert not remove_if_nothing_ran(kept, runs) and (kept / extra).exists()
+    empty = runs / "quickstart" / "model.num_heads=3"
+    (empty / ".hydra").mkdir(parents=True)
+    (empty / "train.log").write_text("error")
+    assert remove_if_nothing_ran(empty, runs)
+    assert not (runs / "quickstart").exists() and (runs / "esc50").exists()
+    outside = tmp_path / "elsewhere"
+    (outside / ".hydra").mkdir(parents=True)
+    assert not remove_if_nothing_ran(outside, runs) and outside.exists()

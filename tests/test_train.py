@@ -160,6 +160,7 @@ def test_bad_model_config_names_the_key(tmp_path):
     assert out.returncode == 2
     assert "num_heads" in out.stderr and "not divisible" in out.stderr
     assert not (tmp_path / "cache" / "quickstart").exists()  # failed before any data work
+    assert not list((tmp_path / "runs").iterdir())  # nor is a run directory left behind
 
 
 @pytest.mark.parametrize("module,overrides,needle", [

@@ -206,3 +206,22 @@ def _shared_name_keys(dirname: str, diff: Sequence[str], old: dict, new: dict) -
         if named and _safe(str(old.get(key))) == _safe(str(new.get(key))):
             shared.append(key)
     return shared
+
+
+def remove_if_nothing_ran(run_dir: str | os.PathLike, stop_at: str | os.PathLike) -> bool:
+    """Remove the directory Hydra made for a command that stopped before doing anything
+    (a config error: only ``.hydra/`` and the log inside), and the parents it leaves
+    empty up to ``stop_at`` (the runs folder). A directory with anything else (a lock,
+    a config, folds: another command's or an earlier run's) is left as it is."""
+    run_dir, stop_at = Path(run_dir).absolute(), Path(stop_at).absolute()
+    if not run_dir.is_dir() or stop_at not in run_dir.parents:
+        return False
+    names = {p.name for p in run_dir.iterdir()}
+    if not names <= {".hydra", "train.log", "pretrain.log"}:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != stop_at and stop_at in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    return True
