@@ -157,7 +157,8 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # atomic: parallel builds
     os.close(fd)
     cmd = [compiler, *flags, *map(str, SOURCES), "-o", tmp, *lflags]
-    log.info("building the CPU kernels (once per machine, about 25 s) into %s", out_dir)
+    log.info("building the CPU kernels (once per machine and version of their sources, "
+             "about 25-50 s) into %s", out_dir)
     start = time.perf_counter()
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
