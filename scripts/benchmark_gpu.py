@@ -64,6 +64,18 @@ def _import_backbone():
     return importlib.import_module("src.models.audio_transformer").SpectrogramTransformer
 
 
+def _adam(lr):
+    """The optimizer training uses: Adam with the fused update under TensorFlow (one
+    ResourceApplyAdam per weight, ``src.training.optim``), Keras' own elsewhere."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        from src.training.optim import Adam
+
+        return Adam(lr)
+    return keras.optimizers.Adam(lr)
+
+
 def _median_time(fn, steps):
     times = sorted(_timed(fn) for _ in range(steps))
     return times[len(times) // 2]
@@ -84,7 +96,7 @@ def time_keras(shape, precision, steps, jit=True, fused=False, patchout=None):
             fused_attention=fused, fused_qkv=fused, patchout=patchout,
         )
         model.build((None, shape["frames"], shape["mels"]))
-        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+        model.compile(optimizer=_adam(1e-4),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=jit)
     finally:
