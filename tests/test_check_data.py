@@ -106,6 +106,11 @@ CASES = {
         True,
     ),
     "directory": (lambda d: _mkdir(d / "dir.wav"), {"unreadable"}, True),
+    # A float file's NaN or infinity (clipping to [-1, 1] would hide the latter).
+    "nan": (lambda d: _write(d / "nan.wav", np.where(np.arange(CLIP) == 7, np.nan, _tone()),
+                             subtype="FLOAT"), {"unreadable"}, True),
+    "inf": (lambda d: _write(d / "inf.wav", np.where(np.arange(CLIP) == 7, np.inf, _tone()),
+                             subtype="DOUBLE"), {"unreadable"}, True),
 }
 
 
@@ -145,6 +150,7 @@ def test_messages_say_what_is_wrong(tmp_path):
     assert "44100 Hz, resampled to 16000 Hz" in msg("44k")
     assert "zero-padded" in msg("short") and "cropped" in msg("long")
     assert "all zeros" in msg("silent")
+    assert "holds NaN or infinite samples" in msg("nan") and "replace it" in msg("inf")
 
 
 def test_fatal_means_the_decoder_fails_or_the_file_is_cut_off():

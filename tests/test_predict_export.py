@@ -816,3 +816,15 @@ def test_remove_mean_is_stored_in_the_keras_file(tmp_path):
     np.testing.assert_allclose(np.asarray(old(shifted)), np.asarray(old(x)), atol=1e-4)
     old.save(tmp_path / "resaved.keras")
     assert load_model(tmp_path / "resaved.keras").remove_mean is True
+
+
+def test_a_float_file_with_an_infinite_sample_is_an_error_not_a_clipped_clip(tmp_path):
+    """Clipping to [-1, 1] would turn +inf into a loud sample; the file is refused."""
+    from src.predict import AudioReadError, read_blocks
+
+    path = tmp_path / "inf.wav"
+    samples = 0.1 * np.sin(np.arange(RATE) / 7.0)
+    samples[100] = np.inf
+    sf.write(path, samples, RATE, subtype="FLOAT")
+    with pytest.raises(AudioReadError, match=r"inf\.wav: the file holds NaN or infinite"):
+        list(read_blocks(str(path), RATE, 0.5))

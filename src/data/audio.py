@@ -92,6 +92,7 @@ SOXR_RECIPE = 0x03 | 0x40
 _SEGMENT_MARGIN = 1024
 # Subtypes read as int16 and scaled in numpy (exactly libsndfile's float values, faster).
 _INT16_SUBTYPES = frozenset({"PCM_16", "PCM_S8", "PCM_U8", "ULAW", "ALAW"})
+_FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})  # the subtypes that can hold NaN / inf
 _INPUT_BLOCK_FRAMES = 1 << 16
 
 
@@ -191,6 +192,11 @@ def _read_frames(f: sf.SoundFile, frames: int) -> np.ndarray:
         mono += data[:, c]
     if scale != 1.0 or channels > 1:
         mono *= np.float32(scale / channels)
+    # Only float files hold them; clipping to [-1, 1] later would hide an infinity.
+    if f.subtype in _FLOAT_SUBTYPES and not np.isfinite(mono).all():
+        raise AudioDecodeError(
+            f"{f.name}: the file holds NaN or infinite samples (a corrupt float file); "
+            "replace it")
     return mono
 
 
