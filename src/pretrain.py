@@ -307,9 +307,15 @@ def _done_message(cfg: DictConfig, results: dict) -> str:
     ]
     if results.get("export"):
         lines.append(f"copied to: {results['export']}")
+    # The model keys a fine-tuning run must share with this backbone, as overrides.
+    from src.models.pretrained import MUST_MATCH
+
+    shape = " ".join(_override(f"model.{k}", str(cfg.model[k])) for k in MUST_MATCH
+                     if k in cfg.model)
     lines.append(
-        "fine-tune with: python -m src.train <data and model overrides> "
-        f"{_override('model.pretrained', results.get('export') or path)} model.pooling=mean"
+        f"fine-tune with: python -m src.train <data overrides> model={cfg.model.name} "
+        f"{shape} {_override('model.pretrained', results.get('export') or path)} "
+        "model.pooling=mean"
     )
     return "\n".join(lines)
 

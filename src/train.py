@@ -118,6 +118,22 @@ def _pretrained_path(cfg: DictConfig) -> Path:
     )
 
 
+def _check_pretrained_fits(cfg: DictConfig, index) -> None:
+    """Load ``model.pretrained`` into the configured model once, before the feature pass:
+    a file that does not fit fails now, naming the keys, not after the features."""
+    from src.models.build import build_model
+    from src.models.pretrained import PretrainedError, load_pretrained
+
+    model = build_model(cfg.model, cfg.frontend, num_classes=index.num_classes,
+                        clip_samples=_clip_samples(cfg), target_frames=cfg.data.get("target_frames"),
+                        multi_label=index.multi_label)
+    try:
+        load_pretrained(model.backbone, _pretrained_path(cfg),
+                        str(cfg.model.get("pretrained_adapt", "auto")), frontend=model.frontend)
+    except PretrainedError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _earlier_wall_time(results_file: Path) -> float | None:
     try:
         return float(json.loads(results_file.read_text())["wall_time_s"])
@@ -663,6 +679,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                      else f"{len(value)} entries (in results.json)")
         if cfg.model.get("pretrained"):  # fetch / import before the (long) feature pass
             log.info("model.pretrained: %s", _pretrained_path(cfg))
+            _check_pretrained_fits(cfg, index)
 
         t0 = time.time()
         store, index, skipped = build_features(cfg, index)

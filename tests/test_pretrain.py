@@ -500,6 +500,9 @@ def test_pretraining_writes_a_backbone_and_logs_both_losses(pretrained):
     assert backbone.is_file() and r["backbone"] == str(backbone)
     assert (tmp / "weights" / "ssast.keras").read_bytes() == backbone.read_bytes()
     assert f"model.pretrained={tmp / 'weights' / 'ssast.keras'} model.pooling=mean" in out.stdout
+    assert ("fine-tune with: python -m src.train <data overrides> model=ssast "
+            "model.embed_dim=16 model.num_layers=1 model.num_heads=2 model.ff_dim=32 "
+            "model.patch_size=16 ") in out.stdout
     assert r["epochs"] == 2 and r["grid"] == [2, 6] and r["mask_count"] == 6
     # The 18 clips of 1 s or more: the unreadable and the short one are left out.
     assert r["num_train"] + r["num_val"] == 18
@@ -586,6 +589,23 @@ def test_fine_tuning_run_from_the_backbone(pretrained, folder):
     r = json.loads(res.read_text())
     assert "position grid 2x6 -> 2x9" in r["pretrained"]
     assert r["pretrained"].startswith(str(run_dir / "backbone.keras"))
+
+
+def test_a_pretrained_file_that_does_not_fit_fails_before_the_features(pretrained, folder):
+    tmp, run_dir, _, _ = pretrained
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", "data=folder", f"data.root={folder}",
+         "data.labels_from_subdirs=true", "data.num_folds=2", "data.folds=[1]",
+         "data.skip_bad_files=true", "model=ssast", *TINY_MODEL, "model.num_layers=2",
+         "model.pooling=mean", f"model.pretrained='{run_dir / 'backbone.keras'}'",
+         "trainer.epochs=1", "name=misfit"],
+        cwd=ROOT, env=train_env(tmp), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "does not fit the configured model: model.num_layers=2 (pretrained: 1)" in out.stderr
+    assert "Set these keys to the pretrained values: model.num_layers=1" in out.stderr
+    assert "store" not in out.stdout + out.stderr  # before the feature pass
+    assert not list((tmp / "runs" / "misfit").rglob("fold_*"))
 
 
 def _epochs_logged(csv_path):

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 ADAPT_METHODS = ("auto", "bilinear")
 # Keys that must agree between the pretrained file and the model (config key -> hparam).
-_MUST_MATCH = (
+MUST_MATCH = (
     "embed_dim", "num_layers", "num_heads", "ff_dim", "patch_size", "norm_first",
     "activation", "qkv_bias",
 )
@@ -288,12 +288,14 @@ def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> Loa
     src, theirs = source_model(source)
     name = str(source) if isinstance(source, (str, os.PathLike)) else src.name
     sh, dh = src.hparams, backbone.hparams
-    mismatched = [k for k in _MUST_MATCH if sh.get(k) != dh.get(k)]
+    mismatched = [k for k in MUST_MATCH if sh.get(k) != dh.get(k)]
     if mismatched:
         details = ", ".join(f"model.{k}={dh.get(k)!r} (pretrained: {sh.get(k)!r})" for k in mismatched)
+        overrides = " ".join(f"model.{k}={sh.get(k)}" for k in mismatched)
         raise PretrainedError(
             f"model.pretrained={name} does not fit the configured model: {details}. Set these "
-            "keys to the pretrained values (model=ast_base384 for AST/DeiT base)."
+            f"keys to the pretrained values: {overrides} (for AST/DeiT base: "
+            "model=ast_base384)."
         )
     report = LoadReport(source=name)
     if theirs is not None and frontend is not None and (
