@@ -364,9 +364,13 @@ def read_thresholds(value, class_names: Sequence[str]) -> np.ndarray:
     k = len(class_names)
     try:
         t = float(value)
-        return np.full(k, t)
     except (TypeError, ValueError):
         pass
+    else:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold={value!r}: a probability threshold is between 0 and "
+                             "1 (0.5 is a common start)")
+        return np.full(k, t)
     path = Path(str(value))
     if not path.is_file():
         raise ValueError(f"threshold={value!r} is neither a number nor a file")
@@ -383,6 +387,10 @@ def read_thresholds(value, class_names: Sequence[str]) -> np.ndarray:
                 table[name.strip().strip('"')] = float(number)
             except ValueError:
                 raise ValueError(f"{path} line {n}: expected 'class,threshold', got {line!r}") from None
+    outside = [f"{c}={t:g}" for c, t in table.items() if not 0.0 <= t <= 1.0]
+    if outside:
+        raise ValueError(f"{path}: thresholds are probabilities between 0 and 1; got "
+                         f"{', '.join(outside[:10])}")
     missing = [c for c in class_names if c not in table]
     unknown = [c for c in table if c not in set(class_names)]
     if missing or unknown:

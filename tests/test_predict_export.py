@@ -769,6 +769,11 @@ def test_a_thresholds_file_missing_a_class_is_an_error(tagger, tmp_path, capsys)
     code, _, err = _run_main([tagger, path, f"threshold={js}"], capsys)
     assert code == 2 and "1 name(s) the model does not have: 'cat'" in err
     assert "missing 0" not in err and "classes:" not in err
+    code, _, err = _run_main([tagger, path, "threshold=1.5"], capsys)
+    assert code == 2 and "threshold='1.5': a probability threshold is between 0 and 1" in err
+    js.write_text(json.dumps({"dog": 0.5, "rain": 0.5, "siren": -0.2, "speech": 0.5}))
+    code, _, err = _run_main([tagger, path, f"threshold={js}"], capsys)
+    assert code == 2 and "between 0 and 1; got siren=-0.2" in err
     code, _, err = _run_main([tagger, path, "threshold=often"], capsys)
     assert code == 2 and "neither a number nor a file" in err
 

@@ -442,6 +442,8 @@ M = _names_mids
         (['1,"Guitar","/m/0mkg",train'], None,
          r"dev\.csv: row 2 \(fname 1\) has labels \['Guitar'\] but mids \['/m/0mkg'\]"),
         (['1,"","",train'], None, r"dev\.csv: row 2 \(fname 1\) has an empty 'mids' list"),
+        (['1,"","/m/0mkg",train'], None,
+         r"dev\.csv: row 2 \(fname 1\) has an empty 'labels' column but mids \['/m/0mkg'\]"),
         ([f"1,{M((1,))},test"], None, r"dev\.csv: row 2 \(fname 1\) has split='test'"),
         ([f"1,{M((1,))},train", f"1,{M((2,))},val"], None,
          r"dev\.csv: fname 1 \(row 3\) is already listed in dev\.csv row 2"),

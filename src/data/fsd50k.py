@@ -138,6 +138,12 @@ def _read_ground_truth(csv_file: Path, part: str, by_mid, by_name, seen: dict):
                     f"{csv_file}: row {row_no} (fname {fname}) has an empty 'mids' list; "
                     "every clip needs at least one label: fix or remove that row"
                 )
+            if not names:
+                raise DatasetError(
+                    f"{csv_file}: row {row_no} (fname {fname}) has an empty 'labels' column "
+                    f"but mids {mids}; the two columns name the same classes: fill in the "
+                    "labels (vocabulary.csv gives each mid's name) or remove the row"
+                )
             unknown = [m for m in mids if m not in by_mid] + [n for n in names if n not in by_name]
             if unknown:
                 raise DatasetError(
