@@ -221,6 +221,24 @@ def test_training_stream_is_one_epoch_of_the_split_with_crops_and_targets(clips)
                 [index.records[r].label for r in rows], minlength=3).tolist()
 
 
+def test_the_log_says_whether_the_split_is_cached_or_streamed(clips, caplog):
+    index, tmp = clips
+    store = _build(index, tmp)
+    rows, labels = np.arange(24), LabelTable(index)
+    with caplog.at_level("INFO", logger="src.data.pipeline"):
+        training_dataset(store, index, rows, labels, batch_size=4, seed=0)
+    assert "training split: 24 clips" in caplog.text and "cached in memory" in caplog.text
+    assert "shuffle buffer 24 clips" in caplog.text and "WARNING" not in caplog.text
+    caplog.clear()
+    clip_mb = store.clip_frames * 16 * 4 / 2**20
+    with caplog.at_level("INFO", logger="src.data.pipeline"):
+        training_dataset(store, index, rows, labels, batch_size=4, seed=0, memory_cache_mb=0,
+                         shuffle_buffer_mb=3.5 * clip_mb)
+    assert "streamed from the store's shards" in caplog.text
+    assert "shuffle buffer 3 clips" in caplog.text
+    assert "holds 3 clip(s) of the 24 streamed" in caplog.text  # under 4 batches: warned
+
+
 def test_variable_length_clips_are_cropped_for_training_and_windowed_for_evaluation(tmp_path):
     lengths = [0.3, 0.5, 1.2, 2.05]
     records = _write_clips(tmp_path / "audio", 4, seconds=lengths)

@@ -278,6 +278,21 @@ def training_dataset(
     buffer = max(len(rows), 1) if cached else max(int(shuffle_buffer_mb * 2**20 // clip_bytes), 1)
     if balanced and cached:
         buffer = int(samples_per_epoch or len(rows)) + len(rows)
+    what = "waveforms" if store.waveform else "features"
+    log.info(
+        "training split: %d clips, %.1f MB of %s, %s; shuffle buffer %d clips (%.1f MB)",
+        len(rows), nbytes / 2**20, what,
+        f"cached in memory (data.memory_cache_mb={memory_cache_mb:g})" if cached else
+        f"streamed from the store's shards (over data.memory_cache_mb={memory_cache_mb:g})",
+        buffer, buffer * clip_bytes / 2**20,
+    )
+    if not cached and buffer < min(len(rows), max(4 * int(batch_size), len(rows) // 100)):
+        log.warning(
+            "data.shuffle_buffer_mb=%g holds %d clip(s) of the %d streamed: a batch then mixes "
+            "little beyond the shards' order (files are shuffled, clips within a shard "
+            "barely); raise data.shuffle_buffer_mb to hold at least a few batches",
+            shuffle_buffer_mb, buffer, len(rows),
+        )
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
 
     def example(row, feats, seed=None):
