@@ -426,7 +426,10 @@ def predict_files(
     window-averaged probabilities, ``{"label", "prob"}``, best first), ``labels`` (a
     multi-label model's classes at or above their threshold, else None), ``per_window``
     (with ``per_window=True``: each window's ``start_s``, ``end_s``, top ``label`` and its
-    ``prob``; else None) and ``error`` (None, or why the file could not be read).
+    ``prob``; else None), ``notes`` (what about the input may make the labels mean less:
+    silence, a file shorter than the model's input and zero-padded, samples at or beyond
+    full scale, another rate or several channels; empty when none) and ``error`` (None,
+    or why the file could not be read).
     """
     if int(top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -443,11 +446,13 @@ def predict_files(
     for path in paths:
         path = os.fspath(path)
         entry = {"path": path, "duration_s": None, "windows": 0, "top": [], "labels": None,
-                 "per_window": [] if per_window else None, "error": None}
+                 "per_window": [] if per_window else None, "notes": [], "error": None}
         results.append(entry)
         acc = _Average(model, names, clip, window, int(batch_size), per_window)
+        level = _Level()
         try:
-            for start, piece in stream_windows(read_blocks(path, sample_rate, block_s), window, hop):
+            blocks = level.watch(read_blocks(path, sample_rate, block_s))
+            for start, piece in stream_windows(blocks, window, hop):
                 # Windows shorter than the model's clip (window=SECONDS) are padded.
                 if len(piece) == window and window < clip and not takes_short_input(model):
                     piece = np.pad(piece, (0, clip - window))
@@ -462,6 +467,7 @@ def predict_files(
         mean = acc.total / acc.weight
         order = np.argsort(-mean, kind="stable")[: int(top_k)]
         entry["duration_s"] = acc.length / sample_rate
+        entry["notes"] = _input_notes(path, sample_rate, level, acc.length, clip)
         entry["windows"] = acc.count
         entry["top"] = [{"label": names[i], "prob": float(mean[i])} for i in order]
         if per_window:
@@ -471,6 +477,53 @@ def predict_files(
             hit = hit[np.argsort(-mean[hit], kind="stable")]
             entry["labels"] = [{"label": names[i], "prob": float(mean[i])} for i in hit]
     return results
+
+
+class _Level:
+    """The peak and the full-scale samples of the blocks passing through ``watch``."""
+
+    def __init__(self):
+        self.peak, self.full_scale = 0.0, 0
+
+    def watch(self, blocks):
+        for block in blocks:
+            if block.size:
+                magnitude = np.abs(block)
+                self.peak = max(self.peak, float(magnitude.max()))
+                self.full_scale += int(np.count_nonzero(magnitude >= 1.0))
+            yield block
+
+
+def _input_notes(path: str, sample_rate: int, level: _Level, length: int, clip: int) -> list:
+    """What about a file may make its labels mean less (as ``scripts.check_data`` notes
+    for a dataset): silence, zero-padding to the model's input, clipping, conversions."""
+    import math
+
+    import soundfile as sf
+
+    from src.data.check import SILENCE_DBFS
+
+    notes = []
+    if level.peak == 0.0 or 20.0 * math.log10(level.peak) < SILENCE_DBFS:
+        notes.append("silent (all zeros)" if level.peak == 0.0 else
+                     f"silent (peak {20.0 * math.log10(level.peak):.1f} dBFS): the labels "
+                     "describe nothing in the file")
+    if length < clip:
+        notes.append(f"{length / sample_rate:.3g} s, shorter than the model's input of "
+                     f"{clip / sample_rate:g} s: zero-padded ({100 * (1 - length / clip):.0f}% "
+                     "of what the model saw is padding)")
+    if level.full_scale:
+        notes.append(f"{level.full_scale} sample(s) at or beyond full scale (clipped to "
+                     "[-1, 1]): the recording may be distorted")
+    try:
+        info = sf.info(path)
+    except Exception:  # decoded above; the format's details are only for notes
+        return notes
+    if info.samplerate != sample_rate:
+        notes.append(f"{info.samplerate} Hz, resampled to {sample_rate} Hz")
+    if info.channels > 1:
+        notes.append(f"{info.channels} channels, averaged to mono")
+    return notes
 
 
 class _Average:
@@ -622,6 +675,8 @@ def _print_text(resolved: ResolvedModel, model, window: int, hop: int, results) 
         if entry["labels"] is not None:
             shown = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in entry["labels"])
             print(f"  labels above threshold: {shown or 'none'}")
+        for note in entry["notes"]:
+            print(f"  note: {note}")
         if entry["per_window"]:
             print("  per window:")
             for w in entry["per_window"]:

@@ -833,3 +833,36 @@ def test_a_float_file_with_an_infinite_sample_is_an_error_not_a_clipped_clip(tmp
     sf.write(path, samples, RATE, subtype="FLOAT")
     with pytest.raises(AudioReadError, match=r"inf\.wav: the file holds NaN or infinite"):
         list(read_blocks(str(path), RATE, 0.5))
+
+
+def test_predict_notes_what_makes_labels_mean_less(model, run_dir, tmp_path, capsys):
+    """Silence, zero-padding, clipping and conversions are said per file (as
+    scripts.check_data says them for a dataset); a plain clip gets no note."""
+    from src.predict import main, predict_files
+
+    rng = np.random.default_rng(3)
+    files = {
+        "plain.wav": (0.1 * rng.standard_normal(CLIP), RATE, "PCM_16"),
+        "silent.wav": (np.zeros(CLIP), RATE, "PCM_16"),
+        "short.wav": (0.1 * rng.standard_normal(CLIP // 10), RATE, "PCM_16"),
+        "loud.wav": (12.0 * np.sin(np.arange(CLIP) / 5.0), RATE, "FLOAT"),
+        "stereo48k.flac": (0.1 * rng.standard_normal((3 * CLIP, 2)), 48000, "PCM_16"),
+    }
+    paths = []
+    for name, (data, rate, subtype) in files.items():
+        sf.write(tmp_path / name, data, rate, subtype=subtype)
+        paths.append(tmp_path / name)
+    notes = {Path(r["path"]).name: r["notes"] for r in predict_files(model, paths)}
+    assert notes["plain.wav"] == []
+    assert notes["silent.wav"] == ["silent (all zeros)"]
+    (short,) = notes["short.wav"]
+    assert short.startswith("0.05 s, shorter than the model's input of 0.5 s: zero-padded "
+                            "(90% of what the model saw is padding)")
+    (loud,) = notes["loud.wav"]
+    assert loud.endswith("at or beyond full scale (clipped to [-1, 1]): the recording may be "
+                         "distorted") and int(loud.split()[0]) > CLIP // 2
+    assert notes["stereo48k.flac"] == ["48000 Hz, resampled to 16000 Hz",
+                                       "2 channels, averaged to mono"]
+    capsys.readouterr()
+    assert main([str(run_dir), f"audio={paths[1]}"]) == 0
+    assert "  note: silent (all zeros)" in capsys.readouterr().out
