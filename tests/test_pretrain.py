@@ -571,19 +571,25 @@ def test_freeze_keeps_the_pretrained_patch_embedding(pretrained):
         _tiny_backbone(freeze=3)  # one block: at most 2 stages
 
 
+def _fine_tune(pretrained, folder, *overrides):
+    """`python -m src.train` on the folder from the pretrained backbone (model=ssast, the
+    tiny model, mean pooling), with ``overrides``."""
+    tmp, run_dir, _, _ = pretrained
+    return subprocess.run(
+        [sys.executable, "-m", "src.train", "data=folder", f"data.root={folder}",
+         "data.labels_from_subdirs=true", "data.num_folds=2", "data.folds=[1]",
+         "data.skip_bad_files=true", "model=ssast", *TINY_MODEL, "model.pooling=mean",
+         # The run dir's name holds "=" and ",": quoted for Hydra, as src.pretrain prints it.
+         f"model.pretrained='{run_dir / 'backbone.keras'}'", "trainer.epochs=1", *overrides],
+        cwd=ROOT, env=train_env(tmp), capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_fine_tuning_run_from_the_backbone(pretrained, folder):
     """`python -m src.train ... model.pretrained=PATH model.pooling=mean` with stride 10."""
     tmp, run_dir, _, _ = pretrained
-    out = subprocess.run(
-        [sys.executable, "-m", "src.train", "data=folder", f"data.root={folder}",
-         "data.labels_from_subdirs=true", "data.num_folds=2", "data.folds=[1]",
-         "data.skip_bad_files=true", "model=ssast", *TINY_MODEL, "model.stride=10",
-         "model.pooling=mean",
-         # The run dir's name holds "=" and ",": quoted for Hydra, as src.pretrain prints it.
-         f"model.pretrained='{run_dir / 'backbone.keras'}'", "trainer.epochs=1",
-         "trainer.attention_maps=0", "name=finetune"],
-        cwd=ROOT, env=train_env(tmp), capture_output=True, text=True, timeout=300,
-    )
+    out = _fine_tune(pretrained, folder, "model.stride=10", "trainer.attention_maps=0",
+                     "name=finetune")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     (res,) = list((tmp / "runs" / "finetune").rglob("fold_1/results.json"))
     r = json.loads(res.read_text())
@@ -592,15 +598,8 @@ def test_fine_tuning_run_from_the_backbone(pretrained, folder):
 
 
 def test_a_pretrained_file_that_does_not_fit_fails_before_the_features(pretrained, folder):
-    tmp, run_dir, _, _ = pretrained
-    out = subprocess.run(
-        [sys.executable, "-m", "src.train", "data=folder", f"data.root={folder}",
-         "data.labels_from_subdirs=true", "data.num_folds=2", "data.folds=[1]",
-         "data.skip_bad_files=true", "model=ssast", *TINY_MODEL, "model.num_layers=2",
-         "model.pooling=mean", f"model.pretrained='{run_dir / 'backbone.keras'}'",
-         "trainer.epochs=1", "name=misfit"],
-        cwd=ROOT, env=train_env(tmp), capture_output=True, text=True, timeout=300,
-    )
+    tmp = pretrained[0]
+    out = _fine_tune(pretrained, folder, "model.num_layers=2", "name=misfit")
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-5000:]
     assert "does not fit the configured model: model.num_layers=2 (pretrained: 1)" in out.stderr
     assert "Set these keys to the pretrained values: model.num_layers=1" in out.stderr
