@@ -949,6 +949,13 @@ def _pytorch_ast(args):
     return {"train": train, "infer": infer}
 
 
+def _shape_args(parser, frames: int) -> None:
+    """The model's shape flags (AST's block at the benchmark's size by default)."""
+    for name, default in (("embed", 192), ("layers", 4), ("heads", 4), ("ff", 768),
+                          ("mels", 128), ("frames", frames)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -977,12 +984,7 @@ def main(argv=None) -> int:
                           "removed afterwards; the 50k set needs about 30 GB)")
     mem.add_argument("--json", action="store_true")
     m = sub.add_parser("model", help="training / inference throughput of the transformer")
-    m.add_argument("--embed", type=int, default=192)
-    m.add_argument("--layers", type=int, default=4)
-    m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--ff", type=int, default=768)
-    m.add_argument("--mels", type=int, default=128)
-    m.add_argument("--frames", type=int, default=512)
+    _shape_args(m, frames=512)
     m.add_argument("--stride", type=int, default=10)
     m.add_argument("--batch", type=int, default=32)
     m.add_argument("--classes", type=int, default=50)
@@ -1019,12 +1021,7 @@ def main(argv=None) -> int:
     m.add_argument("--json", action="store_true")
     pt = sub.add_parser("pretrain", help="masked patch pretraining steps with and without "
                         "structured patchout")
-    pt.add_argument("--embed", type=int, default=192)
-    pt.add_argument("--layers", type=int, default=4)
-    pt.add_argument("--heads", type=int, default=4)
-    pt.add_argument("--ff", type=int, default=768)
-    pt.add_argument("--mels", type=int, default=128)
-    pt.add_argument("--frames", type=int, default=998)
+    _shape_args(pt, frames=998)
     pt.add_argument("--batch", type=int, default=16)
     pt.add_argument("--repeats", type=int, default=5)
     pt.add_argument("--patchout", type=_patchout_counts, default=(25, 3, 0), metavar="T,F",
@@ -1035,12 +1032,7 @@ def main(argv=None) -> int:
     pt.add_argument("--json", action="store_true")
     o = sub.add_parser("optimizer", help="Adam's update of the model's weights: fused "
                        "against Keras' own")
-    o.add_argument("--embed", type=int, default=192)
-    o.add_argument("--layers", type=int, default=4)
-    o.add_argument("--heads", type=int, default=4)
-    o.add_argument("--ff", type=int, default=768)
-    o.add_argument("--mels", type=int, default=128)
-    o.add_argument("--frames", type=int, default=512)
+    _shape_args(o, frames=512)
     o.add_argument("--stride", type=int, default=10)
     o.add_argument("--classes", type=int, default=50)
     o.add_argument("--pairs", type=int, default=40,

@@ -244,8 +244,6 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
 
 def exit_on_unknown_override_keys(argv, config_name: str) -> None:
     """:func:`unknown_override_keys` as a command's first step: print it, exit 2."""
-    import sys
-
     message = unknown_override_keys(argv, config_name)
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)

@@ -184,7 +184,8 @@ def store_key_material(
     }
 
 
-def _digest(obj) -> str:
+def json_digest(obj) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -420,7 +421,7 @@ def build_store(
         frontend, sample_rate=sample_rate, clip_samples=crop, remove_mean=remove_mean,
         root=index.root, content=content, min_samples=min_samples,
     )
-    store_key = _digest(material)
+    store_key = json_digest(material)
     directory = Path(cache_dir) / f"{name}-{store_key[:16]}"
     shard_dir = directory / "shards"
 
@@ -469,7 +470,7 @@ def build_store(
 
         shards, problems, todo = [], [], []
         for (fold, bucket), files in sorted(plan.items()):
-            shard_key = _digest([store_key, files])[:16]
+            shard_key = json_digest([store_key, files])[:16]
             stem = f"f{fold}-b{bucket:05d}-{shard_key}"
             loaded = _load_shard(shard_dir, stem, shard_key, verify)
             if loaded is None:

@@ -11,20 +11,22 @@ what changed, instead of skipping to an old result or resuming onto new data.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
 from pathlib import Path
 
 from src.config import ConfigError
-from src.data.store import file_sha256
+from src.data.store import file_sha256, json_digest
 
 INPUTS_FILE = "inputs.json"
 SPLITS = ("train", "val", "test")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A weights file's sha256, once per run for all its folds (keyed by its stat)."""
+    return file_sha256(path)
 
 
 def _relative(path: str, root: Path) -> str:
@@ -55,16 +57,18 @@ def fold_inputs(index, store, splits, pretrained: str | os.PathLike | None = Non
             for i in getattr(splits, name)
         )
         paths.extend(index.records[i].path for i in getattr(splits, name))
-        out["splits"][name] = {"clips": len(rows), "digest": _digest(rows)}
+        out["splits"][name] = {"clips": len(rows), "digest": json_digest(rows)}
     shards = store.shards_for(paths)
     out["features"] = {
         "shards": len(shards),
-        "digest": _digest(sorted(s.sha256 for s in shards)),
-        "by_data_fold": {str(f): _digest(sorted(s.sha256 for s in shards if s.fold == f))
+        "digest": json_digest(sorted(s.sha256 for s in shards)),
+        "by_data_fold": {str(f): json_digest(sorted(s.sha256 for s in shards if s.fold == f))
                          for f in sorted({s.fold for s in shards})},
     }
     if pretrained is not None:
-        out["pretrained"] = {"file": str(pretrained), "sha256": file_sha256(pretrained)}
+        st = os.stat(pretrained)
+        out["pretrained"] = {"file": str(pretrained), "sha256": _weights_sha256(
+            str(pretrained), int(st.st_size), int(st.st_mtime_ns))}
     return out
 
 
