@@ -364,23 +364,16 @@ def test_bfloat16_policy_leaves_the_frontend_and_logits_in_float32(tmp_path):
     assert distribute.precision_policy({"mixed_precision": False}) == "float32"
 
 
-@pytest.mark.parametrize(
-    "overrides, env, expected",
-    [
-        (["trainer.strategy=bogus"], {}, ["trainer.strategy='bogus'", "mirrored"]),
-        (["trainer.strategy=multi_worker"], {}, ["TF_CONFIG", "not set"]),
-        (["trainer.strategy=mirrored", "trainer.logical_cpus=2", "trainer.batch_size=5"], {},
-         ["trainer.batch_size=5", "not divisible by the 2 replicas"]),
-    ],
-    ids=["unknown-strategy", "no-tf-config", "batch-not-divisible"],
-)
-def test_bad_distribution_config_fails_before_data_work(tmp_path, overrides, env, expected):
+def test_bad_distribution_config_fails_before_data_work(tmp_path):
+    # The config checks themselves are tested in-process below; this one is the command's
+    # exit and that it stops before any data is generated or read.
     out = run_train(
-        tmp_path, *TINY, *overrides, env=train_env(tmp_path, **env), check=False, timeout=120
+        tmp_path, *TINY, "trainer.strategy=mirrored", "trainer.logical_cpus=2",
+        "trainer.batch_size=5", env=train_env(tmp_path), check=False, timeout=120,
     )
     assert out.returncode == 2, out.stderr[-3000:]
-    for text in expected:
-        assert text in out.stderr
+    assert "trainer.batch_size=5 (the global batch) is not divisible by the 2 replicas" in (
+        out.stderr)
     assert not (tmp_path / "cache" / "quickstart").exists()  # no data generated
 
 

@@ -108,8 +108,13 @@ def test_feature_store_is_reused_and_follows_the_files(quickstart_run):
     after = {p.name for p in (store / "shards").glob("*.json")}
     assert len(after - before) == 1 and len(before - after) == 1
 
-    # The finished run, rerun: the touched clip's features are the same, so its fold is
-    # skipped, and the run keeps the wall time of the run that trained it.
+
+@pytest.mark.slow  # two more runs; tests/test_fold_inputs.py checks the same in-process
+def test_a_finished_run_is_skipped_on_its_inputs_and_refused_on_others(quickstart_run):
+    """Rerun as it was, the finished fold is skipped and the run keeps its result and wall
+    time; after a clip's audio changed, the run stops (exit 2) and names what changed."""
+    tmp, run_dir, _ = quickstart_run
+    clip = sorted((tmp / "cache" / "quickstart" / "audio").glob("*.wav"))[3]
     first = json.loads((run_dir / "results.json").read_text())
     inputs = json.loads((run_dir / "fold_5" / "inputs.json").read_text())
     assert inputs["splits"]["test"]["clips"] == 12 and inputs["features"]["shards"] >= 1
@@ -166,10 +171,6 @@ def test_bad_model_config_names_the_key(tmp_path):
 @pytest.mark.parametrize("module,overrides,needle", [
     ("src.train", ["experiment=quickstart", "model.num_head=4"],
      "model.num_head is not a config key (did you mean model.num_heads?); model has: "),
-    ("src.train", ["-m", "experiment=quickstart", "model.num_heads=1,2", "data.fold=[1]"],
-     "data.fold is not a config key (did you mean data.folds"),
-    ("src.train", ["trainer.optimizer.amsgard=true"],
-     "trainer.optimizer.amsgard is not a config key; trainer.optimizer has: beta_1, "),
     ("src.pretrain", ["pretrain.mask.fractoin=0.5"],
      "pretrain.mask.fractoin is not a config key (did you mean pretrain.mask.fraction?)"),
 ])
@@ -181,10 +182,39 @@ def test_an_unknown_override_key_names_its_close_matches(tmp_path, module, overr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "multirun").exists()
 
 
-def test_an_added_key_reaches_the_code_that_names_its_options(tmp_path):
-    out = run_train(tmp_path, "+trainer.optimizer.amsgard=true", check=False, timeout=120)
-    assert out.returncode == 2
-    assert "trainer.optimizer.amsgard is not an option of adam; its options are" in out.stderr
+@pytest.mark.parametrize("overrides,needle", [
+    # a sweep, and a typo next to a group override that changes the keys
+    (["-m", "experiment=quickstart", "model.num_heads=1,2", "data.fold=[1]"],
+     "data.fold is not a config key (did you mean data.folds"),
+    (["trainer.optimizer.amsgard=true"],
+     "trainer.optimizer.amsgard is not a config key; trainer.optimizer has: beta_1, "),
+    (["model=medium", "model.pos_embeding=grid"],
+     "model.pos_embeding is not a config key (did you mean model.pos_embedding?)"),
+])
+def test_unknown_override_keys_in_sweeps_and_nested_groups(overrides, needle):
+    from src.config import unknown_override_keys
+
+    message = unknown_override_keys(overrides, "train")
+    assert message is not None and needle in message, message
+    assert "+KEY=VALUE" in message
+
+
+def test_an_added_key_reaches_the_code_that_names_its_options():
+    """`+key=value` passes the key check; the optimizer then names its real options."""
+    from hydra import compose, initialize_config_dir
+
+    from src.config import unknown_override_keys
+    from src.training.optim import build_optimizer
+
+    overrides = ["+trainer.optimizer.amsgard=true"]
+    assert unknown_override_keys(overrides, "train") is None
+    assert unknown_override_keys(["trainer.optimizer.beta_1=0.95", "model.num_heads=4"],
+                                 "train") is None
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with pytest.raises(ValueError, match=r"trainer\.optimizer\.amsgard is not an option of "
+                                         r"adam; its options are"):
+        build_optimizer(cfg.trainer.optimizer, 1e-3)
 
 
 def test_unknown_fold_is_rejected(tmp_path):
