@@ -25,11 +25,16 @@ train: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src scripts tests experiments
 
+# Two test processes (each module's tests stay in one, with its fixtures); TEST_JOBS=1
+# runs them all in one process, as plain `pytest` does.
+TEST_JOBS ?= 2
+TEST_PAR  := $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadscope,)
+
 test: $(STAMP) lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(TEST_PAR) $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m slow $(TEST_PAR) $(ARGS)
 
 format: $(STAMP)
 	$(PY) -m ruff format src scripts tests experiments
