@@ -587,7 +587,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m src.predict",
         description="Label audio files with a trained model (top classes per file).",
         epilog=(
-            "options as key=value: audio=PATH [PATH ...] (repeatable), top_k=5, "
+            "options as key=value: audio=PATH [PATH ...] (repeatable; also audio=A,B), "
+            "top_k=5, "
             "window=auto|SECONDS, hop=SECONDS (default: half a window), per_window=true, "
             "batch_size=32, threshold=0.5|FILE (multi-label models). Exit status 1 when "
             "some file could not be read."
@@ -613,6 +614,17 @@ def _positive(parser, key, value, kind):
     return number
 
 
+def _audio_paths(value: str) -> list[str]:
+    """``audio=``'s value: one path, or, where no file has that name, Hydra's list forms
+    ``a.wav,b.wav`` and ``[a.wav,b.wav]`` (each part then checked as a file)."""
+    if not value or os.path.exists(value):
+        return [value] if value else []
+    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if "," not in inner and inner == value:
+        return [value]
+    return [part.strip() for part in inner.split(",") if part.strip()]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> _Args:
     parser = _parser()
     ns = parser.parse_intermixed_args(argv)
@@ -623,8 +635,7 @@ def parse_args(argv: Sequence[str] | None = None) -> _Args:
         key, sep, value = token.partition("=")
         if sep and key in _OPTIONS:
             if key == "audio":
-                if value:
-                    audio.append(value)
+                audio.extend(_audio_paths(value))
             else:
                 values[key] = value
         elif sep and not os.path.exists(token):

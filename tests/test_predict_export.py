@@ -358,6 +358,22 @@ def test_predict_cli_json_reports_bad_file_and_exits_1(run_dir, audio_files):
     assert "notes.wav" in out.stderr
 
 
+def test_audio_takes_a_comma_list_unless_a_file_has_that_name(tmp_path):
+    from src.predict import parse_args
+
+    a, b, comma = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "x,y.wav"
+    for p in (a, b, comma):
+        p.write_bytes(b"")
+    for argv in ([f"audio={a},{b}"], [f"audio=[{a}, {b}]"], [f"audio={a}", str(b)]):
+        assert parse_args(["run", *argv]).audio == [str(a), str(b)], argv
+    assert parse_args(["run", f"audio={comma}"]).audio == [str(comma)]  # a real name
+    assert parse_args(["run", f"audio={a},{tmp_path}/nope.wav"]).audio == [
+        str(a), f"{tmp_path}/nope.wav"]  # each part is then reported on its own
+    assert parse_args(["run", f"audio={tmp_path}/nope.wav"]).audio == [f"{tmp_path}/nope.wav"]
+    with pytest.raises(SystemExit):
+        parse_args(["run", "audio="])  # nothing to label
+
+
 def _fold_run(tmp_path, source_model, scores):
     run = tmp_path / "run"
     for fold, result in scores.items():
