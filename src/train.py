@@ -769,12 +769,9 @@ def main(cfg: DictConfig) -> float:
         validate_config(cfg)
         return run(cfg, run_dir)
     except (ConfigError, DatasetError) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        from src.training.rundir import remove_if_nothing_ran
+        from src.training.rundir import stop_on_error
 
-        remove_if_nothing_ran(run_dir, cfg.paths.runs_dir)  # a config error leaves no run
-        sys.exit(2)
+        stop_on_error(log, err, run_dir, cfg.paths.runs_dir)
 
 
 if __name__ == "__main__":

@@ -417,3 +417,33 @@ def test_a_run_directory_with_nothing_but_hydras_files_is_removed(tmp_path):
     outside = tmp_path / "elsewhere"
     (outside / ".hydra").mkdir(parents=True)
     assert not remove_if_nothing_ran(outside, runs) and outside.exists()
+
+
+def test_an_input_error_is_written_once_to_the_terminal_and_once_to_the_log(tmp_path, capsys):
+    """Hydra's console handler and the error line would print it twice: stderr gets the
+    `error:` line, the log file the record, the console handler nothing."""
+    import io
+    import logging
+
+    from src.training.rundir import stop_on_error
+
+    run_dir = tmp_path / "runs" / "x"
+    (run_dir / "fold_1").mkdir(parents=True)  # something ran: the directory stays
+    console_text = io.StringIO()
+    console = logging.StreamHandler(console_text)
+    log_file = logging.FileHandler(run_dir / "train.log")
+    root = logging.getLogger()
+    root.addHandler(console)
+    root.addHandler(log_file)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            stop_on_error(logging.getLogger("src.train"), ConfigError("data.folds: no"),
+                          run_dir, tmp_path / "runs")
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(log_file)
+        log_file.close()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: data.folds: no\n"
+    assert console_text.getvalue() == ""
+    assert (run_dir / "train.log").read_text() == "data.folds: no\n"

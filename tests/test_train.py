@@ -136,6 +136,7 @@ def test_a_finished_run_is_skipped_on_its_inputs_and_refused_on_others(quickstar
         assert f"fold 5 in {run_dir} was finished on other inputs" in err, err[-3000:]
         assert "stored features of data fold(s)" in err and "trainer.resume=false" in err
         assert json.loads((run_dir / "results.json").read_text()) == rerun  # untouched
+        assert "was finished on other inputs" in (run_dir / "train.log").read_text()
     finally:
         clip.write_bytes(original)
 
@@ -164,6 +165,7 @@ def test_bad_model_config_names_the_key(tmp_path):
     out = run_train(tmp_path, "experiment=quickstart", "model.num_heads=3", check=False, timeout=120)
     assert out.returncode == 2
     assert "num_heads" in out.stderr and "not divisible" in out.stderr
+    assert "not divisible" not in out.stdout  # once, not again by the log's console handler
     assert not (tmp_path / "cache" / "quickstart").exists()  # failed before any data work
     assert not list((tmp_path / "runs").iterdir())  # nor is a run directory left behind
 

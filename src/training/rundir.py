@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from omegaconf import OmegaConf
 
@@ -206,6 +207,19 @@ def _shared_name_keys(dirname: str, diff: Sequence[str], old: dict, new: dict) -
         if named and _safe(str(old.get(key))) == _safe(str(new.get(key))):
             shared.append(key)
     return shared
+
+
+def stop_on_error(logger: logging.Logger, err: BaseException, run_dir, runs_dir) -> NoReturn:
+    """A command's fatal input error: ``error: ...`` once on stderr, the same line in the
+    run's log file (not again on the console, where Hydra's handler writes the log), the
+    run directory removed when nothing ran in it; then exit 2."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers:  # Hydra's: the console and the log file
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    remove_if_nothing_ran(run_dir, runs_dir)  # a config error leaves no run
+    sys.exit(2)
 
 
 def remove_if_nothing_ran(run_dir: str | os.PathLike, stop_at: str | os.PathLike) -> bool:
