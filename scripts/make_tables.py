@@ -42,12 +42,12 @@ import numpy as np
 from src.evaluation.tables import (
     METRICS,
     Run,
-    flatten,
     format_table,
     group_runs,
     load_runs,
     plot,
     provenance_warnings,
+    run_config,
 )
 
 log = logging.getLogger("scripts.make_tables")
@@ -118,7 +118,8 @@ def runs_from_wandb_records(path: str, records) -> list[Run]:
     """
     by_config: dict[str, dict] = {}
     for run_id, job, raw_config, summary in records:
-        config = flatten({k: v for k, v in dict(raw_config).items() if not k.startswith("_")})
+        config = run_config({k: v for k, v in dict(raw_config).items()
+                             if not k.startswith("_")})
         summary = dict(summary or {})
         entry = by_config.setdefault(
             json.dumps(sorted(config.items()), default=str),

@@ -560,6 +560,33 @@ def test_folds_are_judged_per_data_set(tmp_path):
     assert out.stderr.count("incomplete") == 2, out.stderr
 
 
+def test_folder_data_sets_are_told_apart_by_their_folder(tmp_path):
+    """Every data=folder run has data.name=folder: the tables name each set after its
+    folder, so two sets make two rows judged on their own folds, and one folder at two
+    paths (another machine) is still one set."""
+    root = tmp_path / "runs"
+
+    def folder_run(name, path, folds, values, **extra):
+        config = data_config(root / name, name="folder", root=path, folds=folds, **extra)
+        config["data"]["format"] = "folder"
+        write_run(root / name, values, folds=list(folds), config=config)
+
+    folder_run("birds", "/data/birds", (1, 2, 3), [0.5, 0.6, 0.7])
+    folder_run("birds_b", "/mnt/copy/birds", (1, 2, 3), [0.6, 0.6, 0.6], seed=2)
+    folder_run("cars", "/data/cars", (1,), [0.9])
+    rows = group_runs(load_runs([root]))
+    assert [(r.key["data.name"], r.num_runs, r.status, r.folds_label) for r in rows] == [
+        ("folder:birds", 2, "", "3"), ("folder:cars", 1, "", "1")]
+    assert rows[0].notes and "data.root" in rows[0].notes[0]  # two paths: still noted
+    # a name the user gave is kept
+    folder_run("named", "/data/cars2", (1,), [0.8])
+    named = json.loads((root / "named" / "results.json").read_text())
+    named["config"]["data"]["name"] = "my_cars"
+    (root / "named" / "results.json").write_text(json.dumps(named))
+    names = sorted(r.key["data.name"] for r in group_runs(load_runs([root])))
+    assert names == ["folder:birds", "folder:cars", "my_cars"]
+
+
 def test_a_single_value_shows_no_spread(tmp_path):
     """One run of one fold: the mean alone (runs and folds say n=1), an empty std in the
     CSV; rows of two values (two folds, or two seeds of one fold) keep theirs."""

@@ -48,7 +48,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -175,6 +175,19 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's config as the tables read it: :func:`flatten`, and a folder data set
+    (``data.format=folder``) keeping the default ``data.name=folder`` named after its
+    folder, ``folder:<last part of data.root>``. Every folder set has that default name,
+    so without this two sets would pool into one row and judge each other's folds; the
+    same folder at two paths (two machines) still shares a name."""
+    flat = flatten(config)
+    root = flat.get("data.root")
+    if flat.get("data.format") == "folder" and flat.get(DATASET_KEY) == "folder" and root:
+        flat[DATASET_KEY] = f"folder:{PurePath(str(root)).name or root}"
+    return flat
+
+
 def _hashable(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return tuple(_hashable(x) for x in v)
@@ -213,7 +226,7 @@ def run_from_results(data: Mapping[str, Any], path: str) -> Run:
         fold_vals = [r.get(f"val_{metric}") for r in per_fold]
         val = _mean(fold_vals) if fold_vals and None not in fold_vals else None
     git = data.get("git") or {}
-    config = flatten(data.get("config") or {})
+    config = run_config(data.get("config") or {})
     return Run(
         path=path,
         config=config,
