@@ -145,6 +145,15 @@ def _primary(index) -> str:
     return "mAP" if index.multi_label else "accuracy"
 
 
+def _csv_number(text) -> float | None:
+    """A metrics.csv cell as a number; None for the empty cells and Keras' ``NA`` (its
+    CSVLogger writes ``val_*`` columns of ``NA`` when a fit has no validation data)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def _full_history(csv_path: Path, fallback: dict) -> dict:
     """Per-epoch metrics over the whole fold, including epochs before a resume."""
     import csv
@@ -157,10 +166,12 @@ def _full_history(csv_path: Path, fallback: dict) -> dict:
             by_epoch[int(row["epoch"])] = row
         if by_epoch:
             keys = [k for k in rows[-1] if k != "epoch"]
-            return {
-                k: [float(by_epoch[e][k]) for e in sorted(by_epoch) if by_epoch[e].get(k)]
-                for k in keys
-            }
+            history = {}
+            for k in keys:
+                values = [_csv_number(by_epoch[e].get(k)) for e in sorted(by_epoch)]
+                if any(v is not None for v in values) or k in fallback:
+                    history[k] = [v for v in values if v is not None]
+            return history
     return {k: [float(v) for v in vals] for k, vals in fallback.items()}
 
 

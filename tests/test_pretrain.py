@@ -597,6 +597,24 @@ def test_fine_tuning_run_from_the_backbone(pretrained, folder):
     assert r["pretrained"].startswith(str(run_dir / "backbone.keras"))
 
 
+def test_pretraining_on_a_single_recording_finishes_without_validation(tmp_path):
+    """One long recording: no validation split, so Keras' CSV log holds `NA` columns;
+    the run still writes its backbone and results, with the training metrics only."""
+    root = tmp_path / "one"
+    write_clip(root / "rec.wav", 3.0)
+    out = subprocess.run(pretrain_args(root, "trainer.epochs=2", "pretrain.export=null"),
+                         cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "one clip only: no validation split" in out.stdout + out.stderr
+    (results,) = list((tmp_path / "runs").rglob("results.json"))
+    r = json.loads(results.read_text())
+    assert (r["num_train"], r["num_val"]) == (1, 0)
+    assert (results.parent / "backbone.keras").is_file()
+    assert len(r["history"]["nce_loss"]) == 2 and all(np.isfinite(r["history"]["nce_loss"]))
+    assert not any(k.startswith("val_") and r["history"][k] for k in r["history"])
+
+
 def test_a_pretrained_file_that_does_not_fit_fails_before_the_features(pretrained, folder):
     tmp = pretrained[0]
     out = _fine_tune(pretrained, folder, "model.num_layers=2", "name=misfit")

@@ -409,3 +409,16 @@ def test_csv_log_is_cut_back_to_the_backup(tmp_path):
     truncate_csv_log(log, 0)
     assert log.read_text().split() == ["epoch,loss"]
     truncate_csv_log(tmp_path / "absent.csv", 2)  # nothing to do
+
+
+def test_the_history_from_the_csv_log_skips_keras_na_cells(tmp_path):
+    """Keras' CSVLogger writes val_* columns of `NA` when a fit has no validation data."""
+    from src.train import _full_history
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("epoch,loss,val_loss,val_learning_rate\n0,2.0,NA,NA\n1,1.5,NA,NA\n"
+                        "1,1.4,NA,NA\n")  # epoch 1 again: a resumed run appended it
+    assert _full_history(csv_path, {}) == {"loss": [2.0, 1.4]}
+    assert _full_history(csv_path, {"val_loss": []}) == {"loss": [2.0, 1.4], "val_loss": []}
+    csv_path.write_text("epoch,loss,val_loss\n0,2.0,1.0\n1,1.5,\n")
+    assert _full_history(csv_path, {}) == {"loss": [2.0, 1.5], "val_loss": [1.0]}
