@@ -15,10 +15,13 @@ training decodes it: any format libsndfile reads, mono, resampled to the model's
 and cut into windows of the model's input length (``window=SECONDS`` for shorter
 windows) every ``hop`` seconds (default: half a window); the last window ends at the end
 of the file, so no window holds padding (:mod:`src.data.windows`). A file shorter than
-one window is one window: zero-padded for a model with a fixed position grid, or given
-as it is to a model that pads its features (``target_frames``, AST) or takes any length
-(``model.pos_embedding=disentangled``), zero-padded only up to what such a model needs
-(one frame, or one patch of frames: :func:`min_input_samples`). The model removes each window's mean and clips
+one window is one window: zero-padded to the model's clip, as training padded short
+clips (a model with a fixed position grid, or one that pads its features to
+``target_frames``: training saw silence up to the clip length, then the model's zero
+frames), or given as it is to a model that takes any length (and to an imported AST
+checkpoint, whose fbank AST's code zero-pads)
+(``model.pos_embedding=disentangled``), zero-padded only up to one patch of frames
+(:func:`min_input_samples`). The model removes each window's mean and clips
 it (it stores whether it was trained so). Window probabilities (softmax for a
 single-label model, sigmoid for a multi-label one) are averaged, weighted by coverage.
 
@@ -306,24 +309,30 @@ def _class_names(model, num_classes: int) -> list[str]:
 
 
 def takes_short_input(model) -> bool:
-    """Whether a window shorter than the clip goes in unpadded: the model pads its features
-    (target_frames) or its position embedding takes any length."""
+    """Whether a window shorter than the clip goes in unpadded: the model's position
+    embedding takes any length and it does not pad its features to a fixed count.
+
+    A model with ``target_frames`` pads its features with zeros. Trained by src.train, a
+    short clip was first padded to the clip length with silence (zero samples, or the
+    feature store's frames of silence) and only the frames beyond the clip with zeros:
+    its short windows are zero-padded to the clip, so that it sees the same. An imported
+    AST checkpoint (``short_input="features"``) saw its fbank zero-padded, as AST's code
+    pads it: its short windows go in as they are."""
     if getattr(model, "target_frames", None) is not None:
-        return True
+        return getattr(model, "short_input", "clip") == "features"
     hp = getattr(model.backbone, "hparams", {})
     return hp.get("pos_embedding") == "disentangled"
 
 
 def min_input_samples(model) -> int:
     """The fewest samples a window may hold when it goes to the model: the model's clip
-    for a model with a fixed position grid (shorter windows are zero-padded to it); else
-    the samples of the frames the model needs (one patch of frames for a disentangled
-    position embedding, one frame for a model that pads its features), shorter windows
-    being zero-padded to that."""
+    unless it takes short input (:func:`takes_short_input`; shorter windows are
+    zero-padded to it); else the samples of the frames it needs (one patch of frames, or
+    one frame for a model that pads its features), shorter windows zero-padded to that."""
     clip = int(model.clip_samples)
     if not takes_short_input(model):
         return clip
-    need = 1
+    need = 1  # target_frames pads the rest
     if getattr(model, "target_frames", None) is None:
         need = int(model.backbone.hparams.get("patch_size", 1))
     lo, hi = 1, clip  # the frame count grows with the sample count: bisect

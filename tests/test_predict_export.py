@@ -678,6 +678,61 @@ def test_a_grid_model_zero_pads_a_short_file(tmp_path):
     np.testing.assert_allclose(_probs_of(entry, CLASSES), expected, atol=1e-5)
 
 
+def test_a_model_that_pads_its_features_sees_a_short_file_as_training_padded_it(tmp_path):
+    """data.target_frames (AST): training zero-pads a short clip to the clip length (the
+    store: frames of silence), then the model zero-pads the frames; predict, the
+    SavedModel and the store's padding agree. An imported AST checkpoint
+    (short_input="features") gets the file's own features zero-padded, as AST's code."""
+    import keras
+    import tensorflow as tf
+
+    from scripts.export import main as export_main
+    from src.data.pipeline import fit_frames_np
+    from src.models import load_model
+    from src.models.audio_transformer import AudioTransformer
+    from src.models.build import build_model
+    from src.predict import min_input_samples, predict_files
+
+    keras.utils.set_random_seed(5)
+    clip = RATE  # 1 s clips, features padded to twice their frames
+    built = build_model(TINY, FRONTEND, num_classes=3, clip_samples=clip, class_names=CLASSES,
+                        target_frames=2 * 98)
+    _fit_a_little(built, seed=2)
+    built.save(tmp_path / "model.keras")
+    model = load_model(tmp_path / "model.keras")
+    assert model.short_input == "clip" and min_input_samples(model) == clip
+    path = _write(tmp_path / "short.wav", _tone(0.3, freq=700.0, offset=0.1, seed=3))
+    wave, _ = sf.read(path, dtype="float32")
+    (entry,) = predict_files(model, [path], top_k=3)
+    padded = np.pad(wave, (0, clip - len(wave)))
+    expected = _softmax(model(padded[None], training=False))[0]
+    np.testing.assert_allclose(_probs_of(entry, CLASSES), expected, atol=1e-5)
+    assert any("zero-padded" in note for note in entry["notes"])
+    # The feature store's way: the clip's own frames, then frames of silence to the clip
+    frames = model.frontend(np.clip(wave - wave.mean(), -1, 1)[None])[0].numpy()
+    silence = float(model.frontend(np.zeros((1, clip), "float32"))[0, -1, 0])
+    stored = fit_frames_np(frames, model.frontend.num_frames(clip), silence)
+    stored = np.pad(stored, ((0, 2 * 98 - len(stored)), (0, 0)))  # the model's zero frames
+    from_store = _softmax(model.backbone(stored[None], training=False))[0]
+    # close, not equal: the store removes the mean of the clip, predict that of the window
+    np.testing.assert_allclose(from_store, expected, atol=0.05)
+    code = export_main([str(tmp_path / "model.keras"), "--format", "savedmodel", "--out",
+                        str(tmp_path / "sm")])
+    assert code == 0
+    sm = tf.saved_model.load(str(tmp_path / "sm"))
+    np.testing.assert_allclose(sm.clip_probabilities(tf.constant(wave)).numpy(), expected,
+                               atol=1e-5)
+
+    # The same weights as an imported AST checkpoint: the short file's features as they are
+    imported = AudioTransformer.from_config({**model.get_config(), "short_input": "features"})
+    imported.build((None, clip))
+    imported.set_weights(model.get_weights())
+    (entry,) = predict_files(imported, [path], top_k=3)
+    unpadded = _softmax(imported(wave[None], training=False))[0]
+    assert np.abs(unpadded - expected).max() > 1e-4  # the two are told apart
+    np.testing.assert_allclose(_probs_of(entry, CLASSES), unpadded, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- multi-label
 
 TAGS = ["dog", "rain", "siren", "speech"]

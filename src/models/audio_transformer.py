@@ -329,6 +329,15 @@ def fit_frames(features, target_frames):
     return ops.reshape(out, (-1, target_frames, features.shape[-1]))
 
 
+# How a clip shorter than the model's input is padded at inference, as in the training
+# the model had (``target_frames`` models; see src.predict.takes_short_input):
+# "clip": zero samples up to clip_samples (src.train: fixed-length clips are zero-padded,
+# the feature store pads variable-length ones with frames of silence), then zero frames
+# up to target_frames; "features": the features of the clip alone, zero-padded to
+# target_frames (AST's reference code pads its fbank so: imported AST checkpoints).
+SHORT_INPUT = ("clip", "features")
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AudioTransformer(keras.Model):
     """Raw waveform ``(batch, samples)`` -> logits ``(batch, num_classes)``.
@@ -343,9 +352,11 @@ class AudioTransformer(keras.Model):
 
     def __init__(
         self, frontend, backbone, clip_samples, class_names=None, target_frames=None,
-        multi_label=False, remove_mean=True, **kwargs
+        multi_label=False, remove_mean=True, short_input="clip", **kwargs
     ):
         super().__init__(**kwargs)
+        if short_input not in SHORT_INPUT:
+            raise ValueError(f"short_input={short_input!r}: one of {SHORT_INPUT}")
         if isinstance(frontend, dict):
             frontend = keras.saving.deserialize_keras_object(frontend)
         if isinstance(backbone, dict):
@@ -357,6 +368,7 @@ class AudioTransformer(keras.Model):
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.multi_label = bool(multi_label)
         self.remove_mean = bool(remove_mean)
+        self.short_input = str(short_input)
 
     @property
     def output_activation(self) -> str:
@@ -400,5 +412,6 @@ class AudioTransformer(keras.Model):
             target_frames=self.target_frames,
             multi_label=self.multi_label,
             remove_mean=self.remove_mean,
+            short_input=self.short_input,
         )
         return config

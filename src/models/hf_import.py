@@ -341,7 +341,7 @@ def import_hf_ast(directory: str | os.PathLike, multi_label: bool | None = None)
     model = AudioTransformer(
         frontend, backbone, clip_samples=clip_samples, class_names=class_names,
         target_frames=frames, multi_label=bool(multi_label), remove_mean=True,
-        name="audio_model",
+        short_input="features", name="audio_model",
     )
     model.build((None, clip_samples))
     _assign_backbone(backbone, canon, directory, rgb_to_mono=False)
