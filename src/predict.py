@@ -18,10 +18,10 @@ of the file, so no window holds padding (:mod:`src.data.windows`). A file shorte
 one window is one window: zero-padded to the model's clip, as training padded short
 clips (a model with a fixed position grid, or one that pads its features to
 ``target_frames``: training saw silence up to the clip length, then the model's zero
-frames), or given as it is to a model that takes any length (and to an imported AST
-checkpoint, whose fbank AST's code zero-pads)
-(``model.pos_embedding=disentangled``), zero-padded only up to one patch of frames
-(:func:`min_input_samples`). The model removes each window's mean and clips
+frames), or given as it is to a model that takes any length
+(``model.pos_embedding=disentangled``; zero-padded only up to one patch of frames,
+:func:`min_input_samples`) and to an imported AST checkpoint (whose fbank AST's code
+zero-pads). The model removes each window's mean and clips
 it (it stores whether it was trained so). Window probabilities (softmax for a
 single-label model, sigmoid for a multi-label one) are averaged, weighted by coverage.
 
