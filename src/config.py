@@ -76,8 +76,31 @@ def _check_store_content(cfg: DictConfig) -> None:
         )
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Cheap checks of a composed config, including building the model once."""
+def _check_folder_training(d) -> None:
+    """A folder of audio (``data=folder``) trains only with labels and more than one fold;
+    said before any file is decoded."""
+    if d.get("format") != "folder":
+        return
+    if not d.get("labels_from_subdirs", False):
+        raise ConfigError(
+            f"data=folder at {d.get('root')} has no labels (data.labels_from_subdirs=false): "
+            "training needs classes. Set data.labels_from_subdirs=true for ROOT/<class>/"
+            "*.wav, or pretrain on unlabeled audio with `python -m src.pretrain "
+            "experiment=ssast data=folder data.root=...`."
+        )
+    num_folds = int(d.get("num_folds", 1) or 1)
+    if num_folds < 2:
+        raise ConfigError(
+            f"data.num_folds={num_folds}: the folder's clips are in one fold, so testing on "
+            "it leaves none to train on. Deal them into folds, e.g. data.num_folds=5 "
+            "data.folds=[1,2,3,4,5] (5-fold cross-validation) or data.num_folds=5 "
+            "data.folds=[5] (one split)."
+        )
+
+
+def validate_config(cfg: DictConfig, training: bool = True) -> None:
+    """Cheap checks of a composed config, including building the model once.
+    ``training=False``: the checks that pretraining on unlabeled audio shares."""
     if cfg.data.get("format") not in DATA_FORMATS:
         raise ConfigError(
             f"data.format={cfg.data.get('format')!r} is unknown; use one of {DATA_FORMATS}."
@@ -87,6 +110,8 @@ def validate_config(cfg: DictConfig) -> None:
     from src.data.splits import check_split_config
 
     check_split_config(cfg.data)
+    if training:
+        _check_folder_training(cfg.data)
     verify = (cfg.data.get("store") or {}).get("verify", "auto")
     if verify not in ("auto", "always", "never"):
         raise ConfigError(f"data.store.verify={verify!r} is unknown; use auto, always or never.")

@@ -97,7 +97,7 @@ def validate_pretrain_config(cfg: DictConfig) -> dict:
             f"model.type={cfg.model.get('type')}: masked patch pretraining needs a "
             "transformer (model.type=transformer); the linear baseline has no patches."
         )
-    validate_config(cfg)
+    validate_config(cfg, training=False)
     store_cfg = cfg.data.get("store") or {}
     if store_cfg.get("content", "features") != "features":
         raise ConfigError(
@@ -379,6 +379,8 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         AtomicBackupAndRestore,
         LearningRateLogger,
         backup_epoch,
+        backup_finished,
+        remove_backup,
         truncate_csv_log,
     )
     from src.training.distribute import enter_strategy, exit_strategy, jit_compile
@@ -456,7 +458,10 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     csv_path = run_dir / "metrics.csv"
     resumed = backup_epoch(run_dir / "backup")
     truncate_csv_log(csv_path, resumed)
-    if resumed:
+    finished = backup_finished(run_dir / "backup")
+    if finished:
+        log.info("pretraining had finished (%d epoch(s)); saving the backbone", resumed)
+    elif resumed:
         log.info("resuming after %d completed epoch(s)", resumed)
     callbacks = [
         LearningRateLogger(),
@@ -474,7 +479,8 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     exit_code = 1
     try:
         history = pretrainer.fit(
-            train_ds, validation_data=val_ds, epochs=int(t.epochs), callbacks=callbacks,
+            train_ds, validation_data=val_ds, callbacks=callbacks,
+            epochs=resumed if finished else int(t.epochs),  # finished: nothing left to train
             verbose=fit_verbosity(t.get("verbose", "auto")), shuffle=False,
         )
         train_time = time.time() - fit_start
@@ -513,6 +519,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
             **provenance(),
         }
         _write_json(run_dir / "results.json", results)
+        remove_backup(run_dir / "backup")
         if logger is not None:
             logger.log_summary({**{f"final/{k}": v for k, v in final.items()},
                                 "backbone": results["backbone"],

@@ -110,12 +110,24 @@ def _clip_samples(cfg: DictConfig) -> int:
 
 
 def _pretrained_path(cfg: DictConfig) -> Path:
-    """``model.pretrained`` as a file (a known name is imported on first use)."""
-    from src.models.pretrained import resolve_pretrained
+    """``model.pretrained`` as a file (a known name is imported on first use); a missing
+    file or a failed import is a ConfigError (exit 2) with what to do instead."""
+    from src.models.hf_import import WeightImportError
+    from src.models.pretrained import PretrainedError, resolve_pretrained
 
-    return resolve_pretrained(
-        cfg.model.pretrained, cfg.paths.weights_dir, Path(cfg.paths.cache_dir) / "hub"
-    )
+    try:
+        return resolve_pretrained(
+            cfg.model.pretrained, cfg.paths.weights_dir, Path(cfg.paths.cache_dir) / "hub"
+        )
+    except PretrainedError as err:
+        raise ConfigError(str(err)) from None
+    except WeightImportError as err:
+        raise ConfigError(
+            f"model.pretrained={cfg.model.pretrained}: {err} Without internet access: "
+            "import the checkpoint where there is (`python -m scripts.import_weights`) and "
+            f"copy the .keras file into {cfg.paths.weights_dir}/, or train from scratch "
+            "with model.pretrained=null."
+        ) from None
 
 
 def _check_pretrained_fits(cfg: DictConfig, index) -> None:
@@ -228,6 +240,8 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         AtomicBackupAndRestore,
         LearningRateLogger,
         backup_epoch,
+        backup_finished,
+        remove_backup,
         truncate_csv_log,
     )
     from src.training.distribute import enter_strategy, exit_strategy, jit_compile
@@ -378,7 +392,10 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     resumed = backup_epoch(fold_dir / "backup")
     truncate_csv_log(fold_dir / "metrics.csv", resumed)
     earlier = _full_history(fold_dir / "metrics.csv", {})  # epochs before an interruption
-    if resumed:
+    finished = backup_finished(fold_dir / "backup")
+    if finished:
+        log.info("fold %d: training had finished (%d epoch(s)); evaluating", fold, resumed)
+    elif resumed:
         log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
     monitor = f"val_{primary}"
     validation = ValidationMetrics(lambda: evaluate(trained, val_ds, index)[0], index.label_type)
@@ -429,7 +446,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     try:
         history = trained.fit(
             train_ds,
-            epochs=epochs,
+            epochs=resumed if finished else epochs,  # finished: no epoch left to train
             steps_per_epoch=steps_per_epoch if stream else None,
             callbacks=callbacks,
             verbose=fit_verbosity(t.get("verbose", "auto")),
@@ -504,7 +521,8 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             "train_time_s": train_time,
             # clips per second over this attempt's epochs (compilation included)
             "train_clips_per_s": (samples if balanced else len(splits.train))
-            * max(len(history.history.get("loss", [])), 1) / max(train_time, 1e-9),
+            * len(history.history.get("loss", [])) / max(train_time, 1e-9)
+            if history.history.get("loss") else None,
             "eval_clips_per_s": len(splits.test) / max(eval_time, 1e-9),
             "git": git_info(),
             "versions": package_versions(),
@@ -512,6 +530,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         if paper is not None:
             result["paper_protocol"] = {f"test_{primary}": paper.values}
         _write_json(done, result)
+        remove_backup(fold_dir / "backup")
         maps = save_fold_attention_maps(
             cfg, model, best_file, test_ds, index, fold_dir / "attention", waveforms=waveform,
         )

@@ -37,7 +37,16 @@ def test_every_experiment_composes_and_validates(experiment):
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("data", options("data"))
 def test_every_model_data_pair_validates(model, data):
-    validate_config(make(f"model={model}", f"data={data}"))
+    # a folder trains with labels from its subfolders, dealt into folds
+    extra = ["data.labels_from_subdirs=true", "data.num_folds=5"] if data == "folder" else []
+    validate_config(make(f"model={model}", f"data={data}", *extra))
+
+
+def test_a_folder_without_labels_or_folds_is_refused_before_any_file_is_read():
+    with pytest.raises(ConfigError, match=r"has no labels \(data\.labels_from_subdirs=false\)"):
+        validate_config(make("data=folder"))
+    with pytest.raises(ConfigError, match=r"data\.num_folds=1: .* data\.num_folds=5 "):
+        validate_config(make("data=folder", "data.labels_from_subdirs=true"))
 
 
 def test_every_dataset_starts_from_the_common_keys():

@@ -307,6 +307,14 @@ def test_resolve_pretrained_errors_name_the_key(tmp_path):
     kept = tmp_path / "deit_base_distilled_384.keras"
     kept.write_bytes(b"x")  # a known name already imported: no download
     assert resolve_pretrained("deit_base_distilled_384", tmp_path) == kept
+    run = tmp_path / "pretrain_run"
+    run.mkdir()
+    with pytest.raises(PretrainedError, match="is a directory without backbone.keras"):
+        resolve_pretrained(run, tmp_path)
+    (run / "backbone.keras").write_bytes(b"garbage")
+    assert resolve_pretrained(run, tmp_path) == run / "backbone.keras"  # a pretraining run
+    with pytest.raises(PretrainedError, match="is not a Keras model file"):
+        load_pretrained(_backbone(), run / "backbone.keras")
 
 
 # ----------------------------------------------------------------- reading and fetching

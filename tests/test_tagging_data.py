@@ -451,6 +451,11 @@ M = _names_mids
          r"eval\.csv: fname 1 \(row 2\) is already listed in dev\.csv row 2"),
         ([f"a/b,{M((1,))},train"], None, r"dev\.csv: row 2 has fname 'a/b'"),
         ([], None, r"dev\.csv has no rows"),
+        ([f"1,{M((1,))},train,extra"], None,
+         r"dev\.csv: row 2 has 5 field\(s\), expected 4 \(fname,labels,mids,split\)"),
+        (["1,Accordion,Guitar,/m/0mkg,/m/0342h,train"], None,  # lists without quotes
+         r'dev\.csv: row 2 has 6 field\(s\), expected 4 .*need quotes, e\.g\. "Bark,Dog"'),
+        (["1,Accordion"], None, r"dev\.csv: row 2 has 2 field\(s\), expected 4"),
     ],
 )
 def test_fsd50k_bad_rows(tmp_path, dev_lines, eval_lines, match):

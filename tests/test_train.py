@@ -141,6 +141,31 @@ def test_a_finished_run_is_skipped_on_its_inputs_and_refused_on_others(quickstar
         clip.write_bytes(original)
 
 
+def test_a_run_stopped_after_training_evaluates_without_training_again(tmp_path):
+    """A run that dies after its last epoch, before the fold's results are written (here:
+    the model cannot be saved; a kill there is the same), keeps its backup: the same
+    command evaluates and writes the results without training the fold again."""
+    run_dir = tmp_path / "runs" / "after_fit"
+    blocker = run_dir / "fold_5" / "model.keras"
+    blocker.mkdir(parents=True)  # model.save fails on a directory
+    args = ["experiment=quickstart", *TINY, f"hydra.run.dir={run_dir}"]
+    out = run_train(tmp_path, *args, check=False)
+    assert out.returncode != 0 and not (run_dir / "fold_5" / "results.json").exists()
+    backup = run_dir / "fold_5" / "backup"
+    assert (backup / "finished").exists(), out.stderr[-3000:]
+    rows = (run_dir / "fold_5" / "metrics.csv").read_text()
+    blocker.rmdir()
+    out = run_train(tmp_path, *args)
+    logs = out.stdout + out.stderr
+    assert "fold 5: training had finished (2 epoch(s)); evaluating" in logs, logs[-3000:]
+    assert "Epoch 1/2" not in logs and "Epoch 2/2" not in logs
+    assert (run_dir / "fold_5" / "metrics.csv").read_text() == rows
+    assert not backup.exists() and (run_dir / "fold_5" / "model.keras").is_file()
+    r = json.loads((run_dir / "results.json").read_text())
+    assert r["per_fold"][0]["train_clips_per_s"] is None  # no epoch trained in this attempt
+    assert len(r["history"]["5"]["loss"]) == 2
+
+
 @pytest.mark.slow  # the heads ablation script's smoke test covers multirun by default
 def test_multirun_sweeps_heads(tmp_path):
     out = run_train(
@@ -217,6 +242,14 @@ def test_an_added_key_reaches_the_code_that_names_its_options():
     with pytest.raises(ValueError, match=r"trainer\.optimizer\.amsgard is not an option of "
                                          r"adam; its options are"):
         build_optimizer(cfg.trainer.optimizer, 1e-3)
+
+
+def test_a_missing_pretrained_file_is_a_config_error(tmp_path):
+    out = run_train(tmp_path, "experiment=quickstart", *TINY,
+                    f"model.pretrained={tmp_path / 'nowhere.keras'}", check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"model.pretrained={tmp_path / 'nowhere.keras'}: no such file" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_unknown_fold_is_rejected(tmp_path):

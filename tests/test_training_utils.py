@@ -365,19 +365,20 @@ def _tiny_fit(backup_dir, epochs, callbacks=()):
     model.compile(optimizer="adam", loss="mse")
     x = np.random.default_rng(0).standard_normal((8, 4)).astype("float32")
     y = np.zeros((8, 2), "float32")
-    backup = AtomicBackupAndRestore(str(backup_dir), delete_checkpoint=False)
+    backup = AtomicBackupAndRestore(str(backup_dir))
     return model.fit(x, y, epochs=epochs, verbose=0, callbacks=[*callbacks, backup])
 
 
 def test_backup_survives_a_write_cut_short(tmp_path):
     """A kill while the backup is written leaves the previous backup whole."""
-    from src.training.callbacks import backup_epoch
+    from src.training.callbacks import backup_epoch, backup_finished
 
     backup = tmp_path / "backup"
     _tiny_fit(backup, epochs=2)
-    assert backup_epoch(backup) == 2
-    assert sorted(p.name for p in backup.iterdir()) == ["latest.weights.h5",
+    assert backup_epoch(backup) == 2 and backup_finished(backup)  # kept after fit returned
+    assert sorted(p.name for p in backup.iterdir()) == ["finished", "latest.weights.h5",
                                                         "training_metadata.json"]
+    assert len(_tiny_fit(backup, epochs=2).history.get("loss", [])) == 0  # nothing left
 
 
     class CutShort(keras.callbacks.Callback):
@@ -394,6 +395,7 @@ def test_backup_survives_a_write_cut_short(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _tiny_fit(backup, epochs=3, callbacks=[CutShort()])
     assert backup_epoch(backup) == 2  # the previous backup is whole
+    assert not backup_finished(backup)  # an epoch after the marker: training went on
     history = _tiny_fit(backup, epochs=3)
     assert len(history.history["loss"]) == 1  # epochs 1-2 restored, epoch 3 trained
     assert backup_epoch(backup) == 3

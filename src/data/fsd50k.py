@@ -126,6 +126,13 @@ def _read_ground_truth(csv_file: Path, part: str, by_mid, by_name, seen: dict):
         for row_no, row in enumerate(reader, start=2):
             if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
                 continue  # blank line
+            extra, short = row.get(None) or [], [k for k, v in row.items() if v is None]
+            if extra or short:
+                raise DatasetError(
+                    f"{csv_file}: row {row_no} has {len(header) + len(extra) - len(short)} "
+                    f"field(s), expected {len(header)} ({','.join(header)}); several labels "
+                    'or mids in one field need quotes, e.g. "Bark,Dog"'
+                )
             fname = (row.get("fname") or "").strip()
             if not fname or any(c in fname for c in "/\\"):
                 raise DatasetError(

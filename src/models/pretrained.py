@@ -81,6 +81,13 @@ def resolve_pretrained(value, weights_dir="weights", cache_dir=".cache/hub") -> 
             os.replace(tmp, path)
         return path
     path = Path(value).expanduser()
+    if path.is_dir() and (path / "backbone.keras").is_file():  # a pretraining run
+        return path / "backbone.keras"
+    if path.is_dir():
+        raise PretrainedError(
+            f"model.pretrained={value} is a directory without backbone.keras: give the "
+            "file itself, e.g. a pretraining run's backbone.keras or a fold's model.keras."
+        )
     if not path.is_file():
         raise PretrainedError(
             f"model.pretrained={value}: no such file. Use a name from {sorted(KNOWN)} "
@@ -256,8 +263,16 @@ class LoadReport:
 
 @functools.lru_cache(maxsize=2)
 def _load(path: str, mtime: float):
+    import zipfile
+
     from src.models import load_model
 
+    if not zipfile.is_zipfile(path):
+        raise PretrainedError(
+            f"model.pretrained={path} is not a Keras model file (a .keras file is a zip "
+            "archive): use a file made by `python -m scripts.import_weights`, a run's "
+            "model.keras or a pretraining run's backbone.keras."
+        )
     return load_model(path)
 
 

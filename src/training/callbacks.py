@@ -38,15 +38,38 @@ class LearningRateLogger(keras.callbacks.Callback):
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
 
 
+FINISHED = "finished"  # in a backup dir: fit returned; only the results remain to write
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` whose backup files are replaced atomically.
+    """``BackupAndRestore`` whose backup files are replaced atomically, and kept until
+    the caller has written its results.
 
     Keras writes ``latest.weights.h5`` in place, so a run killed during that write
     leaves a truncated file and the next run fails to load it. Here the weights and
     the epoch counter go to temporary files that replace the previous backup only
     once complete (``os.replace``): a run killed at any moment resumes from its last
     complete epoch.
+
+    Keras deletes the backup when ``fit`` returns; a run killed after that, while it
+    evaluates and saves (minutes on AudioSet), would train again from epoch 1. Here
+    ``fit``'s end writes a ``finished`` marker instead (:func:`backup_finished`: resume
+    with no epoch left to train), and :func:`remove_backup` deletes the backup once the
+    results are on disk.
     """
+
+    def __init__(self, backup_dir, **kwargs):
+        super().__init__(backup_dir, delete_checkpoint=False, **kwargs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        marker = os.path.join(self.backup_dir, FINISHED)
+        if os.path.exists(marker):  # an earlier fit's: this one trains on
+            os.remove(marker)
+
+    def on_train_end(self, logs=None):
+        if os.path.exists(self._training_metadata_path):  # at least one epoch is backed up
+            with open(os.path.join(self.backup_dir, FINISHED), "w") as fh:
+                fh.write("fit returned; the results were not written yet\n")
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -69,6 +92,19 @@ def backup_epoch(backup_dir: str | os.PathLike) -> int:
     if not (meta.exists() and weights.exists()):
         return 0
     return int(json.loads(meta.read_text())["epoch"])
+
+
+def backup_finished(backup_dir: str | os.PathLike) -> bool:
+    """Whether the fit that wrote this backup returned (it stopped at its last epoch, or
+    early): a resumed run then trains no further epoch."""
+    return (Path(backup_dir) / FINISHED).exists() and backup_epoch(backup_dir) > 0
+
+
+def remove_backup(backup_dir: str | os.PathLike) -> None:
+    """Delete a backup once the results it led to are written."""
+    import shutil
+
+    shutil.rmtree(backup_dir, ignore_errors=True)
 
 
 def truncate_csv_log(csv_path: str | os.PathLike, epochs: int) -> None:
