@@ -66,18 +66,26 @@ def _json_default(o):
     return str(o)
 
 
-def _wandb_group(cfg: DictConfig) -> str:
+def wandb_group(cfg, overrides=None) -> str:
+    """``logger.group``, else the run's setting: ``name`` and the overrides that name its
+    run directory, without the seed, so that the folds of one cross-validation (run by
+    one command or several: ``data.folds`` is run-invariant) and the seeds of a setting
+    share a group, however the setting was launched (``logger=wandb``, ``name=``,
+    ``experiment=`` are left out too). ``overrides``: the command's (default: Hydra's)."""
+    from src.training.rundir import run_dirname
+
     if cfg.logger.get("group"):
         return str(cfg.logger.group)
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    if overrides is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
 
-        overrides = HydraConfig.get().job.override_dirname
-    except ValueError:
-        overrides = ""
-    # Seeds of one setting share a group, so W&B can average over them.
-    parts = [p for p in overrides.split(",") if p and not p.startswith("seed=")]
-    return f"{cfg.name}-{','.join(parts)}" if parts else str(cfg.name)
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:
+            overrides = []
+    parts = [o for o in overrides if not str(o).startswith(("seed=", "+seed=", "++seed="))]
+    setting = run_dirname(parts, list(cfg.get("run_invariant_keys") or []))
+    return str(cfg.name) if setting == "default" else f"{cfg.name}-{setting}"
 
 
 def _make_logger(cfg: DictConfig, name: str, job_type: str, resolved: dict, id_file: Path):
@@ -92,7 +100,7 @@ def _make_logger(cfg: DictConfig, name: str, job_type: str, resolved: dict, id_f
         project=cfg.logger.project,
         entity=cfg.logger.get("entity"),
         name=name,
-        group=_wandb_group(cfg),
+        group=wandb_group(cfg),
         job_type=job_type,
         tags=list(cfg.logger.get("tags") or []),
         mode=cfg.logger.get("mode"),

@@ -456,3 +456,21 @@ def test_an_input_error_is_written_once_to_the_terminal_and_once_to_the_log(tmp_
     assert capsys.readouterr().err == "error: data.folds: no\n"
     assert console_text.getvalue() == ""
     assert (run_dir / "train.log").read_text() == "data.folds: no\n"
+
+
+def test_the_wandb_group_is_the_setting_not_the_launch():
+    """The folds of one cross-validation run by several commands, its seeds, and the same
+    setting launched with other run-invariant keys share one W&B group."""
+    from src.train import wandb_group
+
+    cfg = make("experiment=quickstart", "logger=wandb")
+    base = ["model.num_heads=4"]
+    group = wandb_group(cfg, base)
+    assert group == "quickstart-model.num_heads=4"
+    for extra in (["data.folds=[3]"], ["seed=2"], ["logger=wandb", "name=quickstart"],
+                  ["experiment=quickstart", "trainer.verbose=0"]):
+        assert wandb_group(cfg, base + extra) == group, extra
+    assert wandb_group(cfg, ["model.num_heads=2"]) != group
+    assert wandb_group(cfg, []) == "quickstart"
+    assert wandb_group(make("experiment=quickstart", "logger=wandb", "logger.group=abl"),
+                       base) == "abl"
