@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
 
+    from src.config import unknown_override_keys
+
+    unknown = unknown_override_keys(args.overrides, "train")
+    if unknown:
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
+
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

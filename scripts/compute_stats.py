@@ -42,13 +42,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_intermixed_args(argv)
 
-    from src.config import ConfigError
+    from src.config import ConfigError, unknown_override_keys
     from src.data.datasets import load_index
     from src.data.index import DatasetError
     from src.data.pipeline import feature_stats
     from src.data.splits import check_split_config, make_splits
     from src.train import build_features
 
+    unknown = unknown_override_keys(args.overrides, "train")
+    if unknown:
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
     cfg = compose(args.overrides)
     fold = int(args.fold if args.fold is not None else cfg.data.folds[0])
     try:

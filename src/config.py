@@ -219,10 +219,14 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
         overrides = OverridesParser.create().parse_overrides(texts)
     except Exception:  # Hydra reports its own syntax errors
         return None
-    groups, values = [], []
+    groups, values, added = [], [], []
     for o in overrides:
         key = o.key_or_group
-        if key.startswith("hydra") or o.package is not None or o.type != OverrideType.CHANGE:
+        if key.startswith("hydra") or o.package is not None:
+            continue
+        if o.type == OverrideType.ADD and "." in key:
+            added.append(key)
+        if o.type != OverrideType.CHANGE:
             continue
         if (conf / key).is_dir():  # a config group: model=small, experiment=esc50
             first = (next(iter(o.sweep_string_iterator())) if o.is_sweep_override()
@@ -230,7 +234,7 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
             groups.append(f"{key}={first}")
         else:
             values.append(key)
-    if not values:
+    if not values and not added:
         return None
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -260,6 +264,19 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
         if siblings:
             text += f"; {where} has: {', '.join(siblings)}"
         problems.append(text + ".")
+    for key in added:  # +KEY: a new key one letter away from an existing one is a typo
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None)
+        if OmegaConf.select(cfg, key, default=missing) is not missing or not hasattr(
+                node, "keys"):
+            continue  # Hydra reports a key that exists; a new section is the user's own
+        close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1,
+                                          cutoff=0.85)
+        if close:
+            problems.append(
+                f"+{key} adds a key next to {parent}.{close[0]}: a misspelling? (a key "
+                f"nothing reads is ignored). Write {parent}.{close[0]}=VALUE, or "
+                f"++{key}=VALUE to add it anyway.")
     if not problems:
         return None
     return (" ".join(problems) + " To add a key the config does not list (one the code "

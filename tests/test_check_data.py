@@ -385,6 +385,13 @@ def test_cli_missing_dataset(tmp_path):
     assert "ESC-50 data not found" in result.stderr
 
 
+def test_a_misspelled_key_is_named_with_its_close_matches(capsys):
+    from scripts.check_data import main
+
+    assert main(["data=folder", "data.rot=/somewhere"]) == 2
+    assert "data.rot is not a config key (did you mean data.root?)" in capsys.readouterr().err
+
+
 def test_cli_takes_overrides_after_an_option(tmp_path):
     """Hydra overrides may come before and after the options, as on any command line."""
     missing = tmp_path / "nowhere"

@@ -346,3 +346,6 @@ def test_compute_stats_takes_overrides_after_an_option(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main(["data=esc50", "--fold", "2", f"data.root={missing}", "--json"]) == 2
     assert f"ESC-50 data not found at {missing}" in capsys.readouterr().err
+    # a misspelled key is named with its close matches, as src.train names it
+    assert main(["data=folder", f"data.rot={missing}"]) == 2
+    assert "data.rot is not a config key (did you mean data.root?)" in capsys.readouterr().err

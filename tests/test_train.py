@@ -226,6 +226,22 @@ def test_unknown_override_keys_in_sweeps_and_nested_groups(overrides, needle):
     assert "+KEY=VALUE" in message
 
 
+@pytest.mark.parametrize("config,overrides,needle", [
+    ("train", ["data=folder", "+data.num_fold=4"],
+     "+data.num_fold adds a key next to data.num_folds: a misspelling?"),
+    ("pretrain", ["+pretrain.mask.fractoin=0.3"],
+     "+pretrain.mask.fractoin adds a key next to pretrain.mask.fraction: a misspelling?"),
+])
+def test_an_added_key_one_letter_from_a_real_one_is_refused(config, overrides, needle):
+    from src.config import unknown_override_keys
+
+    message = unknown_override_keys(overrides, config)
+    assert message is not None and needle in message, message
+    assert f"++{overrides[-1][1:].split('=')[0]}=VALUE to add it anyway" in message
+    forced = [o.replace("+", "++", 1) if o.startswith("+") else o for o in overrides]
+    assert unknown_override_keys(forced, config) is None  # ++: the user means it
+
+
 def test_an_added_key_reaches_the_code_that_names_its_options():
     """`+key=value` passes the key check; the optimizer then names its real options."""
     from hydra import compose, initialize_config_dir
