@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,6 +201,51 @@ def test_a_killed_build_resumes_from_its_finished_shards(tmp_path):
     assert store.reused >= 3 and store.built == len(store.shards) - store.reused
     assert sum(s.count for s in store.shards) == 64
     assert not list((tmp_path / "features").glob("*/shards/.*tmp"))
+
+
+def test_a_build_with_other_folds_leaves_the_shards_another_process_reads(tmp_path):
+    """Two fold layouts over one folder (pretraining with one fold, fine-tuning with
+    several): a build does not delete shards that a live process still reads; once
+    nobody reads them, the next build removes them."""
+    import dataclasses
+
+    records = _write_clips(tmp_path / "audio", 12, folds=3)
+    (tmp_path / "recs.json").write_text(json.dumps([r.__dict__ for r in records]))
+    script = tmp_path / "reader.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {ROOT!r})
+        import json
+        from pathlib import Path
+        from src.data.index import DatasetIndex, Record
+        from src.data.store import build_store
+        from src.models.frontend import LogMel
+        recs = [Record(**r) for r in json.loads(Path({str(tmp_path / 'recs.json')!r}).read_text())]
+        index = DatasetIndex(records=tuple(recs), class_names=("a", "b", "c"),
+                             root={str(tmp_path / 'audio')!r})
+        store = build_store(index, LogMel(sample_rate={RATE}, n_mels=16), sample_rate={RATE},
+                            clip_samples={RATE // 2}, cache_dir=Path({str(tmp_path / 'features')!r}),
+                            name="t", shard_clips=4, progress=False, workers=1)
+        print(json.dumps([s.path for s in store.shards]), flush=True)
+        sys.stdin.readline()  # reads the store until told to stop
+    """))
+    reader = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        theirs = json.loads(reader.stdout.readline())
+        assert theirs and all(Path(p).exists() for p in theirs)
+        other = [dataclasses.replace(r, fold=1 + i % 4) for i, r in enumerate(records)]
+        mine = _build(_index(other, tmp_path / "audio"), tmp_path)
+        assert Path(theirs[0]).parent == Path(mine.shards[0].path).parent  # one store
+        assert set(theirs) != {s.path for s in mine.shards}
+        assert all(Path(p).exists() for p in theirs)  # still read by the other process
+        assert all(Path(s.path).exists() for s in mine.shards)
+    finally:
+        reader.communicate("stop\n", timeout=60)
+    again = _build(_index(other, tmp_path / "audio"), tmp_path)
+    assert again.reused == len(again.shards)
+    left = {str(p) for p in (tmp_path / "features").glob("*/shards/*.tfrecord")}
+    assert left == {s.path for s in again.shards}  # nobody reads the others now
 
 
 def test_training_stream_is_one_epoch_of_the_split_with_crops_and_targets(clips):

@@ -205,6 +205,41 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Stores this process reads: an open file holding a shared lock on <store>/.readers for
+# the life of the process. A build by another process deletes the shards its own plan
+# does not use only when it can take that lock exclusively, i.e. when nobody reads.
+_READING: dict[str, object] = {}
+
+
+def _hold_for_reading(directory: Path) -> None:
+    key = str(Path(directory).resolve())
+    if key not in _READING:
+        fh = open(Path(directory) / ".readers", "a+")  # noqa: SIM115 (held until exit)
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        _READING[key] = fh
+
+
+def _remove_stale_unless_read(directory: Path, keep: set[str], layout: dict) -> None:
+    """:func:`_remove_stale`, unless another process reads the store (a run with another
+    fold layout over the same files, still training): its shards are left for a later
+    build to remove."""
+    held = _READING.pop(str(Path(directory).resolve()), None)
+    if held is not None:  # this process's own earlier reading: not another reader
+        fcntl.flock(held, fcntl.LOCK_UN)
+        held.close()
+    with open(directory / ".readers", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("feature store %s: another process reads it; its unused shards are "
+                     "left for a later build to remove", directory)
+            return
+        try:
+            _remove_stale(directory / "shards", keep, layout)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _example(key: str, feats: np.ndarray) -> bytes:
     feats = np.ascontiguousarray(feats, dtype="<f4")
     feature = {
@@ -495,7 +530,8 @@ def build_store(
                     )
                     shards.append(shard)
                     problems.extend(probs)
-        _remove_stale(shard_dir, {s.path for s in shards}, layout)
+        _remove_stale_unless_read(directory, {s.path for s in shards}, layout)
+        _hold_for_reading(directory)
 
     silence = 0.0 if waveform else _silence_value(frontend, clip_samples)
     order = {(s.fold, s.bucket): i for i, s in enumerate(sorted(shards, key=lambda s: (s.fold, s.bucket)))}
