@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Scene (and timestamp) embeddings of every audio file under a folder.",
     )
     parser.add_argument("model", help="a .keras model, a fold dir or a run dir")
-    parser.add_argument("audio_dir", type=Path, help="folder of audio files (recursive)")
+    parser.add_argument("audio_dir", type=Path,
+                        help="folder of audio files (recursive), or one audio file")
     parser.add_argument("--out", type=Path, required=True, help="output file")
     parser.add_argument("--timestamps", action="store_true",
                         help="also timestamp embeddings over each whole file")
@@ -85,10 +86,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def output_format(out: Path, fmt: str | None) -> str:
-    """The format asked for, or the one ``out``'s suffix names (default npz)."""
-    if fmt is not None:
-        return fmt
+    """The format asked for, or the one ``out``'s suffix names (default npz); a suffix
+    that names another format than ``--format`` is an error (ValueError)."""
     suffix = out.suffix.lower().lstrip(".")
+    if fmt is not None:
+        if suffix in FORMATS and suffix != fmt:
+            raise ValueError(f"--format {fmt} but --out {out} names a .{suffix} file; give "
+                             f"one of them, or a matching pair (--out {out.with_suffix('.' + fmt)})")
+        return fmt
     return suffix if suffix in FORMATS else "npz"
 
 
@@ -156,7 +161,11 @@ def main(argv=None) -> int:
     from src.embeddings import MAX_HOP_MS
 
     args = _parser().parse_args(argv)
-    fmt = output_format(args.out, args.format)
+    try:
+        fmt = output_format(args.out, args.format)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if fmt == "parquet" and _pyarrow() is None:
         print("error: --format parquet needs pyarrow, which is not installed (pip install "
               "pyarrow); use --format npz or npy", file=sys.stderr)
@@ -179,7 +188,11 @@ def main(argv=None) -> int:
 
     tf.get_logger().setLevel(logging.ERROR)
     try:
-        index = read_folder(args.audio_dir, extensions=args.extensions)
+        if args.audio_dir.is_file():  # one file
+            files = [(args.audio_dir.name, str(args.audio_dir))]
+        else:
+            files = [(r.key, r.path) for r in
+                     read_folder(args.audio_dir, extensions=args.extensions).records]
         model, model_path = load_embedding_model(args.model, args.config)
         embedder = Embedder(model, hop_ms=args.hop_ms, batch_size=args.batch_size,
                             scene_pooling=args.scene_pooling)
@@ -187,12 +200,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 
-    records = index.records
     table = EmbeddingTable()
-    with tqdm(total=len(records), desc="embed", unit="file",
+    with tqdm(total=len(files), desc="embed", unit="file",
               disable=True if args.no_progress else None) as bar:
-        results = embedder.embed_files([(r.key, r.path) for r in records],
-                                       timestamps=args.timestamps)
+        results = embedder.embed_files(files, timestamps=args.timestamps)
         for result in results:
             table.add(result)
             if result.error is not None:
@@ -235,7 +246,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     what = "scene" + (f" and timestamp (every {embedder.hop_ms:g} ms)" if args.timestamps else "")
-    print(f"embedded {len(table.keys)} of {len(records)} file(s): {what} embeddings of "
+    print(f"embedded {len(table.keys)} of {len(files)} file(s): {what} embeddings of "
           f"{embedder.embed_dim} values -> {', '.join(map(str, written))}")
     if errors:
         print(f"{len(errors)} file(s) could not be read (listed in the output's metadata).",

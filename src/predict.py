@@ -158,11 +158,20 @@ def resolve_model(target: str | os.PathLike) -> ResolvedModel:
         fold = _fold_number(model_path.parent)
         if fold is not None and model_path.is_file():
             models[fold] = model_path
+    if not models and (path / "backbone.keras").is_file():  # a pretraining run
+        return ResolvedModel(path / "backbone.keras", path, None)
     if not models:
+        folds = sorted(p for p in path.glob("fold_*") if p.is_dir())
+        unfinished = [p.name for p in folds if not (p / "results.json").exists()]
+        why = ("a training run writes them with trainer.save_model=true, once a fold is "
+               "finished")
+        if unfinished:
+            why = (f"{', '.join(unfinished)} of this run did not finish (no results.json): "
+                   "rerun its training command to resume it")
         raise ModelNotFoundError(
-            f"no saved model under {path}: looked for {path / MODEL_FILE} and "
-            f"{path}/fold_*/{MODEL_FILE} (a training run writes them with "
-            f"trainer.save_model=true); expected {what}."
+            f"no saved model under {path}: looked for {path / MODEL_FILE}, "
+            f"{path}/fold_*/{MODEL_FILE} and {path / 'backbone.keras'} ({why}); expected "
+            f"{what}."
         )
     if len(models) == 1:
         fold, model_path = next(iter(models.items()))

@@ -373,6 +373,21 @@ def test_cli_npy_and_parquet_outputs(tmp_path, saved, folder):
         assert "notes.wav" in table.schema.metadata[b"embeddings"].decode()
 
 
+def test_cli_embeds_one_file_and_refuses_a_format_its_name_contradicts(tmp_path, saved,
+                                                                       folder, capsys):
+    from scripts.embed import main
+
+    one = folder / "long.wav"
+    out = tmp_path / "one.npz"
+    assert main([str(saved["grid"]), str(one), "--out", str(out), "--no-progress"]) == 0
+    data = np.load(out)
+    assert list(data["files"]) == ["long.wav"] and data["scene"].shape == (1, 16)
+    capsys.readouterr()
+    bad = tmp_path / "x.npz"
+    assert main([str(saved["grid"]), str(one), "--out", str(bad), "--format", "npy"]) == 2
+    assert "--format npy but --out" in capsys.readouterr().err and not bad.exists()
+
+
 def test_cli_long_file_in_bounded_memory(tmp_path, saved):
     """An 8-minute file: the embedder holds a few blocks of windows (about 2 MB here,
     whatever the length), not the 31 MB of decoded samples."""

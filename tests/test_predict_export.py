@@ -426,6 +426,14 @@ def test_resolve_model_names_what_it_looked_for(run_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ModelNotFoundError, match="not a .keras model file"):
         resolve_model(tmp_path / "notes.txt")
+    # a killed run: its fold has no model yet, and the message says so
+    killed = tmp_path / "killed"
+    (killed / "fold_2").mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match=r"fold_2 of this run did not finish .*rerun"):
+        resolve_model(killed)
+    # a pretraining run: its backbone
+    shutil.copyfile(run_dir / "fold_1" / "model.keras", killed / "backbone.keras")
+    assert resolve_model(killed).path == killed / "backbone.keras"
 
 
 # --------------------------------------------------------------------------- export
