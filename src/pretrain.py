@@ -58,7 +58,7 @@ log = logging.getLogger("src.pretrain")
 
 BACKBONE = "backbone.keras"
 # What a pretraining run leaves in its directory (moved aside by trainer.resume=false).
-_STATE = ("backup", "metrics.csv", BACKBONE, "results.json", "wandb_run_id")
+_STATE = ("backup", "metrics.csv", BACKBONE, "results.json", "wandb_run_id", "inputs.json")
 
 
 # ----------------------------------------------------------------------------- config
@@ -336,12 +336,9 @@ def run(cfg: DictConfig, run_dir: Path, checked: dict | None = None) -> dict:
     invariant = list(cfg.get("run_invariant_keys") or [])
     with RunLock(run_dir):
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        if _prepare(run_dir, resolved, bool(cfg.trainer.resume), invariant):
-            results = json.loads((run_dir / "results.json").read_text())
-            log.info("pretraining in %s is complete", run_dir)
-            results["export"] = _export(cfg, run_dir / BACKBONE)
-            return results
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        complete = _prepare(run_dir, resolved, bool(cfg.trainer.resume), invariant)
+        if not complete:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
         index = load_index(cfg.data)
         folds = _folds(cfg, index)  # checked before the (long) feature pass
@@ -363,6 +360,22 @@ def run(cfg: DictConfig, run_dir: Path, checked: dict | None = None) -> dict:
         rows, short = _usable(store, index, rows, patch, patch * hop_s)
         train_rows, val_rows = _carve(rows, float(cfg.data.val_fraction),
                                       int(cfg.data.get("split_seed", 0) or 0))
+        # A finished or begun pretraining goes on only with the clips and features (and
+        # starting weights) it had: else the old backbone would be reported and exported
+        # as if it came from these.
+        from types import SimpleNamespace
+
+        from src.training.fold_inputs import check_fold_inputs, fold_inputs
+
+        splits = SimpleNamespace(train=train_rows, val=val_rows, test=[])
+        inputs = fold_inputs(index, store, splits,
+                             _pretrained_path(cfg) if cfg.model.get("pretrained") else None)
+        check_fold_inputs(run_dir, inputs, None, finished=complete)
+        if complete:
+            results = json.loads((run_dir / "results.json").read_text())
+            log.info("pretraining in %s is complete", run_dir)
+            results["export"] = _export(cfg, run_dir / BACKBONE)
+            return results
         return _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolved,
                          {"skipped_files": skipped, "short_files": short,
                           "feature_time_s": feature_time, "folds": folds, "start": start})

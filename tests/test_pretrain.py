@@ -614,6 +614,20 @@ def test_pretraining_on_a_single_recording_finishes_without_validation(tmp_path)
     assert len(r["history"]["nce_loss"]) == 2 and all(np.isfinite(r["history"]["nce_loss"]))
     assert not any(k.startswith("val_") and r["history"][k] for k in r["history"])
 
+    # Rerun: complete on the same audio; refused (exit 2) once the recording changed, so
+    # that the old backbone is not reported (and exported) as if pretrained on it.
+    args = pretrain_args(root, "trainer.epochs=2", "pretrain.export=null")
+    again = subprocess.run(args, cwd=ROOT, env=env_for(tmp_path), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "is complete" in again.stdout + again.stderr
+    write_clip(root / "rec.wav", 3.0, cls=1)
+    changed = subprocess.run(args, cwd=ROOT, env=env_for(tmp_path), capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert f"the pretraining in {results.parent} was finished on other inputs" in (
+        changed.stderr)
+    assert json.loads(results.read_text()) == r
+
 
 def test_a_pretrained_file_that_does_not_fit_fails_before_the_features(pretrained, folder):
     tmp = pretrained[0]

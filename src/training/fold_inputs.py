@@ -99,9 +99,11 @@ def changes(before: dict, now: dict) -> list[str]:
     return found
 
 
-def check_fold_inputs(fold_dir: Path, inputs: dict, fold: int) -> None:
+def check_fold_inputs(fold_dir: Path, inputs: dict, fold: int | None,
+                      finished: bool | None = None) -> None:
     """Stop if fold ``fold`` was computed from other inputs than ``inputs``; record them
-    when the fold starts (or when a fold of an older run directory has no record yet)."""
+    when the fold starts (or when a fold of an older run directory has no record yet).
+    ``fold=None``: a pretraining run directory (``finished``: whether it is complete)."""
     path = Path(fold_dir) / INPUTS_FILE
     try:
         before = json.loads(path.read_text()) if path.exists() else None
@@ -110,9 +112,13 @@ def check_fold_inputs(fold_dir: Path, inputs: dict, fold: int) -> None:
     if before is not None:
         found = changes(before, inputs)
         if found:
-            state = "finished" if (Path(fold_dir) / "results.json").exists() else "begun"
+            if finished is None:
+                finished = (Path(fold_dir) / "results.json").exists()
+            state = "finished" if finished else "begun"
+            what = (f"fold {fold} in {Path(fold_dir).parent}" if fold is not None
+                    else f"the pretraining in {fold_dir}")
             raise ConfigError(
-                f"fold {fold} in {Path(fold_dir).parent} was {state} on other inputs than "
+                f"{what} was {state} on other inputs than "
                 f"this run has, with the same config: {'; '.join(found)}. Its results would "
                 "be reported as if they came from these inputs. Run with "
                 "trainer.resume=false to move the earlier results aside and train again, "
