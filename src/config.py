@@ -290,3 +290,70 @@ def exit_on_unknown_override_keys(argv, config_name: str) -> None:
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+MAX_SWEEP_CHECKS = 256
+
+
+def sweep_config_error(argv, config_name: str = "train") -> str | None:
+    """For a multirun (``-m``): the first job of the sweep whose config
+    :func:`validate_config` refuses, with its overrides and the error; None when every
+    job's config passes (or when the sweep is not a plain product of values, or has more
+    than :data:`MAX_SWEEP_CHECKS` jobs: each job's config is then checked when it starts).
+
+    Without this, the jobs before a bad one train and the ones after it never run."""
+    import itertools
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = list(argv)
+    if not any(a in ("-m", "--multirun") for a in args):
+        return None
+    texts = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(texts)
+    except Exception:  # Hydra reports its own syntax errors
+        return None
+    choices = []
+    try:
+        for o in overrides:
+            if o.key_or_group.startswith("hydra"):
+                continue
+            if o.is_sweep_override():
+                key = o.get_key_element()
+                choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+            else:
+                choices.append([o.input_line])
+    except Exception:  # not a list of values (an Optuna interval, ...): its sweeper's
+        return None
+    jobs = list(itertools.islice(itertools.product(*choices), MAX_SWEEP_CHECKS + 1))
+    if len(jobs) < 2 or len(jobs) > MAX_SWEEP_CHECKS:
+        return None
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    for number, job in enumerate(jobs):
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                cfg = compose(config_name=config_name, overrides=list(job))
+        except Exception:  # Hydra reports it when the job starts
+            return None
+        finally:
+            GlobalHydra.instance().clear()
+        try:
+            validate_config(cfg, training=config_name == "train")
+        except ConfigError as err:
+            return (f"job #{number} of the sweep ({', '.join(job)}) is refused, so no job "
+                    f"was started: {err}")
+    return None
+
+
+def exit_on_bad_sweep(argv, config_name: str = "train") -> None:
+    """:func:`sweep_config_error` as a command's first step: print it, exit 2."""
+    message = sweep_config_error(argv, config_name)
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -474,3 +474,16 @@ def test_the_wandb_group_is_the_setting_not_the_launch():
     assert wandb_group(cfg, []) == "quickstart"
     assert wandb_group(make("experiment=quickstart", "logger=wandb", "logger.group=abl"),
                        base) == "abl"
+
+
+def test_a_sweep_with_a_bad_job_is_refused_before_any_job_runs():
+    from src.config import sweep_config_error
+
+    message = sweep_config_error(["-m", "experiment=quickstart", "model.num_heads=1,3,2"])
+    assert message.startswith("job #1 of the sweep (experiment=quickstart, model.num_heads=3) "
+                              "is refused, so no job was started: ")
+    assert "not divisible by num_heads=3" in message
+    assert sweep_config_error(["-m", "experiment=quickstart", "model.num_heads=1,2",
+                               "seed=1,2"]) is None
+    assert sweep_config_error(["experiment=quickstart", "model.num_heads=3"]) is None  # no -m
+    assert sweep_config_error(["-m", "model.num_heads=interval(1,4)"]) is None  # a sweeper's
