@@ -557,6 +557,10 @@ def main(cfg: DictConfig) -> float:
     try:
         checked = validate_pretrain_config(cfg)
         results = run(cfg, run_dir, checked)
+    except KeyboardInterrupt:
+        from src.training.rundir import stop_on_interrupt
+
+        stop_on_interrupt(log, run_dir)
     except (ConfigError, DatasetError, PretrainedError) as err:
         from src.training.rundir import stop_on_error
 

@@ -594,7 +594,7 @@ def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir,
                 if first not in seen and int(row) not in {r for r, _ in picked}:
                     seen.add(first)
                     picked.append((int(row), xi))
-                    labels.append(max(first, 0))
+                    labels.append(list(label) if index.multi_label else max(first, 0))
                 if len(picked) == count:
                     break
             if len(picked) == count:
@@ -604,7 +604,7 @@ def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir,
         hop = getattr(model.frontend, "hop_samples", None)
         rate = model.frontend.sample_rate / hop if hop else None
         return save_attention_maps(
-            backbone, np.stack([x for _, x in picked]), np.array(labels),
+            backbone, np.stack([x for _, x in picked]), labels,
             list(index.class_names), out_dir, frame_rate=rate, prefix="best",
             multi_label=index.multi_label,
         )
@@ -806,6 +806,10 @@ def main(cfg: DictConfig) -> float:
     try:
         validate_config(cfg)
         return run(cfg, run_dir)
+    except KeyboardInterrupt:
+        from src.training.rundir import stop_on_interrupt
+
+        stop_on_interrupt(log, run_dir)
     except (ConfigError, DatasetError) as err:
         from src.training.rundir import stop_on_error
 

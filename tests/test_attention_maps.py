@@ -64,6 +64,10 @@ def test_maps_and_pngs_from_a_real_model(model, tmp_path):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     paths = save_attention_maps(model.backbone, feats, [0, 2], ["a", "b", "c"], tmp_path)
     assert len(paths) == 2 and all(p.read_bytes()[:8] == PNG for p in paths)
+    # multi-label clips: every true class (a list per clip, possibly empty)
+    tagged = save_attention_maps(model.backbone, feats, [[0, 2], []], ["a", "b", "c"],
+                                 tmp_path / "tags", multi_label=True)
+    assert len(tagged) == 2 and all(p.read_bytes()[:8] == PNG for p in tagged)
 
 
 def _softmax(z):

@@ -323,6 +323,27 @@ def _epochs_done(csv_path):
     return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
 
 
+def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "src.train", "experiment=quickstart", *TINY,
+            "trainer.epochs=40", "name=interrupted"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=train_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs" / "interrupted").rglob("metrics.csv"))
+        if found and _epochs_done(found[0]) >= 1:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; the run in" in err and "when the same command runs again" in err
+    assert "Traceback" not in err
+
+
 def test_killed_run_resumes_with_the_same_command(tmp_path):
     """SIGKILL inside fold 2, rerun the same command: fold 1 is skipped, fold 2 continues."""
     import signal

@@ -109,12 +109,16 @@ def save_attention_maps(
     backbone, features, labels, class_names, out_dir, *, frame_rate=None, prefix="clip",
     multi_label: bool = False,
 ) -> list[Path]:
-    """PNG per clip: true class, predicted class and its probability in the title."""
+    """PNG per clip: true class (or classes: ``labels[i]`` may be a list, for
+    multi-label clips), predicted class and its probability in the title."""
     maps, probs = attention_maps(backbone, features, multi_label=multi_label)
     paths = []
     for i in range(len(maps)):
         pred = int(probs[i].argmax())
-        true = "" if labels is None else f"true: {class_names[int(labels[i])]} | "
+        true = ""
+        if labels is not None:
+            own = np.atleast_1d(np.asarray(labels[i], dtype=np.int64))
+            true = f"true: {', '.join(class_names[int(j)] for j in own) or 'none'} | "
         title = f"{true}predicted: {class_names[pred]} (p={probs[i, pred]:.2f})"
         name = f"{prefix}_{i:02d}_{class_names[pred]}.png".replace(os.sep, "_")
         paths.append(plot_map(features[i], maps[i], Path(out_dir) / name, title, frame_rate))

@@ -307,10 +307,11 @@ def load_pretrained(backbone, source, adapt: str = "auto", frontend=None) -> Loa
     if mismatched:
         details = ", ".join(f"model.{k}={dh.get(k)!r} (pretrained: {sh.get(k)!r})" for k in mismatched)
         overrides = " ".join(f"model.{k}={sh.get(k)}" for k in mismatched)
+        base = (sh.get("embed_dim"), sh.get("num_layers")) == (768, 12)
         raise PretrainedError(
             f"model.pretrained={name} does not fit the configured model: {details}. Set these "
-            f"keys to the pretrained values: {overrides} (for AST/DeiT base: "
-            "model=ast_base384)."
+            f"keys to the pretrained values: {overrides}"
+            + (" (for AST/DeiT base: model=ast_base384)." if base else ".")
         )
     report = LoadReport(source=name)
     if theirs is not None and frontend is not None and (

@@ -222,6 +222,15 @@ def stop_on_error(logger: logging.Logger, err: BaseException, run_dir, runs_dir)
     sys.exit(2)
 
 
+def stop_on_interrupt(logger: logging.Logger, run_dir) -> NoReturn:
+    """Ctrl-C: one line saying how to go on, instead of a traceback; exit 130."""
+    text = (f"interrupted; the run in {run_dir} resumes from its last completed epoch "
+            "when the same command runs again")
+    logger.warning("%s", text)
+    print(f"\n{text}", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
 def remove_if_nothing_ran(run_dir: str | os.PathLike, stop_at: str | os.PathLike) -> bool:
     """Remove the directory Hydra made for a command that stopped before doing anything
     (a config error: only ``.hydra/`` and the log inside), and the parents it leaves
