@@ -396,15 +396,20 @@ def read_thresholds(value, class_names: Sequence[str]) -> np.ndarray:
     try:
         table = {str(c): float(v) for c, v in json.loads(text).items()}
     except (ValueError, AttributeError):
-        table = {}
+        table, line_of = {}, {}
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             name, sep, number = line.rpartition(",")
+            name = name.strip().strip('"')
+            if name in line_of:
+                raise ValueError(f"{path} line {n}: {name!r} has a threshold already (line "
+                                 f"{line_of[name]}); name each class once") from None
             try:
-                table[name.strip().strip('"')] = float(number)
+                table[name] = float(number)
             except ValueError:
                 raise ValueError(f"{path} line {n}: expected 'class,threshold', got {line!r}") from None
+            line_of[name] = n
     outside = [f"{c}={t:g}" for c, t in table.items() if not 0.0 <= t <= 1.0]
     if outside:
         raise ValueError(f"{path}: thresholds are probabilities between 0 and 1; got "

@@ -855,6 +855,9 @@ def test_a_thresholds_file_missing_a_class_is_an_error(tagger, tmp_path, capsys)
     assert code == 2 and "between 0 and 1; got siren=-0.2" in err
     code, _, err = _run_main([tagger, path, "threshold=often"], capsys)
     assert code == 2 and "neither a number nor a file" in err
+    csv.write_text("dog,0.5\nrain,0.5\nsiren,0.5\nspeech,0.5\ndog,0.99\n")
+    code, _, err = _run_main([tagger, path, f"threshold={csv}"], capsys)
+    assert code == 2 and "line 5: 'dog' has a threshold already (line 1)" in err
 
 
 # --------------------------------------------------------------------------- saved config
