@@ -111,6 +111,9 @@ CASES = {
                              subtype="FLOAT"), {"unreadable"}, True),
     "inf": (lambda d: _write(d / "inf.wav", np.where(np.arange(CLIP) == 7, np.inf, _tone()),
                              subtype="DOUBLE"), {"unreadable"}, True),
+    # A float file far beyond full scale: read, and clipped by the model
+    "loud_float": (lambda d: _write(d / "loud.wav", 1e4 * _tone(), subtype="FLOAT"),
+                   {"clipped"}, False),
 }
 
 
@@ -151,6 +154,7 @@ def test_messages_say_what_is_wrong(tmp_path):
     assert "zero-padded" in msg("short") and "cropped" in msg("long")
     assert "all zeros" in msg("silent")
     assert "holds NaN or infinite samples" in msg("nan") and "replace it" in msg("inf")
+    assert "beyond full scale" in msg("loud_float") and "clipped to [-1, 1]" in msg("loud_float")
 
 
 def test_fatal_means_the_decoder_fails_or_the_file_is_cut_off():

@@ -56,13 +56,13 @@ log = logging.getLogger(__name__)
 
 # Kinds in the order the summary lists them.
 FATAL_KINDS = ("missing", "empty", "unreadable", "truncated", "too_short")
-NOTE_KINDS = ("resampled", "stereo", "short", "long", "silent")
+NOTE_KINDS = ("resampled", "stereo", "short", "long", "silent", "clipped")
 # A clip whose peak lies below this level counts as silent. One LSB of 16-bit PCM is
 # -90.3 dBFS, so a 16-bit file that never leaves +-1 LSB is silent.
 SILENCE_DBFS = -90.0
 CACHE_NAME = "data_check.json"
 # Bump whenever check_file's verdicts change, so cached results are not reused.
-CHECK_VERSION = 2
+CHECK_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +304,12 @@ def inspect_file(
         problems.append(
             problem("silent", f"silent (peak {20.0 * math.log10(peak):.1f} dBFS); kept", False)
         )
+    elif peak >= 1.0 and info is not None and info.subtype in ("FLOAT", "DOUBLE"):
+        # the decoder clips to [-1, 1]: a float file that reaches it went beyond it
+        share = float(np.mean(np.abs(samples) >= 1.0))
+        problems.append(problem(
+            "clipped", f"samples beyond full scale (a float file; {100 * share:.2g}% of "
+            "the samples) are clipped to [-1, 1]; kept", False))
     return samples, problems
 
 
