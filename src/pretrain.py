@@ -566,7 +566,9 @@ def main(cfg: DictConfig) -> float:
 
         stop_on_error(log, err, run_dir, cfg.paths.runs_dir)
     msg = _done_message(cfg, results)
-    log.info("%s", msg)
+    from src.training.rundir import log_to_files
+
+    log_to_files(log, logging.INFO, msg)  # and once on the terminal:
     print(msg, flush=True)
     val = results.get("final", {}).get("val_loss", results.get("final", {}).get("loss"))
     return float(val) if val is not None else float("nan")

@@ -784,7 +784,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         + ("every fold was complete already; " if nothing_to_do else "")
         + f"wall time {results['wall_time_s']:.0f}s; results in {run_dir / 'results.json'}"
     )
-    log.info(msg)
+    from src.training.rundir import log_to_files
+
+    log_to_files(log, logging.INFO, msg)  # and once on the terminal:
     print(msg, flush=True)
     # What a hyper-parameter search maximises: validation, never test.
     return float(results[f"val_{primary}"])

@@ -209,14 +209,20 @@ def _shared_name_keys(dirname: str, diff: Sequence[str], old: dict, new: dict) -
     return shared
 
 
+def log_to_files(logger: logging.Logger, level: int, text) -> None:
+    """``text`` to the log files only (the run's ``train.log``), for a line the command
+    also prints: Hydra's console handler would show it a second time."""
+    record = logger.makeRecord(logger.name, level, __file__, 0, "%s", (text,), None)
+    for handler in logging.getLogger().handlers:  # Hydra's: the console and the log file
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 def stop_on_error(logger: logging.Logger, err: BaseException, run_dir, runs_dir) -> NoReturn:
     """A command's fatal input error: ``error: ...`` once on stderr, the same line in the
     run's log file (not again on the console, where Hydra's handler writes the log), the
     run directory removed when nothing ran in it; then exit 2."""
-    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (err,), None)
-    for handler in logging.getLogger().handlers:  # Hydra's: the console and the log file
-        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-            handler.handle(record)
+    log_to_files(logger, logging.ERROR, err)
     print(f"error: {err}", file=sys.stderr, flush=True)
     remove_if_nothing_ran(run_dir, runs_dir)  # a config error leaves no run
     sys.exit(2)
@@ -226,7 +232,7 @@ def stop_on_interrupt(logger: logging.Logger, run_dir) -> NoReturn:
     """Ctrl-C: one line saying how to go on, instead of a traceback; exit 130."""
     text = (f"interrupted; the run in {run_dir} resumes from its last completed epoch "
             "when the same command runs again")
-    logger.warning("%s", text)
+    log_to_files(logger, logging.WARNING, text)
     print(f"\n{text}", file=sys.stderr, flush=True)
     sys.exit(130)
 

@@ -239,8 +239,11 @@ class WandbLogger:
         if self._offline and self.run_dir:
             append = "--append " if self._resumes_earlier_run() else ""
             command = f"wandb sync {append}{shlex.quote(self.run_dir)}"
-            log.info("W&B run saved offline; upload it with: %s", command)
-            print(f"W&B run saved offline; upload it with: {command}", flush=True)
+            from src.training.rundir import log_to_files
+
+            text = f"W&B run saved offline; upload it with: {command}"
+            log_to_files(log, logging.INFO, text)  # and once on the terminal:
+            print(text, flush=True)
 
     def _resumes_earlier_run(self) -> bool:
         """Whether another run directory holds this run's id: a resumed run, whose
