@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 DATA_FORMATS = ("synthetic", "esc50", "speech_commands", "urbansound8k", "audioset", "fsd50k",
                 "folder", "synthetic_tagging")
@@ -191,6 +194,41 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
         raise ConfigError(f"invalid model/frontend config: {err}") from None
 
 
+def _command_overrides(argv):
+    """Hydra's parsed ``key=value`` overrides of a command line; None where this module
+    does not second-guess Hydra (another config via ``--config-name`` / ``--config-path``
+    / ``--config-dir``, or a syntax error, which Hydra reports itself)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = list(argv)
+    if any(a in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+           or a.startswith(("--config-name=", "--config-path=", "--config-dir="))
+           for a in args):
+        return None
+    try:
+        return OverridesParser.create().parse_overrides(
+            [a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # Hydra reports its own syntax errors
+        return None
+
+
+def _compose(config_name: str, overrides):
+    """The project's config composed outside a Hydra app; None when Hydra refuses the
+    overrides (an unknown group option: Hydra lists the options itself when it starts)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except Exception:
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def unknown_override_keys(argv, config_name: str) -> str | None:
     """The error for command-line overrides (``key=value``) of keys the composed config
     does not have, naming each key, its close matches and its siblings; None when every
@@ -200,24 +238,12 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
     Hydra's own message for such a key is a stack of merge errors without the keys
     that do exist; this check runs before Hydra creates the run directory."""
     import difflib
-    from pathlib import Path
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
     from omegaconf import OmegaConf
 
-    args = list(argv)
-    if any(a in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
-           or a.startswith(("--config-name=", "--config-path=", "--config-dir="))
-           for a in args):
-        return None
-    texts = [a for a in args if "=" in a and not a.startswith("-")]
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    try:
-        overrides = OverridesParser.create().parse_overrides(texts)
-    except Exception:  # Hydra reports its own syntax errors
+    overrides = _command_overrides(argv)
+    if overrides is None:
         return None
     groups, values, added = [], [], []
     for o in overrides:
@@ -228,7 +254,7 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
             added.append(key)
         if o.type != OverrideType.CHANGE:
             continue
-        if (conf / key).is_dir():  # a config group: model=small, experiment=esc50
+        if (_CONF / key).is_dir():  # a config group: model=small, experiment=esc50
             first = (next(iter(o.sweep_string_iterator())) if o.is_sweep_override()
                      else o.get_value_element_as_str())
             groups.append(f"{key}={first}")
@@ -236,15 +262,9 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
             values.append(key)
     if not values and not added:
         return None
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=groups)
-    except Exception:  # an unknown group option: Hydra lists the options itself
+    cfg = _compose(config_name, groups)
+    if cfg is None:
         return None
-    finally:
-        GlobalHydra.instance().clear()
     missing = object()
     problems = []
     for key in values:
@@ -284,12 +304,6 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
             "the whole config.")
 
 
-def exit_on_unknown_override_keys(argv, config_name: str) -> None:
-    """:func:`unknown_override_keys` as a command's first step: print it, exit 2."""
-    message = unknown_override_keys(argv, config_name)
-    if message:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 MAX_SWEEP_CHECKS = 256
@@ -303,19 +317,11 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
 
     Without this, the jobs before a bad one train and the ones after it never run."""
     import itertools
-    from pathlib import Path
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = list(argv)
-    if not any(a in ("-m", "--multirun") for a in args):
+    if not any(a in ("-m", "--multirun") for a in argv):
         return None
-    texts = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(texts)
-    except Exception:  # Hydra reports its own syntax errors
+    overrides = _command_overrides(argv)
+    if overrides is None:
         return None
     choices = []
     try:
@@ -332,17 +338,10 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     jobs = list(itertools.islice(itertools.product(*choices), MAX_SWEEP_CHECKS + 1))
     if len(jobs) < 2 or len(jobs) > MAX_SWEEP_CHECKS:
         return None
-    conf = Path(__file__).resolve().parent.parent / "conf"
     for number, job in enumerate(jobs):
-        if GlobalHydra.instance().is_initialized():
-            GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-                cfg = compose(config_name=config_name, overrides=list(job))
-        except Exception:  # Hydra reports it when the job starts
+        cfg = _compose(config_name, job)
+        if cfg is None:  # Hydra reports it when the job starts
             return None
-        finally:
-            GlobalHydra.instance().clear()
         try:
             validate_config(cfg, training=config_name == "train")
         except ConfigError as err:
@@ -351,9 +350,12 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     return None
 
 
-def exit_on_bad_sweep(argv, config_name: str = "train") -> None:
-    """:func:`sweep_config_error` as a command's first step: print it, exit 2."""
-    message = sweep_config_error(argv, config_name)
-    if message:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+def exit_on_bad_overrides(argv, config_name: str) -> None:
+    """A command's first step, before Hydra makes a run directory: misspelled keys
+    (:func:`unknown_override_keys`), then a sweep's bad job (:func:`sweep_config_error`);
+    either is printed, exit 2."""
+    for check in (unknown_override_keys, sweep_config_error):
+        message = check(argv, config_name)
+        if message:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)

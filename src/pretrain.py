@@ -575,7 +575,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from src.config import exit_on_unknown_override_keys
+    from src.config import exit_on_bad_overrides
 
-    exit_on_unknown_override_keys(sys.argv[1:], "pretrain")
+    exit_on_bad_overrides(sys.argv[1:], "pretrain")
     main()

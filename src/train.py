@@ -819,8 +819,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from src.config import exit_on_bad_sweep, exit_on_unknown_override_keys
+    from src.config import exit_on_bad_overrides
 
-    exit_on_unknown_override_keys(sys.argv[1:], "train")
-    exit_on_bad_sweep(sys.argv[1:], "train")
+    exit_on_bad_overrides(sys.argv[1:], "train")
     main()

@@ -226,6 +226,15 @@ def test_unknown_override_keys_in_sweeps_and_nested_groups(overrides, needle):
     assert "+KEY=VALUE" in message
 
 
+def test_a_sweep_with_a_bad_job_starts_no_job(tmp_path):
+    out = run_train(tmp_path, "-m", "experiment=quickstart", *TINY, "model.num_heads=1,3",
+                    check=False, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "job #1 of the sweep (" in out.stderr and "so no job was started" in out.stderr
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "cache" / "quickstart").exists()  # no data generated either
+
+
 @pytest.mark.parametrize("config,overrides,needle", [
     ("train", ["data=folder", "+data.num_fold=4"],
      "+data.num_fold adds a key next to data.num_folds: a misspelling?"),
