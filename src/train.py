@@ -90,7 +90,8 @@ def wandb_group(cfg, overrides=None) -> str:
 
 def _make_logger(cfg: DictConfig, name: str, job_type: str, resolved: dict, id_file: Path):
     """A W&B run (or None with logger=none); a rerun with the same ``id_file`` continues
-    the same W&B run."""
+    the same W&B run, with the epochs of the ``metrics.csv`` beside ``id_file`` that the
+    W&B run lacks."""
     if cfg.logger.name != "wandb":
         return None
     from src.training.wandb_logger import WandbLogger, run_id_for
@@ -109,7 +110,13 @@ def _make_logger(cfg: DictConfig, name: str, job_type: str, resolved: dict, id_f
         notes=cfg.logger.get("notes"),
         run_id=run_id_for(id_file),
     )
-    logger.start()
+    if logger.start():
+        from src.training.callbacks import csv_log_rows
+
+        # A resumed fit: the epochs before the interruption, as far as W&B lacks them.
+        logged = logger.log_earlier_epochs(csv_log_rows(id_file.parent / "metrics.csv"))
+        if logged:
+            log.info("W&B: logged the %d epoch(s) before the resume again", logged)
     return logger
 
 
@@ -165,33 +172,18 @@ def _primary(index) -> str:
     return "mAP" if index.multi_label else "accuracy"
 
 
-def _csv_number(text) -> float | None:
-    """A metrics.csv cell as a number; None for the empty cells and Keras' ``NA`` (its
-    CSVLogger writes ``val_*`` columns of ``NA`` when a fit has no validation data)."""
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
 def _full_history(csv_path: Path, fallback: dict) -> dict:
     """Per-epoch metrics over the whole fold, including epochs before a resume."""
-    import csv
+    from src.training.callbacks import csv_log_rows
 
-    if csv_path.exists():
-        with open(csv_path) as fh:
-            rows = list(csv.DictReader(fh))
-        by_epoch = {}
-        for row in rows:  # a resumed run appends; keep the last row of each epoch
-            by_epoch[int(row["epoch"])] = row
-        if by_epoch:
-            keys = [k for k in rows[-1] if k != "epoch"]
-            history = {}
-            for k in keys:
-                values = [_csv_number(by_epoch[e].get(k)) for e in sorted(by_epoch)]
-                if any(v is not None for v in values) or k in fallback:
-                    history[k] = [v for v in values if v is not None]
-            return history
+    rows = csv_log_rows(csv_path)
+    if rows:
+        history = {}
+        for k in (k for k in rows[-1] if k != "epoch"):
+            values = [row.get(k) for row in rows]
+            if any(v is not None for v in values) or k in fallback:
+                history[k] = [v for v in values if v is not None]
+        return history
     return {k: [float(v) for v in vals] for k, vals in fallback.items()}
 
 

@@ -357,13 +357,19 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path):
 
 
 def test_killed_run_resumes_with_the_same_command(tmp_path):
-    """SIGKILL inside fold 2, rerun the same command: fold 1 is skipped, fold 2 continues."""
+    """SIGKILL inside fold 2, rerun the same command: fold 1 is skipped, fold 2 continues,
+    and its W&B offline run holds every epoch (the killed process's offline file need
+    not: wandb had not written its last rows)."""
     import signal
     import time
 
+    from tests.wandb_offline import read_offline_history
+
     args = [sys.executable, "-m", "src.train", "experiment=quickstart", *TINY,
-            "trainer.epochs=40", "data.folds=[1,2]"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=train_env(tmp_path),
+            "trainer.epochs=40", "data.folds=[1,2]", "logger=wandb", "logger.project=tests"]
+    env = train_env(tmp_path, WANDB_BASE_URL="http://127.0.0.1:9")
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     csv_path = None
@@ -390,8 +396,8 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     resumed = json.loads(meta.read_text())["epoch"]
     assert done_before - 1 <= resumed <= done_before and resumed >= 2
 
-    out = subprocess.run(args, cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True,
-                         timeout=300)
+    wandb_dirs = set((tmp_path / "runs").rglob("offline-run-*"))
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     logs = out.stdout + out.stderr  # Hydra's log handler writes to stdout
     assert "fold 1 already complete" in logs
@@ -410,6 +416,18 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     lrs = hist["learning_rate"]
     assert all(b < a for a, b in zip(lrs[2:], lrs[3:])), (resumed, lrs)
     assert not (run_dir / "fold_2" / "backup").exists()
+    # W&B: the resumed fold's offline run logs the epochs before the kill again, and the
+    # command printed for it uploads that directory alone.
+    fold2_id = (run_dir / "fold_2" / "wandb_run_id").read_text().strip()
+    (resumed_dir,) = [d for d in set((tmp_path / "runs").rglob(f"offline-run-*-{fold2_id}"))
+                      - wandb_dirs]
+    assert f"wandb sync {resumed_dir} (it holds the whole run" in out.stdout
+    assert f"logged the {resumed} epoch(s) before the resume again" in logs
+    rows = [row for row in read_offline_history(resumed_dir) if "val_accuracy" in row]
+    assert [row["epoch"] for row in rows] == list(range(40))
+    assert [row["_step"] for row in rows] == list(range(40))
+    assert [row["val_accuracy"] for row in rows] == pytest.approx(hist["val_accuracy"])
+    assert [row["learning_rate"] for row in rows] == pytest.approx(lrs)
 
 
 @pytest.mark.slow

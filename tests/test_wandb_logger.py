@@ -220,6 +220,39 @@ def test_resumed_run_continues_the_same_run_id(tmp_path, capsys):
     assert [row["loss"] for row in read_offline_history(run_dirs[1])] == [0.5]
 
 
+def test_a_resumed_offline_run_logs_the_epochs_before_the_resume_again(tmp_path, capsys):
+    """The epochs of metrics.csv (duplicates: the last row wins; Keras' NA cells left out)
+    go into the resumed run's directory, which then uploads alone."""
+    from src.training.callbacks import csv_log_rows
+
+    id_file = tmp_path / "fold_1" / wandb_logger.RUN_ID_FILE
+    csv_path = id_file.parent / "metrics.csv"
+    csv_path.parent.mkdir(parents=True)
+    csv_path.write_text("epoch,loss,val_loss\n0,1.0,NA\n1,0.9,NA\n1,0.5,NA\n")
+    rows = csv_log_rows(csv_path)
+    assert rows == [{"loss": 1.0, "val_loss": None, "epoch": 0},
+                    {"loss": 0.5, "val_loss": None, "epoch": 1}]
+    first = WandbLogger(project="audio-events", mode="offline", dir=tmp_path,
+                        run_id=run_id_for(id_file))
+    assert first.start() and first.log_earlier_epochs([]) == 0
+    first.log({"loss": 1.0, "epoch": 0}, step=0)  # its later rows are lost (not logged)
+    first.finish()
+    resumed = WandbLogger(project="audio-events", mode="offline", dir=tmp_path,
+                          run_id=run_id_for(id_file))
+    assert resumed.start()
+    assert resumed.log_earlier_epochs(rows) == 2
+    resumed._log_epoch({"loss": 0.25, "epoch": 2}, 2)
+    resumed.finish()
+    history = read_offline_history(resumed.run_dir)
+    assert [(r["epoch"], r["_step"], r["loss"]) for r in history] == [
+        (0, 0, 1.0), (1, 1, 0.5), (2, 2, 0.25)]
+    assert not any("val_loss" in r for r in history)
+    out = capsys.readouterr().out
+    assert f"wandb sync {resumed.run_dir} (it holds the whole run" in out
+    assert "--append" not in out
+    assert csv_log_rows(tmp_path / "missing.csv") == []
+
+
 def test_resumed_fit_continues_the_run_and_its_schedule(tmp_path, capsys):
     """A fit killed after epoch 1 and resumed from its backup: both W&B run
     directories carry the fold's run id, and the resumed epoch logs the rate the

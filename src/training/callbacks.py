@@ -107,6 +107,28 @@ def remove_backup(backup_dir: str | os.PathLike) -> None:
     shutil.rmtree(backup_dir, ignore_errors=True)
 
 
+def csv_number(text) -> float | None:
+    """A CSVLogger cell as a number; None for empty cells and Keras' ``NA`` (its
+    CSVLogger writes ``val_*`` columns of ``NA`` when a fit has no validation data)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def csv_log_rows(csv_path: str | os.PathLike) -> list[dict[str, float | None]]:
+    """The rows of a CSVLogger file as numbers, one per epoch in epoch order (a resumed
+    run appends: the last row of an epoch wins); ``[]`` when there is no file."""
+    path = Path(csv_path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_epoch = {int(row["epoch"]): row for row in rows if row.get("epoch") not in (None, "")}
+    return [{**{k: csv_number(v) for k, v in by_epoch[e].items() if k != "epoch"}, "epoch": e}
+            for e in sorted(by_epoch)]
+
+
 def truncate_csv_log(csv_path: str | os.PathLike, epochs: int) -> None:
     """Keep only the rows of the first ``epochs`` epochs in a CSVLogger file, so the
     log agrees with the backup a resumed run starts from (rows of epochs after the

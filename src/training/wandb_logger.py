@@ -15,7 +15,9 @@ up the run, retrying its GraphQL requests for many minutes by default, and
 ``init_timeout`` bounds only the step after that; both are bounded here. A run that
 cannot start online starts offline, and so do later runs of the same process.
 `finish` prints the ``wandb sync`` command of an offline run. Pass
-``run_id=run_id_for(<file>)`` so that a resumed training continues its W&B run.
+``run_id=run_id_for(<file>)`` so that a resumed training continues its W&B run, and
+give `WandbLogger.log_earlier_epochs` the epochs it trained before, so that the run's
+history is whole even when the interrupted process lost its last rows.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ class WandbLogger:
         self.run: Any = None  # the wandb run, once started
         self.run_dir: str | None = None  # its directory (what `wandb sync` uploads)
         self._offline = self._failed = self._finished = self._last_step_explicit = False
+        self._holds_whole_history = False  # an offline run that logged a resumed fit's epochs
 
     @property
     def enabled(self) -> bool:
@@ -237,11 +240,14 @@ class WandbLogger:
         except (Exception, SystemExit) as exc:
             log.warning("W&B finish failed (%s: %s).", type(exc).__name__, exc)
         if self._offline and self.run_dir:
-            append = "--append " if self._resumes_earlier_run() else ""
-            command = f"wandb sync {append}{shlex.quote(self.run_dir)}"
+            earlier = not self._holds_whole_history and self._resumes_earlier_run()
+            command = f"wandb sync {'--append ' if earlier else ''}{shlex.quote(self.run_dir)}"
             from src.training.rundir import log_to_files
 
             text = f"W&B run saved offline; upload it with: {command}"
+            if self._holds_whole_history:
+                text += (" (it holds the whole run, the epochs before the resume included; "
+                         "this run's earlier offline directories need no upload)")
             log_to_files(log, logging.INFO, text)  # and once on the terminal:
             print(text, flush=True)
 
@@ -282,6 +288,30 @@ class WandbLogger:
         except Exception:  # fall back to the epoch
             pass
         self.log(metrics, step=step)
+
+    def log_earlier_epochs(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Log the epochs of a resumed fit (``rows`` as `callbacks.csv_log_rows` reads
+        them from the fold's ``metrics.csv``: ``epoch`` plus what the Keras callback
+        logged) that this W&B run lacks, at ``step=epoch``: online, those from the
+        run's current step on (the server's copy of a killed process ends where its
+        last upload did); offline, all of them, since a resumed offline run writes a
+        new directory and a killed process loses the rows wandb had not yet written
+        to its offline file. Returns how many rows were logged."""
+        if not self.enabled or not rows:
+            return 0
+        first = 0
+        if not self._offline:
+            try:
+                first = int(self.run.step)
+            except Exception:
+                first = 0
+        todo = [row for row in rows if int(row["epoch"]) >= first]
+        for row in todo:
+            payload = {str(k): v for k, v in row.items() if v is not None}
+            self._try("log", lambda p=payload: self._log(p, int(p["epoch"])))
+        if self._offline and todo and self.enabled:
+            self._holds_whole_history = int(todo[0]["epoch"]) == 0
+        return len(todo) if self.enabled else 0
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         """Set ``run.summary[k] = v`` for every item."""
