@@ -212,9 +212,10 @@ def _command_overrides(argv):
         return None
 
 
-def _compose(config_name: str, overrides):
-    """The project's config composed outside a Hydra app; None when Hydra refuses the
-    overrides (an unknown group option: Hydra lists the options itself when it starts)."""
+def _compose(config_name: str, overrides, with_hydra: bool = False):
+    """The project's config composed outside a Hydra app (``with_hydra``: with its
+    ``hydra`` node); None when Hydra refuses the overrides (an unknown group option:
+    Hydra lists the options itself when it starts)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -222,7 +223,8 @@ def _compose(config_name: str, overrides):
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides),
+                           return_hydra_config=with_hydra)
     except Exception:
         return None
     finally:
@@ -350,11 +352,41 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     return None
 
 
+def run_dir_in_use(argv, config_name: str) -> str | None:
+    """For a single run (not ``-m``): the refusal when a live process holds the run
+    directory the command would use (:func:`src.training.rundir.in_use_by`), given before
+    Hydra writes that directory's ``.hydra/`` and appends to its log; None otherwise. The
+    lock itself is taken when the run starts (``RunLock``), as for a sweep's jobs."""
+    if any(a in ("-m", "--multirun") for a in argv) or _command_overrides(argv) is None:
+        return None
+    cfg = _compose(config_name, [a for a in argv if "=" in a and not a.startswith("-")],
+                   with_hydra=True)
+    if cfg is None or "MULTIRUN" in str(cfg.hydra.get("mode")):
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.training import distribute
+    from src.training.rundir import in_use_by
+
+    hydra = HydraConfig.instance()
+    try:
+        hydra.set_config(cfg)  # ${hydra:overrides.task} in hydra.run.dir
+        run_dir = str(cfg.hydra.run.dir)
+        if not distribute.is_chief(cfg.trainer):  # it writes a scratch directory
+            return None
+    except Exception:  # Hydra reports what it cannot resolve when it starts
+        return None
+    finally:
+        hydra.cfg = None
+    return in_use_by(run_dir)
+
+
 def exit_on_bad_overrides(argv, config_name: str) -> None:
     """A command's first step, before Hydra makes a run directory: misspelled keys
-    (:func:`unknown_override_keys`), then a sweep's bad job (:func:`sweep_config_error`);
-    either is printed, exit 2."""
-    for check in (unknown_override_keys, sweep_config_error):
+    (:func:`unknown_override_keys`), then a sweep's bad job (:func:`sweep_config_error`),
+    then a run directory another process holds (:func:`run_dir_in_use`); each is
+    printed, exit 2."""
+    for check in (unknown_override_keys, sweep_config_error, run_dir_in_use):
         message = check(argv, config_name)
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)

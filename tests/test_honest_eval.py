@@ -124,6 +124,30 @@ def test_second_process_on_a_run_dir_is_refused_and_a_killed_one_resumes(tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("module", ["src.train", "src.pretrain"])
+def test_a_command_refused_by_the_run_lock_leaves_the_running_run_untouched(tmp_path, module):
+    """The refusal comes before Hydra writes the run directory: the running run's log and
+    its .hydra/ stay as they are."""
+    from src.training.rundir import RunLock
+
+    run_dir = tmp_path / "runs" / "locked" / "default"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("kept: true\n")
+    log_name = "train.log" if module == "src.train" else "pretrain.log"
+    (run_dir / log_name).write_text("the running run's log\n")
+    with RunLock(run_dir):
+        out = subprocess.run([sys.executable, "-m", module, "name=locked"], cwd=ROOT,
+                             env=train_env(tmp_path), capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{run_dir} is in use by process " in out.stderr and "name=..." in out.stderr
+    assert "Traceback" not in out.stderr
+    assert (run_dir / log_name).read_text() == "the running run's log\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([".hydra", ".lock", log_name])
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml"]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "kept: true\n"
+
+
 def test_main_returns_the_validation_metric(tmp_path, monkeypatch):
     """What a Hydra sweeper (Optuna) maximises is the validation metric."""
     from hydra import compose, initialize_config_dir

@@ -79,6 +79,40 @@ class RunLockedError(ConfigError):
     """Another live process works in the run directory."""
 
 
+def _in_use(run_dir: Path, holder: str) -> str:
+    """The refusal for a run directory whose lock file (content ``holder``) is held."""
+    try:
+        info = json.loads(holder.strip())
+        who = (
+            f"process {info.get('pid')} on {info.get('host')} (started "
+            f"{info.get('started')}: {info.get('command')})"
+        )
+    except ValueError:
+        who = "another process"
+    return (
+        f"{run_dir} is in use by {who}. Two runs in one directory would corrupt each "
+        "other's checkpoints and logs: wait for it to finish (then this command resumes "
+        "or reports its result), or run under another name (name=...)."
+    )
+
+
+def in_use_by(run_dir: str | os.PathLike) -> str | None:
+    """The refusal :class:`RunLock` would give for ``run_dir`` now (a live process holds
+    its lock), or None; creates nothing."""
+    path = Path(run_dir) / ".lock"
+    try:
+        fh = open(path)  # noqa: SIM115 (closed below; closing drops a lock taken here)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _in_use(path.parent, fh.read())
+    finally:
+        fh.close()
+    return None
+
+
 class RunLock:
     """An exclusive lock on a run directory for the life of this object (a context
     manager). ``<run dir>/.lock`` says who holds it."""
@@ -94,22 +128,9 @@ class RunLock:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip()
+            holder = fh.read()
             fh.close()
-            try:
-                info = json.loads(holder)
-                who = (
-                    f"process {info.get('pid')} on {info.get('host')} (started "
-                    f"{info.get('started')}: {info.get('command')})"
-                )
-            except ValueError:
-                who = "another process"
-            raise RunLockedError(
-                f"{self.path.parent} is in use by {who}. Two runs in one directory would "
-                "corrupt each other's checkpoints and logs: wait for it to finish (then "
-                "this command resumes or reports its result), or run under another name "
-                "(name=...)."
-            ) from None
+            raise RunLockedError(_in_use(self.path.parent, holder)) from None
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({
