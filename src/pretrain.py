@@ -503,6 +503,12 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         _save_model(model, path)
         export = _export(cfg, path)
         final = {k: v[-1] for k, v in hist.items() if v}
+        if len(val_rows) and math.isnan(final.get("val_nce_loss", 0.0)):
+            log.warning(
+                "the %d validation clip(s) have no masked patch whose content varies "
+                "(silent or constant audio), so the validation metrics are NaN: draw "
+                "another split (data.split_seed=N, data.val_fraction) or leave the silent "
+                "files out (python -m scripts.check_data lists them).", len(val_rows))
         results = {
             "experiment": cfg.name,
             "dataset": d.name,

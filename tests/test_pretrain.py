@@ -2,6 +2,7 @@
 as a user runs it, on generated WAV files."""
 
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -387,6 +388,37 @@ def test_pretraining_trains_the_shared_layers():
     assert not bb.patch_embed.trainable and bb.blocks[0].trainable  # freeze=1 again
 
 
+def test_a_silent_split_scores_nan_and_batches_weigh_by_informative_patches():
+    """Silence has no informative masked patch: its metrics are NaN, not a perfect 0
+    loss; and a silent batch does not pull the mean of the others' metrics."""
+    import keras
+    import tensorflow as tf
+
+    from src.models.ssast import MaskedPatchPretrainer, cluster_masks
+
+    bb = _tiny_backbone()
+    pre = MaskedPatchPretrainer(bb)
+    pre.build()
+    pre.compile(optimizer=keras.optimizers.Adam(1e-3))
+    masks = cluster_masks(tf.constant([0, 1]), 2, bb.grid, 6)
+    silent = {"features": np.zeros((2, 98, 32), np.float32), "mask_index": masks}
+    noisy = {"features": np.random.default_rng(3).normal(size=(2, 98, 32)).astype(np.float32),
+             "mask_index": masks}
+    keys = ("loss", "nce_loss", "mse_loss", "retrieval_accuracy")
+
+    def evaluate(*batches):
+        ds = tf.data.Dataset.from_tensors(batches[0])
+        for b in batches[1:]:
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(b))
+        return pre.evaluate(ds, return_dict=True, verbose=0)
+
+    assert all(np.isnan(evaluate(silent)[k]) for k in keys)
+    alone, mixed = evaluate(noisy), evaluate(silent, noisy)
+    assert all(np.isfinite(alone[k]) and np.isfinite(mixed[k]) for k in keys)
+    for k in keys[1:]:
+        assert mixed[k] == pytest.approx(alone[k], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -453,6 +485,24 @@ def test_pretraining_with_structured_patchout(tmp_path, folder):
     for key in ("loss", "nce_loss", "val_loss", "val_retrieval_accuracy"):
         assert math.isfinite(results["final"][key]), key
     assert (tmp_path / "run" / "backbone.keras").is_file()
+
+
+def test_a_silent_validation_split_is_reported_as_nan_with_a_warning(tmp_path, caplog):
+    from src.pretrain import _carve
+
+    root = tmp_path / "audio"
+    write_clip(root / "a.wav", 2.0)
+    root.joinpath("b.wav").parent.mkdir(exist_ok=True)
+    sf.write(root / "b.wav", np.zeros(2 * SR, np.float32), SR)  # digital silence
+    seed = next(s for s in range(100) if list(_carve(np.arange(2), 0.5, s)[1]) == [1])
+    with caplog.at_level(logging.WARNING):
+        results = _run_in_process(tmp_path, root, "trainer.epochs=1", "data.val_fraction=0.5",
+                                  f"data.split_seed={seed}", "pretrain.export=null")
+    assert (results["num_train"], results["num_val"]) == (1, 1)
+    for key in ("val_loss", "val_nce_loss", "val_retrieval_accuracy"):
+        assert math.isnan(results["final"][key]), key
+    assert math.isfinite(results["final"]["nce_loss"])
+    assert "the 1 validation clip(s) have no masked patch whose content varies" in caplog.text
 
 
 def test_empty_folder_fails_before_any_work(tmp_path):

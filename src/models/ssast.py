@@ -222,7 +222,17 @@ def masked_patch_losses(logits, reconstruction, target, mse_weight=10.0):
         "mse": mse,
         "accuracy": retrieval_accuracy(logits, valid),
         "loss": nce + float(mse_weight) * mse,
+        "informative": ops.sum(valid),
     }
+
+
+class InformativeMean(keras.metrics.Mean):
+    """The mean of per-batch values over masked patches, each batch weighted by its
+    number of informative patches (``sample_weight``); NaN while there were none (a
+    silent validation split has nothing to score, rather than a loss of 0)."""
+
+    def result(self):
+        return ops.where(self.count > 0, super().result(), float("nan"))
 
 
 def check_pretrainable(backbone) -> None:
@@ -320,9 +330,9 @@ class MaskedPatchPretrainer(keras.Model):
         self.disc_out = layers.Dense(self.patch_dim, dtype="float32", name="disc_out")
         self.gen_hidden = layers.Dense(self.head_hidden, activation="relu", name="gen_hidden")
         self.gen_out = layers.Dense(self.patch_dim, dtype="float32", name="gen_out")
-        self.nce_tracker = keras.metrics.Mean(name="nce_loss")
-        self.mse_tracker = keras.metrics.Mean(name="mse_loss")
-        self.accuracy_tracker = keras.metrics.Mean(name="retrieval_accuracy")
+        self.nce_tracker = InformativeMean(name="nce_loss")
+        self.mse_tracker = InformativeMean(name="mse_loss")
+        self.accuracy_tracker = InformativeMean(name="retrieval_accuracy")
 
     def build(self, input_shape=None):
         # The backbone is built already (build_model builds it); input_shape is unused.
@@ -386,13 +396,22 @@ class MaskedPatchPretrainer(keras.Model):
         parts = masked_patch_losses(
             y_pred["logits"], y_pred["reconstruction"], y_pred["target"], self.mse_weight
         )
-        self.nce_tracker.update_state(parts["nce"])
-        self.mse_tracker.update_state(parts["mse"])
-        self.accuracy_tracker.update_state(parts["accuracy"])
+        for tracker, key in ((self.nce_tracker, "nce"), (self.mse_tracker, "mse"),
+                             (self.accuracy_tracker, "accuracy")):
+            tracker.update_state(parts[key], sample_weight=parts["informative"])
         total = parts["loss"]
         if self.losses:
             total = total + ops.sum(self.losses)
         return _scale_for_replicas(total)
+
+    def get_metrics_result(self):
+        """Keras' metrics, with ``loss`` NaN where no masked patch was informative (its
+        per-batch mean is 0 over nothing)."""
+        result = super().get_metrics_result()
+        if "loss" in result:
+            result["loss"] = ops.where(self.nce_tracker.count > 0, result["loss"],
+                                       float("nan"))
+        return result
 
     def release_backbone(self):
         """The backbone as it was before it was wrapped: its classifier head trainable,
