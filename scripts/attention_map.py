@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="PNG path (default: <audio stem>_attention.png)")
     parser.add_argument("--start", type=float, default=0.0, help="window start in seconds")
     args = parser.parse_args(argv)
+    from src import import_tensorflow
+
+    import_tensorflow()
     if not args.start >= 0:
         parser.error(f"--start {args.start}: must be >= 0")
 

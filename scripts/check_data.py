@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from src.data.check import check_records  # imports TensorFlow
+    from src import import_tensorflow
+
+    import_tensorflow()
+    from src.data.check import check_records
 
     # As the feature store reads the files (src/data/store.py): cropped / padded to the
     # clip length, or, for data.variable_length, whole, with one analysis window of the

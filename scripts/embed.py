@@ -178,8 +178,11 @@ def main(argv=None) -> int:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
 
-    import tensorflow as tf
     from tqdm.auto import tqdm
+
+    from src import import_tensorflow
+
+    tf = import_tensorflow()
 
     from src.data.folder import read_folder
     from src.data.index import DatasetError

@@ -262,9 +262,9 @@ def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from src import import_tensorflow
 
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     from src.predict import ModelNotFoundError, load_waveform_model, resolve_model
 
     tf.get_logger().setLevel(logging.ERROR)

@@ -18,12 +18,11 @@ next allowed rate above it and resamples its input with the project's resampler.
 
 from __future__ import annotations
 
-import os
+from src import import_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf = import_tensorflow()
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from src.embeddings import DEFAULT_HOP_MS, Embedder, load_embedding_model  # noqa: E402
 

@@ -719,7 +719,9 @@ def _print_text(resolved: ResolvedModel, model, window: int, hop: int, results) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import tensorflow as tf
+    from src import import_tensorflow
+
+    tf = import_tensorflow()
 
     tf.get_logger().setLevel(logging.ERROR)
     try:

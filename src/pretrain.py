@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from src import import_tensorflow  # noqa: E402
+
+import_tensorflow()  # before the modules below import it
 
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402

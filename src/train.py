@@ -785,8 +785,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def _quiet_tensorflow() -> None:
-    """TensorFlow's Python-side warnings (retracing, tfio graph conversion) are noise here."""
-    import tensorflow as tf
+    """TensorFlow imported quietly (`src.import_tensorflow`); its Python-side warnings
+    (retracing, tfio graph conversion) are noise here."""
+    from src import import_tensorflow
+
+    tf = import_tensorflow()
 
     tf.get_logger().setLevel(logging.ERROR)
 

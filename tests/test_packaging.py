@@ -61,3 +61,30 @@ def test_the_kernels_sources_are_package_data():
     assert any(f.endswith(".cc") for f in files) and any(f.endswith(".h") for f in files)
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
+
+
+def test_tensorflow_is_imported_without_the_plugin_registration_noise(tmp_path):
+    """`src.import_tensorflow` drops the wheels' "Unable to register cuFFT factory" lines
+    and lets anything else the import prints through (a stand-in package prints both)."""
+    import os
+
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, sys\n"
+        "os.write(2, b'E cuda_fft.cc:485] Unable to register cuFFT factory: Attempting to "
+        "register factory for plugin cuFFT when one has already been registered\\n')\n"
+        "os.write(2, b'W something worth reading\\n')\n"
+        "print('a Python warning', file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; from src import import_tensorflow; "
+         "tf = import_tensorflow(); print(tf.__file__, os.environ['TF_CPP_MIN_LOG_LEVEL'])"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(fake / "__init__.py"), "2"]
+    assert "Unable to register" not in out.stderr
+    assert out.stderr.splitlines() == ["W something worth reading", "a Python warning"]

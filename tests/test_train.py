@@ -314,6 +314,7 @@ def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch
     (run_dir,) = list((tmp_path / "runs").rglob("offline-run-*"))
     assert f"wandb sync {run_dir}" in out.stdout
     both = out.stdout + out.stderr  # printed once, not again by the log's console handler
+    assert "Unable to register" not in both  # TensorFlow's import noise (src.import_tensorflow)
     assert both.count("upload it with") == 1 and both.count("results in ") == 1
     assert "results in " in (res.parent / "train.log").read_text()  # and in the run's log
     summary = read_offline_summary(run_dir)
