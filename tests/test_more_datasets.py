@@ -258,16 +258,19 @@ def test_urbansound8k_bad_rows(tmp_path, body, match):
         read_urbansound8k(_us8k_csv(tmp_path, US8K_HEADER, body))
 
 
-def test_load_index_dispatches(sc_tree, us8k_tree):
+def test_load_index_dispatches(sc_tree, us8k_tree, caplog):
     assert {"speech_commands", "urbansound8k"} <= set(DATA_FORMATS)
     sc = load_index(OmegaConf.create({"format": "speech_commands", "root": str(sc_tree)}))
     assert sc.class_names == WORDS
-    sc_bg = load_index(
-        OmegaConf.create(
-            {"format": "speech_commands", "root": str(sc_tree), "include_background": True}
-        )
-    )
-    assert sc_bg.num_classes == len(WORDS) + 1
+    for variable in (False, True):
+        caplog.clear()
+        sc_bg = load_index(OmegaConf.create({
+            "format": "speech_commands", "root": str(sc_tree), "include_background": True,
+            "variable_length": variable}))
+        assert sc_bg.num_classes == len(WORDS) + 1
+        # Fixed-length clips keep the first second of a noise recording: said, with the fix.
+        assert ("data.variable_length=true to train on a random crop" in caplog.text) == (
+            not variable)
     us = load_index(OmegaConf.create({"format": "urbansound8k", "root": str(us8k_tree)}))
     assert us.class_names == US8K_CLASSES
 

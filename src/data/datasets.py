@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from src.data.esc50 import DatasetError, DatasetIndex, read_esc50
+
+log = logging.getLogger(__name__)
 
 # data.format -> the name of its archive in src.data.download.DATASETS
 DOWNLOADABLE = {"esc50": "esc50", "speech_commands": "speech_commands",
@@ -90,9 +93,13 @@ def load_index(data_cfg: DictConfig) -> DatasetIndex:
     if fmt == "speech_commands":
         from src.data.speech_commands import read_speech_commands
 
-        return read_speech_commands(
-            root, include_background=bool(data_cfg.get("include_background", False))
-        )
+        background = bool(data_cfg.get("include_background", False))
+        if background and not data_cfg.get("variable_length", False):
+            log.warning(
+                "data.include_background=true: each _background_noise_ recording (about a "
+                "minute) gives its first data.clip_seconds only; set "
+                "data.variable_length=true to train on a random crop of it every epoch.")
+        return read_speech_commands(root, include_background=background)
     if fmt == "urbansound8k":
         from src.data.urbansound8k import read_urbansound8k
 
