@@ -250,7 +250,9 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     from src.training.optim import build_optimizer, build_schedule
     from src.training.provenance import git_info, package_versions
     from src.training.validation import (
+        BestWeights,
         EpochWeights,
+        LastWeights,
         PaperProtocolCurve,
         PatienceStop,
         ValidationMetrics,
@@ -402,15 +404,10 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     callbacks = [
         LearningRateLogger(),  # first: the loggers below record its value
         validation,  # then val_*: everything after it may read them
-        keras.callbacks.ModelCheckpoint(
-            str(ckpt_dir / "best.weights.h5"),
-            monitor=monitor,
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=max(earlier[monitor]) if earlier.get(monitor) else None,
-        ),
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
+        # Both atomic; the best one only of epochs the backup (written last) committed.
+        BestWeights(ckpt_dir / "best.weights.h5", monitor, resumed,
+                    float(np.nanmax(earlier[monitor])) if earlier.get(monitor) else None),
+        LastWeights(ckpt_dir / "last.weights.h5"),
     ]
     epochs = int(t.epochs)
     avg_epochs = _epoch_range(t.get("average_epochs"))

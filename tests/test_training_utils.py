@@ -424,3 +424,64 @@ def test_the_history_from_the_csv_log_skips_keras_na_cells(tmp_path):
     assert _full_history(csv_path, {"val_loss": []}) == {"loss": [2.0, 1.4], "val_loss": []}
     csv_path.write_text("epoch,loss,val_loss\n0,2.0,1.0\n1,1.5,\n")
     assert _full_history(csv_path, {}) == {"loss": [2.0, 1.5], "val_loss": [1.0]}
+
+
+def test_the_best_checkpoint_holds_the_best_epoch_the_backup_committed(tmp_path):
+    """A kill between a new best's write and the epoch's backup: the resumed run trains
+    that epoch again, so the file keeps the best of the committed epochs. A kill after
+    the backup, before the next epoch began: the pending best is that epoch's, kept."""
+    from src.training.validation import BestWeights, EpochWeights
+
+    class Scores(keras.callbacks.Callback):
+        def __init__(self, values):
+            super().__init__()
+            self.values = values
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_x"] = self.values[epoch]
+
+    class Kill(keras.callbacks.Callback):
+        def __init__(self, at, when):
+            super().__init__()
+            self.at, self.when = at, when
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.when == "end" and epoch == self.at:
+                raise KeyboardInterrupt
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.when == "begin" and epoch == self.at:
+                raise KeyboardInterrupt
+
+    def weights(path):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.load_weights(path)
+        return model.get_weights()
+
+    for when, values, expect_best_epoch in (("end", [0.5, 0.7, 0.9, 0.6], 2),
+                                            ("begin", [0.5, 0.9, 0.4, 0.6], 2)):
+        root = tmp_path / when
+        best, every = root / "best.weights.h5", EpochWeights(root / "epochs", [1, 2, 3, 4])
+        kill = Kill(2, when)
+        first = [Scores(values), BestWeights(best, "val_x"), every, kill]
+        if when == "begin":  # dies before the best callback's epoch begins
+            first = [kill, Scores(values), BestWeights(best, "val_x"), every]
+        with pytest.raises(KeyboardInterrupt):
+            _tiny_fit(root / "backup", epochs=4, callbacks=first)
+        assert (root / "best.pending.weights.h5").exists()
+        from src.training.callbacks import backup_epoch
+
+        resumed = backup_epoch(root / "backup")
+        assert resumed == 2
+        done = max(values[:resumed])
+        resume = BestWeights(best, "val_x", resumed, done)
+        assert not (root / "best.pending.weights.h5").exists()
+        assert not (root / "best.pending.json").exists()
+        assert all(np.array_equal(a, b) for a, b in zip(
+            weights(best), weights(every.path(expect_best_epoch))))
+        _tiny_fit(root / "backup", epochs=4, callbacks=[Scores(values), resume, every])
+        # epochs 3 and 4 trained after the resume; only a value above `done` replaces it
+        best_epoch = 1 + int(np.argmax(values)) if max(values[2:]) > done else expect_best_epoch
+        assert all(np.array_equal(a, b) for a, b in zip(
+            weights(best), weights(every.path(best_epoch))))
+        assert not (root / "best.pending.weights.h5").exists()

@@ -1,5 +1,6 @@
 """Callbacks that evaluate during training: validation each epoch (what every choice
-reads), early stopping on it, the checkpoints kept for weight averaging, and AST's
+reads), early stopping on it, the best and last checkpoints and those kept for weight
+averaging (all written atomically), and AST's
 per-epoch test curve (its paper protocol, kept apart from everything that chooses).
 """
 
@@ -17,11 +18,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BestWeights",
     "EpochWeights",
+    "LastWeights",
     "PaperProtocolCurve",
     "PatienceStop",
     "ValidationMetrics",
     "average_weights",
+    "save_weights_atomically",
     "validation_keys",
 ]
 
@@ -86,6 +90,88 @@ class PatienceStop(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def save_weights_atomically(model, path: str | os.PathLike) -> Path:
+    """``model.save_weights(path)`` through a temporary file and a rename, so that a
+    kill mid-write leaves the previous file (or none), never a truncated one."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name.removesuffix('.weights.h5')}.tmp.weights.h5")
+    model.save_weights(tmp, overwrite=True)
+    os.replace(tmp, final)
+    return final
+
+
+class LastWeights(keras.callbacks.Callback):
+    """The weights of the latest epoch in ``path``, written atomically every epoch."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_weights_atomically(self.model, self.path)
+
+
+class BestWeights(keras.callbacks.Callback):
+    """The weights of the epoch with the highest ``monitor`` (a validation metric; ties
+    keep the earlier epoch) in ``path``, consistent with a resumed run's history.
+
+    A new best is written atomically to ``best.pending.weights.h5`` with its epoch in
+    ``best.pending.json``, and becomes ``path`` once its epoch is committed to the
+    backup, which the callbacks after this one write at the same epoch end: when the
+    next epoch begins, or training ends. At construction a pending file of an epoch the
+    backup holds (``epoch < resumed_epochs``) is promoted and one of a later epoch, which
+    the resumed run trains again, is dropped. So ``path`` always holds the best of the
+    epochs in the history, and ``best`` (``best_so_far`` given from that history) its value.
+    """
+
+    def __init__(self, path: str | os.PathLike, monitor: str, resumed_epochs: int = 0,
+                 best_so_far: float | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor = monitor
+        self.pending = self.path.with_name("best.pending.weights.h5")
+        self.pending_meta = self.path.with_name("best.pending.json")
+        self.best = None if best_so_far is None or np.isnan(best_so_far) else float(best_so_far)
+        committed = False
+        if self.pending.exists() and self.pending_meta.exists():
+            try:
+                committed = int(json.loads(self.pending_meta.read_text())["epoch"]) < int(
+                    resumed_epochs)
+            except (ValueError, KeyError, TypeError):
+                committed = False
+        if committed:
+            self._promote()
+        else:
+            self.pending.unlink(missing_ok=True)
+            self.pending_meta.unlink(missing_ok=True)
+
+    def _promote(self) -> None:
+        if self.pending.exists():
+            os.replace(self.pending, self.path)
+        self.pending_meta.unlink(missing_ok=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._promote()
+
+    def on_train_end(self, logs=None):
+        self._promote()
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or np.isnan(float(value)):
+            return
+        if self.best is not None and not float(value) > self.best:
+            return
+        self.best = float(value)
+        # The epoch first: pending weights never stand without the epoch they belong to.
+        tmp = self.pending_meta.with_name(f".{self.pending_meta.name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"epoch": int(epoch), self.monitor: self.best}))
+        os.replace(tmp, self.pending_meta)
+        save_weights_atomically(self.model, self.pending)
+
+
 class EpochWeights(keras.callbacks.Callback):
     """Saves the weights of the epochs in ``epochs`` (1-based) as
     ``<dir>/epoch_<e>.weights.h5`` (atomically), for weight averaging and ensembles."""
@@ -101,11 +187,7 @@ class EpochWeights(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 not in self.epochs:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.path(epoch + 1)
-        tmp = final.with_name(f".{final.stem}.tmp.weights.h5")
-        self.model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, final)
+        save_weights_atomically(self.model, self.path(epoch + 1))
 
 
 def average_weights(model, files: Sequence[str | os.PathLike]) -> None:
