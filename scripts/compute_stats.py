@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from src.data.datasets import load_index
     from src.data.index import DatasetError
     from src.data.pipeline import feature_stats
-    from src.data.splits import check_split_config, make_splits
+    from src.data.splits import check_split_config, fold_list, make_splits
     from src.train import build_features
 
     unknown = unknown_override_keys(args.overrides, "train")
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"error: {unknown}", file=sys.stderr)
         return 2
     cfg = compose(args.overrides)
-    fold = int(args.fold if args.fold is not None else cfg.data.folds[0])
+    fold = int(args.fold if args.fold is not None else fold_list(cfg.data.folds)[0])
     try:
         check_split_config(cfg.data)
         index = load_index(cfg.data)

@@ -663,6 +663,7 @@ def build_features(cfg: DictConfig, index):
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     from src.data.datasets import load_index
+    from src.data.splits import fold_list
     from src.evaluation.cv import aggregate
     from src.training import distribute
     from src.training.provenance import provenance
@@ -682,7 +683,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
         index = load_index(cfg.data)
-        folds = [int(f) for f in cfg.data.folds]
+        folds = fold_list(cfg.data.folds)
         available = index.folds()
         missing = [f for f in folds if f not in available]
         if missing:

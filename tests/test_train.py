@@ -293,12 +293,12 @@ def test_resampled_44k_dataset_trains(tmp_path):
     info = sf.info(next((root / "audio").glob("*.wav")))
     assert info.samplerate == 44100
     run_train(
-        tmp_path, "data=esc50", f"data.root={root}", "data.folds=[2]", *RUN,
+        tmp_path, "data=esc50", f"data.root={root}", "data.folds=2", *RUN,  # one fold: a number
         "data.name=mine",
     )
     (res,) = run_results(tmp_path)
     r = json.loads(res.read_text())
-    assert r["per_fold"][0]["num_test"] == 12
+    assert r["per_fold"][0]["num_test"] == 12 and r["per_fold"][0]["fold"] == 2
 
 
 def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch):

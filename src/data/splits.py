@@ -49,7 +49,9 @@ class Splits:
         }
 
 
-def _folds(value) -> list[int] | None:
+def fold_list(value) -> list[int] | None:
+    """A folds key (``data.folds``, ``data.train_folds``, ``data.val_folds``) as a list:
+    one fold may be given as a number (``data.folds=1``); None stays None."""
     if value is None:
         return None
     if isinstance(value, int | str):
@@ -60,9 +62,9 @@ def _folds(value) -> list[int] | None:
 def check_split_config(data_cfg: Mapping) -> None:
     """Config-time checks of the split keys (no data needed): disjoint folds, a
     validation split of some kind. Raises :class:`ConfigError` naming the keys."""
-    test = _folds(data_cfg.get("folds")) or []
-    train = _folds(data_cfg.get("train_folds"))
-    val = _folds(data_cfg.get("val_folds"))
+    test = fold_list(data_cfg.get("folds")) or []
+    train = fold_list(data_cfg.get("train_folds"))
+    val = fold_list(data_cfg.get("val_folds"))
     for name, a, b in (("data.train_folds", train, test), ("data.val_folds", val, test)):
         overlap = sorted(set(a or []) & set(b))
         if overlap:
@@ -166,8 +168,8 @@ def _per_class(index: DatasetIndex, train: np.ndarray, k: int, seed: int) -> np.
 def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Splits:
     """The three splits of ``index`` for the held-out ``test_fold``."""
     folds = np.array([r.fold for r in index.records])
-    train_folds = _folds(data_cfg.get("train_folds"))
-    val_folds = _folds(data_cfg.get("val_folds"))
+    train_folds = fold_list(data_cfg.get("train_folds"))
+    val_folds = fold_list(data_cfg.get("val_folds"))
     test = np.flatnonzero(folds == int(test_fold))
     if train_folds is None:
         excluded = {int(test_fold), *(val_folds or [])}
