@@ -299,7 +299,7 @@ def log_to_wandb(project, name, rows, plot_path, paths) -> None:
         log.warning("could not log the table to W&B: %s", err)
     if plot_path is not None:
         logger.log_image("plot", str(plot_path))
-    logger.finish()
+    logger.finish(stream=sys.stderr)  # stdout is the table (experiments/sweep.sh: table.md)
 
 
 if __name__ == "__main__":

@@ -870,3 +870,6 @@ def test_table_and_plot_logged_to_an_offline_wandb_run(sweep, tmp_path):
     (run_dir,) = list(sweep.rglob("offline-run-*"))
     logged = {k for row in read_offline_history(run_dir) for k in row}
     assert {"table", "plot"} <= logged, sorted(logged)
+    # stdout is the table alone (experiments/sweep.sh writes it to table.md)
+    assert "wandb sync" not in out.stdout and f"wandb sync {run_dir}" in out.stderr
+    assert out.stdout.lstrip().startswith("|")

@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import logging
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -427,3 +428,20 @@ def test_context_manager_finishes_with_error_code(tmp_path):
     assert not tracker.enabled
     assert read_offline_history(tracker.run_dir)[0]["loss"] == 2.0
     assert read_offline_exit_code(tracker.run_dir) == 1
+
+
+def test_the_sync_command_runs_where_wandb_is_not_on_path(tmp_path, monkeypatch, capsys):
+    """A virtual environment used without activating it: `python -m wandb` of this
+    interpreter, which `wandb sync` works through."""
+    import shlex
+    import sys
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    tracker = WandbLogger(project="audio-events", mode="offline", dir=tmp_path)
+    assert tracker.start()
+    tracker.finish()
+    out = capsys.readouterr().out
+    assert f"{shlex.quote(sys.executable)} -m wandb sync {tracker.run_dir}\n" in out
+    help_text = subprocess.run([sys.executable, "-m", "wandb", "sync", "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and "Upload existing local W&B run data" in help_text.stdout

@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import shlex
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,6 +137,14 @@ def _keras_callback_class() -> type:
     return WandbEpochCallback
 
 
+def _wandb_command() -> str:
+    """``wandb`` when it is on PATH; else this interpreter's (a virtual environment that
+    is not activated: ``.venv/bin/python -m wandb``)."""
+    import shutil
+
+    return "wandb" if shutil.which("wandb") else f"{shlex.quote(sys.executable)} -m wandb"
+
+
 class WandbLogger:
     """One W&B run. Every wandb call is wrapped: a failure logs one warning and turns
     further calls into no-ops; invalid arguments (a missing image file, a non-square
@@ -230,8 +239,10 @@ class WandbLogger:
             raise RuntimeError("wandb.init returned no run")
         return run
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Finish the run; for an offline run print the ``wandb sync`` command."""
+    def finish(self, exit_code: int = 0, stream: Any = None) -> None:
+        """Finish the run; for an offline run print the ``wandb sync`` command (to
+        ``stream``, default stdout: a command whose stdout is its product, such as a
+        table, passes stderr)."""
         if self.run is None or self._finished:
             return
         self._finished = True
@@ -241,7 +252,8 @@ class WandbLogger:
             log.warning("W&B finish failed (%s: %s).", type(exc).__name__, exc)
         if self._offline and self.run_dir:
             earlier = not self._holds_whole_history and self._resumes_earlier_run()
-            command = f"wandb sync {'--append ' if earlier else ''}{shlex.quote(self.run_dir)}"
+            command = (f"{_wandb_command()} sync {'--append ' if earlier else ''}"
+                       f"{shlex.quote(self.run_dir)}")
             from src.training.rundir import log_to_files
 
             text = f"W&B run saved offline; upload it with: {command}"
@@ -249,7 +261,7 @@ class WandbLogger:
                 text += (" (it holds the whole run, the epochs before the resume included; "
                          "this run's earlier offline directories need no upload)")
             log_to_files(log, logging.INFO, text)  # and once on the terminal:
-            print(text, flush=True)
+            print(text, file=stream or sys.stdout, flush=True)
 
     def _resumes_earlier_run(self) -> bool:
         """Whether another run directory holds this run's id: a resumed run, whose
