@@ -80,6 +80,10 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
     """TF SavedModel with two functions (and signatures of the same names):
 
     * ``serve(waveform)``: ``(batch, clip_samples)`` -> logits; also ``serving_default``.
+      For a model that takes short input (:func:`src.predict.takes_short_input`: a
+      disentangled position embedding, an imported AST checkpoint) ``(batch, samples)``
+      of any length from :func:`src.predict.min_input_samples` to ``clip_samples``,
+      which the model sees as ``src.predict`` gives it a short file (not zero-padded).
     * ``clip_probabilities(waveform)``: one whole clip ``(samples,)`` of any length ->
       ``(num_classes,)`` probabilities (softmax, or sigmoid for a multi-label model),
       averaged over the windows that ``python -m src.predict`` uses (the same start rule,
@@ -93,9 +97,10 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
 
     from src.data.windows import window_starts_tf
     from src.models import native
-    from src.predict import min_input_samples
+    from src.predict import min_input_samples, takes_short_input
 
     clip = int(model.clip_samples)
+    length = None if takes_short_input(model) else clip  # serve's input length
     rate = int(model.frontend.sample_rate)
     hop = max(1, clip // 2) if hop_s is None else int(round(float(hop_s) * rate))
     multi = bool(getattr(model, "multi_label", False))
@@ -129,7 +134,7 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
         archive.track(model)
         archive.add_endpoint(
             "serve", serve,
-            input_signature=[tf.TensorSpec((None, clip), tf.float32, name="waveform")],
+            input_signature=[tf.TensorSpec((None, length), tf.float32, name="waveform")],
         )
         if clip_fn:
             archive.add_endpoint(
@@ -145,10 +150,19 @@ def _write_metadata(path: Path, model, hop: int) -> Path:
     """What a consumer of the exported model needs to know about its input and output."""
     import json
 
+    from src.predict import min_input_samples, takes_short_input
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    short = takes_short_input(model)
     meta = {
         "sample_rate": int(model.frontend.sample_rate),
         "clip_samples": int(model.clip_samples),
+        # The lengths the exported input takes: exactly the clip (zero-pad a shorter
+        # file to it), or, for a model that takes short input, min to clip samples as
+        # they are. Longer files: windows of the clip (clip_probabilities, src.predict).
+        "input_samples": [int(min_input_samples(model)) if short else int(model.clip_samples),
+                          int(model.clip_samples)],
+        "short_input": "as_is" if short else "zero_pad_to_clip",
         "window_hop_samples": int(hop),
         "output": "logits",
         "probabilities": "sigmoid" if getattr(model, "multi_label", False) else "softmax",
@@ -196,24 +210,28 @@ def _fft_hint(model) -> str:
     return ""
 
 
-def check_tflite(flatbuffer: bytes, clip_samples: int) -> None:
-    """Run the converted model once on silence: a kernel that cannot run fails here."""
+def check_tflite(flatbuffer: bytes, clip_samples: int, shortest: int | None = None) -> None:
+    """Run the converted model on silence, of the clip's length and of the ``shortest``
+    input it takes: a kernel that cannot run, or cannot be resized, fails here."""
     import numpy as np
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_content=flatbuffer)
     inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], [1, int(clip_samples)])
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], np.zeros((1, int(clip_samples)), np.float32))
-    interpreter.invoke()
-    logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    if not np.isfinite(logits).all():
-        raise RuntimeError("non-finite logits on a silent clip")
+    for n in dict.fromkeys([int(clip_samples), int(shortest or clip_samples)]):
+        interpreter.resize_tensor_input(inp["index"], [1, n])
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], np.zeros((1, n), np.float32))
+        interpreter.invoke()
+        logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        if not np.isfinite(logits).all():
+            raise RuntimeError(f"non-finite logits on a silent input of {n} samples")
 
 
 def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
     """Write ``model`` (loaded from ``model_path``) as ``fmt`` to ``out``; lines to print."""
+    from src.predict import min_input_samples, takes_short_input
+
     names = _class_names(model)
     lines = []
     if fmt == "keras":
@@ -237,7 +255,7 @@ def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
             saved = export_savedmodel(model, Path(tmp) / "saved_model", clip_fn=False)
             flatbuffer, tf_ops = convert_tflite(saved)
         try:
-            check_tflite(flatbuffer, model.clip_samples)
+            check_tflite(flatbuffer, model.clip_samples, min_input_samples(model))
         except RuntimeError as err:
             raise ValueError(
                 f"the converted TFLite model does not run: {err}.{_fft_hint(model)}"
@@ -252,10 +270,16 @@ def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
             lines.append(f"labels: {labels}")
     rate = int(model.frontend.sample_rate)
     kind = "sigmoid" if getattr(model, "multi_label", False) else "softmax"
+    clip = int(model.clip_samples)
+    if takes_short_input(model):
+        shape = (f"(batch, n), {min_input_samples(model)} <= n <= {clip} (a shorter file as it "
+                 "is, not zero-padded)")
+    else:
+        shape = f"(batch, {clip}) (zero-pad a shorter file)"
     lines.append(
-        f"input: float32 waveform (batch, {int(model.clip_samples)}) at {rate} Hz (the model "
-        f"removes each clip's mean and clips it); output: logits (batch, "
-        f"{len(names) if names else '?'}), probabilities by {kind}"
+        f"input: float32 waveform {shape} at {rate} Hz (the model removes each clip's mean "
+        f"and clips it); output: logits (batch, {len(names) if names else '?'}), "
+        f"probabilities by {kind}"
     )
     return lines
 

@@ -490,7 +490,7 @@ def predict_files(
         mean = acc.total / acc.weight
         order = np.argsort(-mean, kind="stable")[: int(top_k)]
         entry["duration_s"] = acc.length / sample_rate
-        entry["notes"] = _input_notes(path, sample_rate, level, acc.length, clip)
+        entry["notes"] = _input_notes(path, sample_rate, level, acc.length, clip, model)
         entry["windows"] = acc.count
         entry["top"] = [{"label": names[i], "prob": float(mean[i])} for i in order]
         if per_window:
@@ -517,7 +517,24 @@ class _Level:
             yield block
 
 
-def _input_notes(path: str, sample_rate: int, level: _Level, length: int, clip: int) -> list:
+def _short_note(length: int, clip: int, rate: int, model) -> str:
+    """What the model saw of a file shorter than its clip (:func:`takes_short_input`)."""
+    text = f"{length / rate:.3g} s, shorter than the model's input of {clip / rate:g} s: "
+    if not takes_short_input(model):
+        return text + (f"zero-padded ({100 * (1 - length / clip):.0f}% of what the model saw "
+                       "is padding)")
+    frames = getattr(model, "target_frames", None)
+    if frames is not None:
+        return text + f"its features zero-padded to the model's {int(frames)} frames, as AST does"
+    least = min_input_samples(model)
+    if length < least:
+        return text + (f"zero-padded to {least / rate:.3g} s, the least the model takes (one "
+                       "patch of frames); the model takes shorter input as it is otherwise")
+    return text + "the model takes it as it is (the first time positions, no padding)"
+
+
+def _input_notes(path: str, sample_rate: int, level: _Level, length: int, clip: int,
+                 model) -> list:
     """What about a file may make its labels mean less (as ``scripts.check_data`` notes
     for a dataset): silence, zero-padding to the model's input, clipping, conversions."""
     import math
@@ -532,9 +549,7 @@ def _input_notes(path: str, sample_rate: int, level: _Level, length: int, clip: 
                      f"silent (peak {20.0 * math.log10(level.peak):.1f} dBFS): the labels "
                      "describe nothing in the file")
     if length < clip:
-        notes.append(f"{length / sample_rate:.3g} s, shorter than the model's input of "
-                     f"{clip / sample_rate:g} s: zero-padded ({100 * (1 - length / clip):.0f}% "
-                     "of what the model saw is padding)")
+        notes.append(_short_note(length, clip, sample_rate, model))
     if level.full_scale:
         notes.append(f"{level.full_scale} sample(s) at or beyond full scale (clipped to "
                      "[-1, 1]): the recording may be distorted")

@@ -175,6 +175,34 @@ def test_imported_model_predicts_from_the_command_line(imported, ast_ref, capsys
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_an_imported_model_exported_to_tflite_gives_the_reference_on_a_short_clip(
+    imported, ast_ref, tmp_path
+):
+    """The 5 s reference clip goes into the TFLite model as it is (AST pads its features,
+    not its waveform): the reference logits, not those of the clip zero-padded."""
+    import json
+
+    import tensorflow as tf
+
+    from scripts.export import main as export_main
+    from src.data.audio import read_audio
+
+    path, _ = imported["single"]
+    out = tmp_path / "ast.tflite"
+    assert export_main([str(path), "--format", "tflite", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["short_input"] == "as_is" and meta["input_samples"][1] > 5 * 16000
+    audio = read_audio(AST_DIR / "clip.wav", 16000)
+    interpreter = tf.lite.Interpreter(model_path=str(out))
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], [1, len(audio)])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], audio[None].astype(np.float32))
+    interpreter.invoke()
+    logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(logits, ast_ref["clip_logits"], atol=1e-4, rtol=0)
+
+
 def test_imported_multi_label_model_predicts_sigmoids_of_the_reference(
     imported, ast_ref, capsys
 ):

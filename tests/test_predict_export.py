@@ -621,6 +621,7 @@ def variable_model(tmp_path_factory):
 def test_a_disentangled_model_predicts_on_shorter_and_longer_files(variable_model, tmp_path):
     import tensorflow as tf
 
+    from scripts.export import main as export_main
     from src.predict import min_input_samples, predict_files
 
     model, sm = variable_model["model"], variable_model["sm"]
@@ -637,8 +638,21 @@ def test_a_disentangled_model_predicts_on_shorter_and_longer_files(variable_mode
     assert np.abs(unpadded - padded).max() > 1e-4  # the check below tells them apart
     assert short["windows"] == 1 and short["duration_s"] == pytest.approx(1.0)
     np.testing.assert_allclose(_probs_of(short, CLASSES), unpadded, atol=1e-5)
+    assert short["notes"] == ["1 s, shorter than the model's input of 2 s: the model takes it "
+                              "as it is (the first time positions, no padding)"]
     np.testing.assert_allclose(sm.clip_probabilities(tf.constant(wave)).numpy(), unpadded,
                                atol=1e-5)
+    # serve, and so TFLite, take it as it is too (any length from the least to the clip)
+    np.testing.assert_allclose(_softmax(sm.serve(tf.constant(wave[None])).numpy())[0], unpadded,
+                               atol=1e-5)
+    meta = json.loads((variable_model["dir"] / "sm" / "assets.extra" / "model.json").read_text())
+    assert meta["short_input"] == "as_is"
+    assert meta["input_samples"] == [min_input_samples(model), clip]
+    code = export_main([str(variable_model["dir"] / "model.keras"), "--format", "tflite",
+                        "--out", str(tmp_path / "m.tflite")])
+    assert code == 0
+    np.testing.assert_allclose(
+        _softmax(_tflite_logits(tmp_path / "m.tflite", wave[None]))[0], unpadded, atol=1e-5)
 
     # 7 s: windows of 2 s every second; 0..4 s end inside the file, then 5 s ends at its end.
     wave, _ = sf.read(seven, dtype="float32")
@@ -659,6 +673,8 @@ def test_a_disentangled_model_predicts_on_shorter_and_longer_files(variable_mode
     (entry,) = predict_files(model, [tiny], top_k=3)
     assert entry["error"] is None and entry["duration_s"] == pytest.approx(0.1)
     np.testing.assert_allclose(_probs_of(entry, CLASSES), expected, atol=1e-5)
+    assert entry["notes"][0].startswith("0.1 s, shorter than the model's input of 2 s: "
+                                        "zero-padded to 0.175 s, the least the model takes")
     np.testing.assert_allclose(sm.clip_probabilities(tf.constant(wave)).numpy(), expected,
                                atol=1e-5)
 
@@ -739,6 +755,8 @@ def test_a_model_that_pads_its_features_sees_a_short_file_as_training_padded_it(
     unpadded = _softmax(imported(wave[None], training=False))[0]
     assert np.abs(unpadded - expected).max() > 1e-4  # the two are told apart
     np.testing.assert_allclose(_probs_of(entry, CLASSES), unpadded, atol=1e-5)
+    assert entry["notes"] == ["0.3 s, shorter than the model's input of 1 s: its features "
+                              "zero-padded to the model's 196 frames, as AST does"]
 
 
 # --------------------------------------------------------------------------- multi-label
