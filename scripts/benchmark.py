@@ -299,6 +299,9 @@ def _write_wav16(path, samples, rate):
         w.writeframes(pcm.tobytes())
 
 
+MEMORY_MIN_CLIPS = 100  # 10 classes x 10 folds: every fold holds every class
+
+
 def make_memory_set(root, clips, seconds, rate=16000, classes=10, progress=True):
     """``clips`` AudioSet-like clips of ``seconds`` (noise plus a class tone, 16-bit WAV) in
     ``root/<class>/``, for the folder reader with ``labels_from_subdirs``; files already
@@ -1087,7 +1090,14 @@ def main(argv=None) -> int:
         args.patchout = args.patchout or (0, 0, 0)
 
     if args.what == "memory":
-        sizes = [int(c) for c in str(args.clips).split(",")]
+        try:
+            sizes = [int(c) for c in str(args.clips).split(",")]
+        except ValueError:
+            parser.error(f"memory: --clips {args.clips}: comma-separated whole numbers")
+        if min(sizes) < MEMORY_MIN_CLIPS:
+            parser.error(f"memory: --clips {args.clips}: each set needs at least "
+                         f"{MEMORY_MIN_CLIPS} clips (10 classes dealt into 10 folds, one fold "
+                         "tested)")
         if args.workdir is None:
             with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
                 r = bench_memory(sizes, args.seconds, args.n_mels, tmp, args.epochs,

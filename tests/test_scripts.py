@@ -349,3 +349,13 @@ def test_compute_stats_takes_overrides_after_an_option(tmp_path, capsys):
     # a misspelled key is named with its close matches, as src.train names it
     assert main(["data=folder", f"data.rot={missing}"]) == 2
     assert "data.rot is not a config key (did you mean data.root?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clips,needle", [("40", "at least 100 clips"),
+                                          ("100,ten", "comma-separated whole numbers")])
+def test_memory_benchmark_refuses_sets_it_cannot_split(clips, needle, capsys):
+    from scripts.benchmark import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "--clips", clips])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
