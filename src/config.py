@@ -352,6 +352,32 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     return None
 
 
+def unquoted_path_value(argv, config_name: str = "train") -> str | None:
+    """The error for a ``key=value`` whose value is a path holding ``=`` or ``,`` (a run
+    directory is named after its overrides: ``runs/x/model.num_heads=2,.../model.keras``),
+    which Hydra's override grammar reads as syntax (a parse error, or a sweep of two
+    values in a single run): the override quoted as it should be; None otherwise."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    for arg in argv:
+        key, eq, value = str(arg).partition("=")
+        if not eq or arg.startswith("-") or "/" not in value or value[:1] in "'\"":
+            continue
+        if not set("=,") & set(value):
+            continue
+        try:
+            sweep = parser.parse_overrides([arg])[0].is_sweep_override()
+        except Exception:
+            sweep = None  # a parse error
+        if sweep is None or (sweep and not multirun):
+            name = key.lstrip("+")
+            return (f"the value of {name} is a path holding '=' or ',', which Hydra's "
+                    f"override grammar reads as syntax; quote it: \"{key}='{value}'\"")
+    return None
+
+
 def run_dir_in_use(argv, config_name: str) -> str | None:
     """For a single run (not ``-m``): the refusal when a live process holds the run
     directory the command would use (:func:`src.training.rundir.in_use_by`), given before
@@ -382,11 +408,13 @@ def run_dir_in_use(argv, config_name: str) -> str | None:
 
 
 def exit_on_bad_overrides(argv, config_name: str) -> None:
-    """A command's first step, before Hydra makes a run directory: misspelled keys
+    """A command's first step, before Hydra makes a run directory: a path value Hydra
+    would misread (:func:`unquoted_path_value`), misspelled keys
     (:func:`unknown_override_keys`), then a sweep's bad job (:func:`sweep_config_error`),
     then a run directory another process holds (:func:`run_dir_in_use`); each is
     printed, exit 2."""
-    for check in (unknown_override_keys, sweep_config_error, run_dir_in_use):
+    for check in (unquoted_path_value, unknown_override_keys, sweep_config_error,
+                  run_dir_in_use):
         message = check(argv, config_name)
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)

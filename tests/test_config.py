@@ -487,3 +487,20 @@ def test_a_sweep_with_a_bad_job_is_refused_before_any_job_runs():
                                "seed=1,2"]) is None
     assert sweep_config_error(["experiment=quickstart", "model.num_heads=3"]) is None  # no -m
     assert sweep_config_error(["-m", "model.num_heads=interval(1,4)"]) is None  # a sweeper's
+
+
+def test_a_run_directory_path_as_a_value_is_refused_with_its_quoted_form(capsys):
+    """A run directory is named after its overrides: as a value, its '=' and ',' are
+    Hydra syntax (a parse error; a sweep of two paths in a single run)."""
+    from src.config import exit_on_bad_overrides, unquoted_path_value
+
+    path = "runs/esc50/model.num_heads=2,model.ff_dim=64/fold_1/model.keras"
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_bad_overrides(["experiment=esc50", f"model.pretrained={path}"], "train")
+    assert exit_info.value.code == 2
+    assert f"quote it: \"model.pretrained='{path}'\"" in capsys.readouterr().err
+    assert "quote it" in unquoted_path_value(["+model.pretrained=runs/a,b/m.keras"])
+    for fine in ([f"model.pretrained='{path}'"], ["model.num_heads=2,4"],
+                 ["-m", "model.pretrained=runs/a/m.keras,runs/b/m.keras"],
+                 ["model.pretrained=runs/a/model.keras"]):
+        assert unquoted_path_value(fine) is None, fine
