@@ -273,6 +273,13 @@ def test_disentangled_embedding_of_a_shorter_input_by_hand():
     assert len(offsets) > 1
 
 
+def fn_train(model, x):
+    """The tokens of a training-mode encode traced for any length (dynamic shapes)."""
+    fn = tf.function(lambda v: model.encode(v, training=True)[0],
+                     input_signature=[tf.TensorSpec((None, None, MELS))])
+    return fn(x)
+
+
 def test_disentangled_model_takes_any_length_up_to_the_training_one():
     model = backbone(pos_embedding="disentangled", patchout=PATCHOUT)
     x = rand(2, FRAMES, MELS)
@@ -284,9 +291,16 @@ def test_disentangled_model_takes_any_length_up_to_the_training_one():
     np.testing.assert_allclose(npy(fn(x)), full, atol=1e-5)
     np.testing.assert_allclose(npy(fn(x[:, :30])), short, atol=1e-5)
     assert npy(model.encode(x[:, :30])[0]).shape == (2, 1 + 3 * 2, 16)
-    # and training on the shorter clips (random time offset, patchout on 3 x 2 columns)
+    # and training on the shorter clips (random time offset; patchout drops the share it
+    # drops of the 7 training columns: 1 of 4 columns, then 2 of the 6 patches left, as 3
+    # of 10 at the training length)
     tokens, _ = model.encode(x[:, :40], training=True)
-    assert tokens.shape == (2, 1 + (3 - 1) * (4 - 2) - 3, 16)
+    assert tokens.shape == (2, 1 + (3 - 1) * (4 - 1) - 2, 16)
+    # one column: none of it dropped, and at least one patch kept
+    tokens, _ = model.encode(x[:, :20], training=True)
+    assert tokens.shape == (2, 1 + (3 - 1) * 1 - 1, 16)
+    tokens = fn_train(model, x[:, :20])
+    assert tokens.shape == (2, 1 + (3 - 1) * 1 - 1, 16)
     # a symbolic input of any length
     out = model(keras.Input((None, MELS)))
     assert tuple(out.shape) == (None, 5)

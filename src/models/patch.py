@@ -288,6 +288,18 @@ class PatchEmbedding(layers.Layer):
             return ops.slice(time, (offset, 0), (t_dim, self.embed_dim))
         return time[:t_dim]
 
+    @staticmethod
+    def _scaled_drop(drop: int, size, full: int):
+        """How many of ``size`` to drop where ``model.patchout`` drops ``drop`` of the
+        training input's ``full``: ``drop`` itself at the training length; for a shorter
+        input (a disentangled model takes any length) the same share, at least one kept."""
+        if isinstance(size, int):
+            if size == full:
+                return drop
+            return max(0, min(int(round(drop * size / full)), size - 1))
+        share = ops.round(ops.cast(size, "float32") * (drop / full))
+        return ops.maximum(ops.minimum(ops.cast(share, "int32"), size - 1), 0)
+
     def _keep(self, size, drop):
         """``size - drop`` of ``range(size)``, drawn without replacement, ascending."""
         scores = keras.random.uniform((size,), seed=self.seed_generator)
@@ -302,7 +314,8 @@ class PatchEmbedding(layers.Layer):
         ``keep``."""
         po = self.patchout
         t_dim = self.t_dim if t_dim is None else t_dim
-        time = self._keep(t_dim, po["time"]) if po["time"] else None
+        time = (self._keep(t_dim, self._scaled_drop(po["time"], t_dim, self.t_dim))
+                if po["time"] else None)
         freq = self._keep(self.f_dim, po["freq"]) if po["freq"] else None
         return time, freq
 
@@ -357,7 +370,8 @@ class PatchEmbedding(layers.Layer):
         x = ops.reshape(x, (batch, n, dim))
         if po["random"]:  # unstructured patchout: any of the remaining patches
             size = n if n != -1 else ops.shape(x)[1]
-            x = ops.take(x, self._keep(size, po["random"]), axis=1)
+            full = (self.f_dim - po["freq"]) * (self.t_dim - po["time"])
+            x = ops.take(x, self._keep(size, self._scaled_drop(po["random"], size, full)), axis=1)
         prefix = [ops.cast(self.cls_token, x.dtype) + prefix_pos[:, :1]]
         if self.distillation_token:
             prefix.append(ops.cast(self.dist_token, x.dtype) + prefix_pos[:, 1:2])
