@@ -1,5 +1,6 @@
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,19 @@ def test_custom_csv_and_audio_dir(tmp_path, tree):
     index = read_esc50(root, csv_path="index.csv", audio_dir=tree / "audio")
     assert len(index.records) == 5 * len(CLASSES)
     assert all(r.path.startswith(str(tree / "audio")) for r in index.records)
+    # the same through the config keys that the missing-csv error names
+    from hydra import compose, initialize_config_dir
+
+    from src.config import unknown_override_keys
+    from src.data.datasets import load_index
+
+    overrides = ["data=esc50", f"data.root={root}", "data.csv_path=index.csv",
+                 f"data.audio_dir={tree / 'audio'}"]
+    assert unknown_override_keys(overrides, "train") is None
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    assert load_index(cfg.data).records == index.records
 
 
 def test_missing_root(tmp_path):

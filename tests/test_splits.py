@@ -95,3 +95,13 @@ def test_a_file_listed_in_two_splits_is_refused():
     index = DatasetIndex(records=records, class_names=("x", "y"), root="/d")
     with pytest.raises(ConfigError, match="share 1 audio file.*a.wav"):
         make_splits(index, 2, {"val_fraction": 0.3})
+
+
+def test_a_file_listed_twice_in_one_split_is_refused():
+    records = (
+        Record("/d/a.wav", 0, 1), Record("/d/b.wav", 1, 1), Record("/d/c.wav", 1, 1),
+        Record("/d/d.wav", 0, 1), Record("/d/e.wav", 0, 2), Record("/d/e.wav", 0, 2),
+    )
+    index = DatasetIndex(records=records, class_names=("x", "y"), root="/d")
+    with pytest.raises(ConfigError, match="test split of test fold 2 lists 1 audio file.*e.wav"):
+        make_splits(index, 2, {"val_fraction": 0.3})

@@ -89,7 +89,9 @@ def load_index(data_cfg: DictConfig) -> DatasetIndex:
         ensure_dataset(root, **gen)
         return read_esc50(root)
     if fmt == "esc50":
-        return read_esc50(root, esc10_only=bool(data_cfg.get("esc10", False)))
+        return read_esc50(root, csv_path=data_cfg.get("csv_path"),
+                          audio_dir=data_cfg.get("audio_dir"),
+                          esc10_only=bool(data_cfg.get("esc10", False)))
     if fmt == "speech_commands":
         from src.data.speech_commands import read_speech_commands
 

@@ -217,6 +217,14 @@ def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Split
             f"test fold {test_fold} has no clips; the dataset's folds are {index.folds()}."
         )
     paths = np.array([r.path for r in index.records])
+    for rows, what in ((train, "training"), (val, "validation"), (test, "test")):
+        names, counts = np.unique(paths[rows], return_counts=True)
+        if (counts > 1).any():
+            raise ConfigError(
+                f"the {what} split of test fold {test_fold} lists {int((counts > 1).sum())} "
+                f"audio file(s) more than once, e.g. {names[counts > 1][0]}: the metadata has "
+                "duplicate rows, which would weigh those clips twice. Remove the duplicates."
+            )
     for a, b, what in ((train, val, "training and validation"), (train, test, "training and test"),
                        (val, test, "validation and test")):
         shared = np.intersect1d(paths[a], paths[b])
