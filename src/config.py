@@ -40,13 +40,26 @@ def _positive(cfg: DictConfig, dotted: str, integer=True):
         node = node.get(part) if isinstance(node, DictConfig) else None
     if node is None:
         raise ConfigError(f"missing config key {dotted}.")
+    what = "a whole number" if integer else "a number"
     try:
-        value = int(node) if integer else float(node)
+        if isinstance(node, bool):
+            raise TypeError
+        value = float(node)
     except (TypeError, ValueError):
-        raise ConfigError(f"{dotted} must be a number, got {node!r}.") from None
+        raise ConfigError(f"{dotted} must be {what}, got {node!r}.") from None
+    if integer:
+        if value != int(value):
+            raise ConfigError(f"{dotted} must be {what}, got {node!r}.")
+        value = int(value)
     if value <= 0:
         raise ConfigError(f"{dotted} must be positive, got {node!r}.")
     return value
+
+
+# Whole-number keys of the transformer models, checked before the model is built (its
+# own error for model.num_heads=two would not name the key).
+_MODEL_INTS = ("embed_dim", "num_layers", "num_heads", "ff_dim", "patch_size", "stride",
+               "f_stride", "t_stride")
 
 
 def _check_store_content(cfg: DictConfig) -> None:
@@ -119,7 +132,13 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
     if verify not in ("auto", "always", "never"):
         raise ConfigError(f"data.store.verify={verify!r} is unknown; use auto, always or never.")
     _check_store_content(cfg)
-    epochs = int(cfg.trainer.epochs) if cfg.trainer.get("epochs") else 0
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
+                "data.sample_rate"):
+        _positive(cfg, key)
+    for key in _MODEL_INTS:
+        if cfg.model.get(key) is not None:
+            _positive(cfg, f"model.{key}")
+    epochs = int(cfg.trainer.epochs)
     for key in ("average_epochs", "ensemble_epochs"):
         value = cfg.trainer.get(key)
         if value is None:
@@ -147,9 +166,6 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
             f"trainer.early_stopping_patience={patience!r}: use a positive number of epochs "
             "or null (off)."
         )
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
-                "data.sample_rate"):
-        _positive(cfg, key)
     _positive(cfg, "data.clip_seconds", integer=False)
     _positive(cfg, "trainer.optimizer.lr", integer=False)
     fit_verbosity(cfg.trainer.get("verbose", "auto"))
@@ -378,6 +394,30 @@ def unquoted_path_value(argv, config_name: str = "train") -> str | None:
     return None
 
 
+def unknown_group_option(argv, config_name: str) -> str | None:
+    """For a single run: Hydra's own message for a config group option that does not
+    exist (``experiment=esc05``: it lists the options), up to its config search path;
+    None otherwise (sweeps: their jobs report it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    if any(a in ("-m", "--multirun") for a in argv) or _command_overrides(argv) is None:
+        return None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
+            compose(config_name=config_name,
+                    overrides=[a for a in argv if "=" in a and not a.startswith("-")])
+    except MissingConfigException as err:
+        return str(err).split("\nConfig search path:")[0].strip()
+    except Exception:  # anything else: Hydra's, when it starts
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
 def run_dir_in_use(argv, config_name: str) -> str | None:
     """For a single run (not ``-m``): the refusal when a live process holds the run
     directory the command would use (:func:`src.training.rundir.in_use_by`), given before
@@ -409,12 +449,13 @@ def run_dir_in_use(argv, config_name: str) -> str | None:
 
 def exit_on_bad_overrides(argv, config_name: str) -> None:
     """A command's first step, before Hydra makes a run directory: a path value Hydra
-    would misread (:func:`unquoted_path_value`), misspelled keys
+    would misread (:func:`unquoted_path_value`), a config group option that does not
+    exist (:func:`unknown_group_option`), misspelled keys
     (:func:`unknown_override_keys`), then a sweep's bad job (:func:`sweep_config_error`),
     then a run directory another process holds (:func:`run_dir_in_use`); each is
     printed, exit 2."""
-    for check in (unquoted_path_value, unknown_override_keys, sweep_config_error,
-                  run_dir_in_use):
+    for check in (unquoted_path_value, unknown_group_option, unknown_override_keys,
+                  sweep_config_error, run_dir_in_use):
         message = check(argv, config_name)
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)

@@ -504,3 +504,27 @@ def test_a_run_directory_path_as_a_value_is_refused_with_its_quoted_form(capsys)
                  ["-m", "model.pretrained=runs/a/m.keras,runs/b/m.keras"],
                  ["model.pretrained=runs/a/model.keras"]):
         assert unquoted_path_value(fine) is None, fine
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.epochs=1.5", "trainer.epochs must be a whole number, got 1.5"),
+    ("trainer.batch_size=true", "trainer.batch_size must be a whole number"),
+    ("model.num_heads=two", "model.num_heads must be a whole number, got 'two'"),
+    ("model.ff_dim=0", "model.ff_dim must be positive"),
+    ("model.stride=12.5", "model.stride must be a whole number"),
+])
+def test_whole_number_keys_name_themselves(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate_config(make("experiment=quickstart", override))
+    validate_config(make("experiment=quickstart", "trainer.epochs=3.0"))  # a whole number
+
+
+def test_an_unknown_config_option_is_refused_with_the_options(capsys):
+    from src.config import exit_on_bad_overrides
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_bad_overrides(["experiment=esc05", "trainer.epochs=1"], "train")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Could not find 'experiment/esc05'" in err and "\tesc50\n" in err
+    assert "Config search path" not in err
