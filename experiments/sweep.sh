@@ -6,7 +6,8 @@
 #
 # NAME: experiment name (runs/NAME/...); KEY=VALUES: the swept key, e.g.
 # model.num_heads 1,2,4,8,16. Extra arguments are Hydra overrides and win over
-# the script's own (so `experiment=quickstart trainer.epochs=1` makes a smoke run).
+# the script's own (so `experiment=quickstart trainer.epochs=1` makes a smoke run;
+# `model.num_heads=1,2` sweeps those values, and the table expects those).
 set -euo pipefail
 
 PY=${PYTHON:-.venv/bin/python}
@@ -14,6 +15,14 @@ PY=${PYTHON:-.venv/bin/python}
 sweep() {
   local name=$1 key=$2 values=$3
   shift 3
+  local rest=() arg
+  for arg in "$@"; do
+    case "$arg" in
+      "$key="*) values=${arg#"$key="} ;;
+      *) rest+=("$arg") ;;
+    esac
+  done
+  set -- ${rest[@]+"${rest[@]}"}
   local runs=${AUDIO_RUNS_DIR:-runs}
   local tag
   tag=$(printf '%s\n' "$key=$values" "$@" | sha1sum | cut -c1-10)

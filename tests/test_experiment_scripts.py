@@ -288,3 +288,22 @@ def test_ensemble_missing_predictions_is_a_clear_error(ensemble_runs, tmp_path):
     out = _ensemble(tmp, a, tmp_path / "no_such_run")
     assert out.returncode == 2 and out.stdout == ""
     assert f"error: {tmp_path / 'no_such_run'}: not a run directory" in out.stderr
+
+
+@pytest.mark.slow
+def test_an_ablation_sweeps_the_values_given_for_its_key(tmp_path):
+    """`experiments/ablate_heads.sh model.num_heads=1,2`: the user's values are swept and
+    the table expects those, not the script's own (no rows of missing runs)."""
+    args = ["experiment=quickstart", "logger=none", *TINY_DATA, *TINY_MODEL,
+            "model.embed_dim=16", "trainer.epochs=1", "trainer.attention_maps=0",
+            "trainer.save_model=false", "model.num_heads=1,2"]
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "ablate_heads.sh"), *args],
+                         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (sweep,) = list((tmp_path / "runs" / "ablate_heads").glob("sweep-*"))
+    heads = sorted(r["config"]["model"]["num_heads"] for r in _run_results(sweep))
+    assert heads == [1, 2]
+    rows = _markdown_rows((sweep / "table.md").read_text())
+    assert [int(row["model.num_heads"]) for row in rows] == [1, 2]
+    assert "missing" not in (sweep / "table.md").read_text() and "no run" not in out.stderr

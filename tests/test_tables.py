@@ -873,3 +873,18 @@ def test_table_and_plot_logged_to_an_offline_wandb_run(sweep, tmp_path):
     # stdout is the table alone (experiments/sweep.sh writes it to table.md)
     assert "wandb sync" not in out.stdout and f"wandb sync {run_dir}" in out.stderr
     assert out.stdout.lstrip().startswith("|")
+
+
+def test_the_same_run_twice_is_noted_as_repeats_that_narrow_the_std(tmp_path):
+    """One run alone and the same config and seed again in a sweep: two repeats in the
+    row (its std narrower than the data say), noted with both directories."""
+    root = tmp_path / "esc50"
+    for name in ("alone", "sweep/job0"):
+        write_run(root / name, ESC50, config=data_config(root / name, seed=42))
+    write_run(root / "other_seed", ESC50, config=data_config(root / "other_seed", seed=7))
+    (row,) = group_runs(load_runs([root]))
+    assert row.num_runs == 3
+    (note,) = row.notes
+    assert note.startswith("2 runs have the same config and seed (42): ")
+    assert str(root / "alone") in note and str(root / "sweep" / "job0") in note
+    assert "other_seed" not in note

@@ -500,6 +500,28 @@ def _data_notes(key: Mapping[str, Any], runs: Sequence[Run]) -> list[str]:
     return notes
 
 
+def _repeat_notes(runs: Sequence[Run]) -> list[str]:
+    """A note on runs of one row that are the same run twice: the same config, seed and
+    data root (one run alone and again in a sweep): they count as two repeats, which
+    narrows the std without new information."""
+    ignore = [k for k in DEFAULT_IGNORE if k not in ("seed", "data.root")]
+    same: dict[tuple, list[Run]] = {}
+    for r in runs:
+        token = tuple(sorted((k, _sort_token(v)) for k, v in r.config.items()
+                             if not _ignored(k, ignore)))
+        same.setdefault(token, []).append(r)
+    notes = []
+    for group in same.values():
+        if len(group) > 1:
+            shown = ", ".join(str(Path(r.path).parent) for r in group[:3])
+            more = f" and {len(group) - 3} more" if len(group) > 3 else ""
+            notes.append(
+                f"{len(group)} runs have the same config and seed ({group[0].seed}): "
+                f"{shown}{more}; they count as {len(group)} repeats, so the std is too "
+                "narrow: give the tables one of them, or run the repeats with other seeds")
+    return notes
+
+
 def _make_row(key: dict[str, Any], runs: list[Run],
               references: Mapping[tuple, frozenset]) -> Row:
     metric = _check_one_metric(runs)
@@ -509,6 +531,7 @@ def _make_row(key: dict[str, Any], runs: list[Run],
     if len(params) > 1:
         notes.append(f"parameter counts differ: {sorted(params)}")
     notes += _data_notes(key, runs)
+    notes += _repeat_notes(runs)
     row = Row(
         key=key,
         runs=list(runs),
