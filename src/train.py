@@ -238,6 +238,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     from src.models.build import build_model
     from src.training.callbacks import (
         AtomicBackupAndRestore,
+        EpochTime,
         LearningRateLogger,
         backup_epoch,
         backup_finished,
@@ -427,6 +428,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         )
         callbacks.append(paper)
     callbacks += [
+        EpochTime(),  # after validation and the checkpoints: the epoch's whole time
         keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
         # Resume: restores weights, optimizer state and epoch after a crash. Last, so an
         # epoch in the backup is always in the log too.
@@ -452,6 +454,10 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         train_time = time.time() - start
         hist = _full_history(fold_dir / "metrics.csv", history.history)
         done_epochs = len(hist.get("loss", []))
+        epoch_times = hist.get("epoch_time_s") or []
+        timed_epochs = len(history.history.get("loss", []))  # this attempt's
+        if done_epochs and len(epoch_times) == done_epochs:  # every attempt's epochs
+            train_time, timed_epochs = float(sum(epoch_times)), done_epochs
         # Validation of the final model (the last epoch's report) and the test split, read
         # once per model variant, to report.
         eval_start = time.time()
@@ -516,10 +522,10 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             "parameters": int(model.count_params()),
             "pretrained": pretrained,
             "train_time_s": train_time,
-            # clips per second over this attempt's epochs (compilation included)
+            # clips per second over the fold's epochs (compilation and validation
+            # included), those of earlier attempts too
             "train_clips_per_s": (samples if balanced else len(splits.train))
-            * len(history.history.get("loss", [])) / max(train_time, 1e-9)
-            if history.history.get("loss") else None,
+            * timed_epochs / max(train_time, 1e-9) if timed_epochs else None,
             "eval_clips_per_s": len(splits.test) / max(eval_time, 1e-9),
             "git": git_info(),
             "versions": package_versions(),

@@ -162,8 +162,11 @@ def test_a_run_stopped_after_training_evaluates_without_training_again(tmp_path)
     assert (run_dir / "fold_5" / "metrics.csv").read_text() == rows
     assert not backup.exists() and (run_dir / "fold_5" / "model.keras").is_file()
     r = json.loads((run_dir / "results.json").read_text())
-    assert r["per_fold"][0]["train_clips_per_s"] is None  # no epoch trained in this attempt
     assert len(r["history"]["5"]["loss"]) == 2
+    # the training time and throughput of the first attempt's epochs (none trained now)
+    times, fold = r["history"]["5"]["epoch_time_s"], r["per_fold"][0]
+    assert len(times) == 2 and fold["train_time_s"] == pytest.approx(sum(times))
+    assert fold["train_clips_per_s"] == pytest.approx(fold["num_train"] * 2 / sum(times))
 
 
 @pytest.mark.slow  # the heads ablation script's smoke test covers multirun by default
@@ -417,6 +420,12 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     lrs = hist["learning_rate"]
     assert all(b < a for a, b in zip(lrs[2:], lrs[3:])), (resumed, lrs)
     assert not (run_dir / "fold_2" / "backup").exists()
+    # The fold's training time counts the epochs of both attempts
+    times = hist["epoch_time_s"]
+    assert len(times) == 40 and all(t > 0 for t in times)
+    fold2 = r["per_fold"][1]
+    assert fold2["train_time_s"] == pytest.approx(sum(times))
+    assert fold2["train_clips_per_s"] == pytest.approx(fold2["num_train"] * 40 / sum(times))
     # W&B: the resumed fold's offline run logs the epochs before the kill again, and the
     # command printed for it uploads that directory alone.
     fold2_id = (run_dir / "fold_2" / "wandb_run_id").read_text().strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import keras
@@ -105,6 +106,20 @@ def remove_backup(backup_dir: str | os.PathLike) -> None:
     import shutil
 
     shutil.rmtree(backup_dir, ignore_errors=True)
+
+
+class EpochTime(keras.callbacks.Callback):
+    """Adds ``epoch_time_s``, the epoch's wall time from its start to this callback's
+    end of epoch (training, then what the callbacks before it did: validation), to the
+    epoch logs. Logged with the epoch (CSV log, W&B), it gives the training time of a
+    fold over every attempt, resumed or not."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and hasattr(self, "_start"):
+            logs["epoch_time_s"] = time.perf_counter() - self._start
 
 
 def csv_number(text) -> float | None:
