@@ -392,6 +392,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     from src.models.ssast import MaskedPatchPretrainer
     from src.training.callbacks import (
         AtomicBackupAndRestore,
+        EpochTime,
         LearningRateLogger,
         backup_epoch,
         backup_finished,
@@ -480,6 +481,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         log.info("resuming after %d completed epoch(s)", resumed)
     callbacks = [
         LearningRateLogger(),
+        EpochTime(),
         keras.callbacks.CSVLogger(str(csv_path), append=True),
         AtomicBackupAndRestore(str(run_dir / "backup")),
     ]
@@ -500,6 +502,9 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         )
         train_time = time.time() - fit_start
         hist = _full_history(csv_path, history.history)
+        times = hist.get("epoch_time_s") or []
+        if times and len(times) == len(hist.get("loss", [])):  # every attempt's epochs
+            train_time = float(sum(times))
         path = run_dir / BACKBONE
         pretrainer.release_backbone()
         _save_model(model, path)
