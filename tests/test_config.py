@@ -528,3 +528,18 @@ def test_an_unknown_config_option_is_refused_with_the_options(capsys):
     assert exit_info.value.code == 2
     assert "Could not find 'experiment/esc05'" in err and "\tesc50\n" in err
     assert "Config search path" not in err
+
+
+def test_a_long_run_directory_name_keeps_the_settings_readable():
+    """Over 100 characters the name is cut and a digest added: the settings come first
+    and a path shows its last part, so two sweep jobs' names show their values."""
+    from src.training.rundir import run_dirname
+
+    base = ["data.root=/home/someone/datasets/audio/ESC-50-master", "model.embed_dim=32",
+            "model.ff_dim=32", "model.num_layers=1", "trainer.epochs=2"]
+    one, two = (run_dirname([*base, f"model.num_heads={h}"]) for h in (1, 2))
+    assert one.startswith("model.embed_dim=32,model.ff_dim=32,model.num_heads=1,")
+    assert two.startswith("model.embed_dim=32,model.ff_dim=32,model.num_heads=2,")
+    assert len(one) <= 91 and one != two
+    assert run_dirname(["data.root=/a/ESC-50-master", "model.num_heads=2"]) == (
+        "data.root=_a_ESC-50-master,model.num_heads=2")  # short names are as they were

@@ -56,6 +56,16 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9=,._+\-\[\]]+", "_", text)
 
 
+def _shown(override: str) -> tuple[bool, str]:
+    """An override as a long directory name shows it: ``(is a path, text)``, a path by
+    its last part."""
+    key, eq, value = override.partition("=")
+    path = value.strip("'\"").rstrip("/")
+    if "/" in path:
+        return True, f"{key}{eq}{path.rsplit('/', 1)[-1]}"
+    return False, override
+
+
 def run_dirname(overrides, invariant: Sequence[str] | None = None) -> str:
     """A directory name for a command's overrides: the overrides that change the run
     (not those under ``invariant``), readable, filesystem-safe, bounded."""
@@ -70,8 +80,12 @@ def run_dirname(overrides, invariant: Sequence[str] | None = None) -> str:
     text = ",".join(sorted(kept)) or "default"
     safe = _safe(text)
     if len(safe) > 100:
+        # Too long: the settings first and paths by their last part (data.root=/a/b/ESC-50
+        # -> data.root=ESC-50), so the swept values stay readable; the digest of the
+        # whole text keeps the name unique.
+        parts = sorted(_shown(o) for o in kept)
         digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-        safe = f"{safe[:80]}-{digest}"
+        safe = f"{_safe(','.join(p for _, p in parts))[:80]}-{digest}"
     return safe
 
 
