@@ -45,7 +45,7 @@ works.
 Built with the C++ compiler (``$CXX``, else ``g++``, else ``c++``) against the installed
 TensorFlow's headers, once per source, TensorFlow version and CPU, into
 ``$AUDIO_TRANSFORMER_NATIVE_DIR`` (default ``~/.cache/audio-transformer/native``); about
-25-40 s, for ``-march=native`` (``$AUDIO_TRANSFORMER_NATIVE_MARCH`` names another
+25-50 s, for ``-march=native`` (``$AUDIO_TRANSFORMER_NATIVE_MARCH`` names another
 target, e.g. ``x86-64-v3`` for CPUs without AVX-512; the tests run on such builds too).
 Without a compiler, or if the build fails, a warning says why and the TensorFlow ops
 are used: the same results, slower. ``AUDIO_TRANSFORMER_NATIVE=0`` turns the kernels
