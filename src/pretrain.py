@@ -392,6 +392,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     from src.models.ssast import MaskedPatchPretrainer
     from src.training.callbacks import (
         AtomicBackupAndRestore,
+        CSVLog,
         EpochTime,
         LearningRateLogger,
         backup_epoch,
@@ -482,7 +483,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     callbacks = [
         LearningRateLogger(),
         EpochTime(),
-        keras.callbacks.CSVLogger(str(csv_path), append=True),
+        CSVLog(csv_path),
         AtomicBackupAndRestore(str(run_dir / "backup")),
     ]
     logger = _make_logger(cfg, f"{cfg.name}-pretrain", "pretrain", resolved,

@@ -238,6 +238,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     from src.models.build import build_model
     from src.training.callbacks import (
         AtomicBackupAndRestore,
+        CSVLog,
         EpochTime,
         LearningRateLogger,
         backup_epoch,
@@ -429,7 +430,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         callbacks.append(paper)
     callbacks += [
         EpochTime(),  # after validation and the checkpoints: the epoch's whole time
-        keras.callbacks.CSVLogger(str(fold_dir / "metrics.csv"), append=True),
+        CSVLog(fold_dir / "metrics.csv"),
         # Resume: restores weights, optimizer state and epoch after a crash. Last, so an
         # epoch in the backup is always in the log too.
         AtomicBackupAndRestore(str(fold_dir / "backup")),

@@ -485,3 +485,44 @@ def test_the_best_checkpoint_holds_the_best_epoch_the_backup_committed(tmp_path)
         assert all(np.array_equal(a, b) for a, b in zip(
             weights(best), weights(every.path(best_epoch))))
         assert not (root / "best.pending.weights.h5").exists()
+
+
+def test_a_resumed_csv_log_keeps_its_columns_when_the_logged_keys_change(tmp_path):
+    """Keras' CSVLogger appends a fit's values in that fit's sorted keys under the
+    file's old header; CSVLog adopts the header and adds new keys as columns."""
+    from src.training.callbacks import CSVLog, EpochTime, csv_log_rows
+
+    class Extra(keras.callbacks.Callback):
+        def __init__(self, **values):
+            super().__init__()
+            self.values = values
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs.update(self.values)
+
+    path = tmp_path / "metrics.csv"
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype("float32")
+    y = np.zeros((8, 2), "float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, verbose=0, validation_data=(x, y),
+              callbacks=[Extra(old_only=7.0), CSVLog(path)])
+    # the resumed attempt logs a new key (epoch_time_s) and no longer the old one
+    model.fit(x, y, epochs=3, initial_epoch=1, verbose=0, validation_data=(x, y),
+              callbacks=[Extra(zeta=5.0), EpochTime(), CSVLog(path)])
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "loss", "old_only", "val_loss", "epoch_time_s"]
+    rows = csv_log_rows(path)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[0]["old_only"] == 7.0 and rows[0]["epoch_time_s"] is None
+    assert rows[0]["zeta"] is None
+    for r in rows[1:]:
+        assert r["old_only"] is None and r["zeta"] == 5.0 and r["epoch_time_s"] > 0
+        assert 0 < r["loss"] < 10 and 0 < r["val_loss"] < 10
+    # plain Keras would have shifted them: the values of attempt 2 under attempt 1's names
+    plain = tmp_path / "plain.csv"
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[
+        Extra(old_only=7.0), keras.callbacks.CSVLogger(str(plain), append=True)])
+    model.fit(x, y, epochs=2, initial_epoch=1, verbose=0, callbacks=[
+        Extra(zeta=5.0), EpochTime(), keras.callbacks.CSVLogger(str(plain), append=True)])
+    assert csv_log_rows(plain)[1]["old_only"] is not None  # a value of another key

@@ -108,6 +108,49 @@ def remove_backup(backup_dir: str | os.PathLike) -> None:
     shutil.rmtree(backup_dir, ignore_errors=True)
 
 
+class CSVLog(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger appending to a run's ``metrics.csv`` in the file's own columns.
+
+    Keras takes the columns from the first epoch of each ``fit`` and writes the header
+    only into a new file: a resumed run whose epochs log another set of keys (a code
+    update added one) would write its values under the wrong names. Here the first
+    epoch of an appending ``fit`` adopts the file's header; keys the file lacks are
+    added as new columns (the file rewritten once, earlier rows ``NA`` there), and
+    columns it has that this ``fit`` does not log are written ``NA``."""
+
+    def __init__(self, filename):
+        super().__init__(str(filename), append=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.keys is None and logs:
+            self._adopt_header(dict(logs))
+        super().on_epoch_end(epoch, logs)
+
+    def _adopt_header(self, logs) -> None:
+        path = Path(self.filename)
+        if not (path.exists() and path.stat().st_size):
+            return
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.reader(fh, delimiter=self.sep) if r]
+        if not rows or rows[0][:1] != ["epoch"]:
+            return
+        old = rows[0][1:]
+        new = sorted(logs)
+        if not any(k.startswith("val_") for k in new):  # as Keras' own columns
+            new += [f"val_{k}" for k in new]
+        keys = old + [k for k in new if k not in old]
+        if keys != old:
+            self.csv_file.close()
+            width = len(keys) + 1
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh, delimiter=self.sep).writerows(
+                    [["epoch", *keys], *(r + ["NA"] * (width - len(r)) for r in rows[1:])])
+            os.replace(tmp, path)
+            self.csv_file = open(path, "a")  # noqa: SIM115 (closed by on_train_end)
+        self.keys = keys
+
+
 class EpochTime(keras.callbacks.Callback):
     """Adds ``epoch_time_s``, the epoch's wall time from its start to this callback's
     end of epoch (training, then what the callbacks before it did: validation), to the
