@@ -210,6 +210,12 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
         raise ConfigError(f"invalid model/frontend config: {err}") from None
 
 
+def _override_args(argv) -> list[str]:
+    """The overrides of a command line: ``key=value`` forms and ``~key`` deletions."""
+    return [str(a) for a in argv
+            if not str(a).startswith("-") and ("=" in str(a) or str(a).startswith("~"))]
+
+
 def _command_overrides(argv):
     """Hydra's parsed ``key=value`` overrides of a command line; None where this module
     does not second-guess Hydra (another config via ``--config-name`` / ``--config-path``
@@ -223,7 +229,7 @@ def _command_overrides(argv):
         return None
     try:
         return OverridesParser.create().parse_overrides(
-            [a for a in args if "=" in a and not a.startswith("-")])
+            _override_args(args))
     except Exception:  # Hydra reports its own syntax errors
         return None
 
@@ -408,7 +414,7 @@ def unknown_group_option(argv, config_name: str) -> str | None:
     try:
         with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
             compose(config_name=config_name,
-                    overrides=[a for a in argv if "=" in a and not a.startswith("-")])
+                    overrides=_override_args(argv))
     except MissingConfigException as err:
         return str(err).split("\nConfig search path:")[0].strip()
     except Exception:  # anything else: Hydra's, when it starts
@@ -425,12 +431,12 @@ def run_dir_in_use(argv, config_name: str) -> str | None:
     lock itself is taken when the run starts (``RunLock``), as for a sweep's jobs."""
     if any(a in ("-m", "--multirun") for a in argv) or _command_overrides(argv) is None:
         return None
-    cfg = _compose(config_name, [a for a in argv if "=" in a and not a.startswith("-")],
-                   with_hydra=True)
+    cfg = _compose(config_name, _override_args(argv), with_hydra=True)
     if cfg is None or "MULTIRUN" in str(cfg.hydra.get("mode")):
         return None
     from hydra.core.hydra_config import HydraConfig
 
+    import src.train  # noqa: F401  (registers the resolvers of hydra.run.dir)
     from src.training import distribute
     from src.training.rundir import in_use_by
 

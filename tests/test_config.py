@@ -543,3 +543,20 @@ def test_a_long_run_directory_name_keeps_the_settings_readable():
     assert len(one) <= 91 and one != two
     assert run_dirname(["data.root=/a/ESC-50-master", "model.num_heads=2"]) == (
         "data.root=_a_ESC-50-master,model.num_heads=2")  # short names are as they were
+
+
+def test_the_run_directory_check_counts_deletions(tmp_path, monkeypatch):
+    """`~key` names its own run directory (Hydra's `_key`): a lock held on the one
+    without the deletion does not refuse it, and one on its own does."""
+    from src.config import run_dir_in_use
+    from src.training.rundir import RunLock
+
+    monkeypatch.setenv("AUDIO_RUNS_DIR", str(tmp_path / "runs"))
+    plain = tmp_path / "runs" / "quickstart" / "default"
+    deleted = tmp_path / "runs" / "quickstart" / "_augment.mixup_alpha"
+    with RunLock(plain):
+        assert run_dir_in_use(["experiment=quickstart", "~augment.mixup_alpha"], "train") is None
+        assert "is in use" in run_dir_in_use(["experiment=quickstart"], "train")
+    with RunLock(deleted):
+        assert "is in use" in run_dir_in_use(["experiment=quickstart", "~augment.mixup_alpha"],
+                                             "train")
