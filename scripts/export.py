@@ -110,6 +110,11 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
         return tf.sigmoid(logits) if multi else tf.nn.softmax(logits, axis=-1)
 
     def serve(waveform):
+        if length is None:  # any length up to the clip: a longer one goes in windows
+            tf.debugging.assert_less_equal(
+                tf.shape(waveform)[1], clip,
+                message=f"the input is longer than the model's clip of {clip} samples: "
+                "cut it into windows (clip_probabilities does)")
         return model(waveform, training=False)
 
     def clip_probabilities(waveform):

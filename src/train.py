@@ -479,7 +479,10 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             "splits": splits.summary(),
         }
         vals = hist.get(monitor) or []
-        if vals:
+        if vals and np.isnan(np.asarray(vals, np.float64)).all():
+            log.warning("fold %d: %s is NaN in every epoch (diverged?): no best epoch",
+                        fold, monitor)
+        elif vals:
             best = int(np.nanargmax(vals))
             result["best_epoch"] = best + 1
             result[f"best_val_{primary}"] = float(vals[best])
