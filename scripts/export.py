@@ -113,7 +113,7 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
         if length is None:  # any length up to the clip: a longer one goes in windows
             tf.debugging.assert_less_equal(
                 tf.shape(waveform)[1], clip,
-                message=f"the input is longer than the model's clip of {clip} samples: "
+                message=f"the input is longer than the clip the model takes ({clip} samples): "
                 "cut it into windows (clip_probabilities does)")
         return model(waveform, training=False)
 
