@@ -234,10 +234,9 @@ def _command_overrides(argv):
         return None
 
 
-def _compose(config_name: str, overrides, with_hydra: bool = False):
-    """The project's config composed outside a Hydra app (``with_hydra``: with its
-    ``hydra`` node); None when Hydra refuses the overrides (an unknown group option:
-    Hydra lists the options itself when it starts)."""
+def _try_compose(config_name: str, overrides, with_hydra: bool = False):
+    """``(config, None)``, or ``(None, Hydra's exception)`` when Hydra refuses the
+    overrides; composed outside a Hydra app (``with_hydra``: with its ``hydra`` node)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -246,11 +245,18 @@ def _compose(config_name: str, overrides, with_hydra: bool = False):
     try:
         with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides),
-                           return_hydra_config=with_hydra)
-    except Exception:
-        return None
+                           return_hydra_config=with_hydra), None
+    except Exception as err:
+        return None, err
     finally:
         GlobalHydra.instance().clear()
+
+
+def _compose(config_name: str, overrides, with_hydra: bool = False):
+    """The project's config composed outside a Hydra app (``with_hydra``: with its
+    ``hydra`` node); None when Hydra refuses the overrides (an unknown group option:
+    Hydra lists the options itself when it starts)."""
+    return _try_compose(config_name, overrides, with_hydra)[0]
 
 
 def unknown_override_keys(argv, config_name: str) -> str | None:
@@ -404,24 +410,14 @@ def unknown_group_option(argv, config_name: str) -> str | None:
     """For a single run: Hydra's own message for a config group option that does not
     exist (``experiment=esc05``: it lists the options), up to its config search path;
     None otherwise (sweeps: their jobs report it)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import MissingConfigException
 
     if any(a in ("-m", "--multirun") for a in argv) or _command_overrides(argv) is None:
         return None
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
-            compose(config_name=config_name,
-                    overrides=_override_args(argv))
-    except MissingConfigException as err:
+    _, err = _try_compose(config_name, _override_args(argv))
+    if isinstance(err, MissingConfigException):
         return str(err).split("\nConfig search path:")[0].strip()
-    except Exception:  # anything else: Hydra's, when it starts
-        return None
-    finally:
-        GlobalHydra.instance().clear()
-    return None
+    return None  # anything else: Hydra's, when it starts
 
 
 def run_dir_in_use(argv, config_name: str) -> str | None:
