@@ -198,14 +198,29 @@ def _usable(store, index, rows: np.ndarray, min_frames: int, seconds: float):
     return rows[ok], short
 
 
-def _carve(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _carve(rows: np.ndarray, fraction: float, seed: int,
+           groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(train, validation)``: a random ``fraction`` of ``rows`` (at least one clip when
-    there are two or more) for validation, drawn with ``seed``."""
+    there are two or more) for validation, drawn with ``seed``. ``groups`` (each row's
+    source recording, see ``DatasetIndex.groups``): whole sources join the validation
+    split, in random order, until it holds its share; None or all distinct: clip by clip."""
     n = len(rows)
     n_val = int(round(float(fraction) * n))
     n_val = min(max(n_val, 1), n - 1) if n >= 2 else 0
-    perm = np.random.default_rng([int(seed), 7]).permutation(rows)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    rng = np.random.default_rng([int(seed), 7])
+    if groups is None or len(np.unique(groups)) == n:
+        perm = rng.permutation(rows)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse)
+    chosen, taken = [], 0
+    for g in rng.permutation(len(ids)):
+        if taken >= n_val or len(chosen) == len(ids) - 1:
+            break
+        chosen.append(g)
+        taken += int(sizes[g])
+    val = np.isin(inverse, chosen)
+    return np.sort(rows[~val]), np.sort(rows[val])
 
 
 def _eval_batches(store, index, rows, batch_size: int) -> int:
@@ -360,8 +375,10 @@ def run(cfg: DictConfig, run_dir: Path, checked: dict | None = None) -> dict:
             1000.0 if cfg.frontend.get("unit", "ms") == "ms" else float(cfg.data.sample_rate)
         )
         rows, short = _usable(store, index, rows, patch, patch * hop_s)
+        by_source = bool(cfg.data.get("split_by_source", True))
         train_rows, val_rows = _carve(rows, float(cfg.data.val_fraction),
-                                      int(cfg.data.get("split_seed", 0) or 0))
+                                      int(cfg.data.get("split_seed", 0) or 0),
+                                      index.groups()[rows] if by_source else None)
         # A finished or begun pretraining goes on only with the clips and features (and
         # starting weights) it had: else the old backbone would be reported and exported
         # as if it came from these.

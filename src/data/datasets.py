@@ -128,6 +128,7 @@ def load_index(data_cfg: DictConfig) -> DatasetIndex:
             else [str(e) for e in extensions],
             labels_from_subdirs=bool(data_cfg.get("labels_from_subdirs", False)),
             num_folds=int(data_cfg.get("num_folds") or 1),
+            source_pattern=data_cfg.get("source_pattern"),
         )
     if fmt == "synthetic_tagging":
         from src.data.audioset import read_audioset

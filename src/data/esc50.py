@@ -31,7 +31,7 @@ REQUIRED_COLUMNS = ("filename", "fold", "target", "category")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
 # ESC-50 file names: {fold}-{src_file}-{take}-{target}.wav, e.g. 1-100032-A-0.wav
-_ESC50_NAME = re.compile(r"(\d+)-[^-/\\]+-[A-Za-z]+-\d+\.wav", re.IGNORECASE)
+_ESC50_NAME = re.compile(r"(\d+)-([^-/\\]+)-[A-Za-z]+-\d+\.wav", re.IGNORECASE)
 _SHOWN_MISMATCHES = 5
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def read_esc50(
                     "filename,fold,target,category,esc10,src_file,take"
                 )
         rows = []  # (row_no, filename, fold, target, category)
+        groups = []  # each row's source recording (src_file), None where unknown
         # row numbers count the header as row 1, as a spreadsheet would show them
         for row_no, row in enumerate(reader, start=2):
             if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
@@ -120,6 +121,7 @@ def read_esc50(
             target = _parse_int(row.get("target"), "target", row_no, row, csv_file)
             category = (row.get("category") or "").strip()
             rows.append((row_no, filename, fold, target, category))
+            groups.append(_source_of(row, filename))
 
     if not rows:
         which = "rows with esc10=True" if esc10_only else "rows"
@@ -159,11 +161,22 @@ def read_esc50(
             )
 
     records = tuple(
-        Record(path=str(audio / filename), label=remap[target], fold=fold)
-        for _row_no, filename, fold, target, _category in rows
+        Record(path=str(audio / filename), label=remap[target], fold=fold, group=group)
+        for (_row_no, filename, fold, target, _category), group in zip(rows, groups)
     )
     class_names = tuple(names[t] for t in original)
     return DatasetIndex(records=records, class_names=class_names, root=str(root), info=info)
+
+
+def _source_of(row: dict, filename: str) -> str | None:
+    """The Freesound recording a clip was cut from: the csv's ``src_file`` column, else
+    the one in an ESC-50 file name ({fold}-{src_file}-{take}-{target}.wav); None where
+    neither gives it (the clip is then a source of its own)."""
+    src = (row.get("src_file") or "").strip()
+    if src:
+        return src
+    match = _ESC50_NAME.fullmatch(Path(filename).name)
+    return match.group(2) if match else None
 
 
 def _warn_fold_mismatch(csv_file: Path, rows: list) -> None:

@@ -13,12 +13,22 @@ starting with ``.``) are skipped and symbolic links to folders are not followed.
 Folds: ``data.num_folds`` (default 1) folds assigned round-robin over the sorted files
 of each class (of all files when unlabeled), so folds are balanced per class and the same
 files always land in the same fold. ``Record.key`` is the path relative to the root.
+
+Sources: ``data.source_pattern``, a regular expression searched in each file's path
+relative to the root, names the recording a file was cut from (its first group, or the
+whole match without groups); files with the same source go to one fold, and a
+validation split carved from the training folds keeps them together too, so no source
+is heard both in training and in evaluation. Files it does not match are sources of
+their own. E.g. ``'^[^/]+/([^_]+)_'`` for ``dog/rec12_003.wav``: source ``rec12``.
+Sources are dealt largest first, each to the fold that holds the fewest files of its
+classes so far (ties: the lowest fold), which without a pattern is the round-robin above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,6 +74,7 @@ def read_folder(
     extensions: Iterable[str] | str | None = None,
     labels_from_subdirs: bool = False,
     num_folds: int = 1,
+    source_pattern: str | None = None,
 ) -> DatasetIndex:
     """Index every audio file under ``root`` (see the module docstring)."""
     root = Path(root).expanduser().absolute()
@@ -99,21 +110,75 @@ def read_folder(
         class_names = ()
         labels = [()] * len(files)
 
-    counters: dict = {}
-    records = []
-    for rel, label in zip(files, labels):
-        position = counters.get(label, 0)  # round-robin per class: stratified, stable
-        counters[label] = position + 1
-        records.append(
-            Record(path=str(root / rel), label=label, fold=1 + position % num_folds, key=rel)
-        )
+    sources = _sources(files, source_pattern)
+    folds = _deal_folds(files, labels, sources, num_folds)
+    records = tuple(
+        Record(path=str(root / rel), label=label, fold=fold, key=rel, group=source)
+        for rel, label, fold, source in zip(files, labels, folds, sources)
+    )
+    info = {"files": len(records), "extensions": list(exts)}
+    if source_pattern:
+        named = {s for s in sources if s is not None}
+        info["sources"] = len(named) + sum(s is None for s in sources)
+        log.info("%s: %d file(s) from %d source(s) (data.source_pattern=%r; %d file(s) "
+                 "unmatched, each a source of its own)", root, len(files), info["sources"],
+                 source_pattern, sum(s is None for s in sources))
     if num_folds > len(files):
         log.warning("%s: %d file(s) for %d folds; some folds are empty", root, len(files),
                     num_folds)
     return DatasetIndex(
-        records=tuple(records),
+        records=records,
         class_names=class_names,
         root=str(root),
         multi_label=not labels_from_subdirs,
-        info={"files": len(records), "extensions": list(exts)},
+        info=info,
     )
+
+
+def _sources(files: list[str], pattern: str | None) -> list[str | None]:
+    """Each file's source under ``data.source_pattern`` (None: unmatched, or no pattern)."""
+    if not pattern:
+        return [None] * len(files)
+    try:
+        regex = re.compile(str(pattern))
+    except re.error as err:
+        raise DatasetError(
+            f"data.source_pattern={pattern!r} is not a valid regular expression ({err}); "
+            "give one whose first group names the recording in a file's path relative to "
+            "data.root, e.g. '^[^/]+/([^_]+)_' for dog/rec12_003.wav"
+        ) from None
+    out = []
+    for rel in files:
+        match = regex.search(rel)
+        if match is None:
+            out.append(None)
+            continue
+        source = match.group(1) if regex.groups else match.group(0)
+        out.append(source if source else None)
+    if all(s is None for s in out):
+        log.warning("data.source_pattern=%r matches none of the %d file(s) (e.g. %s): every "
+                    "file is a source of its own", pattern, len(files), files[0])
+    return out
+
+
+def _deal_folds(files: list[str], labels: list, sources: list[str | None],
+                num_folds: int) -> list[int]:
+    """Folds 1..num_folds: each source whole, largest first (then by name), to the fold
+    holding the fewest files of its classes so far, the lowest such fold on ties."""
+    members: dict = {}
+    for i, source in enumerate(sources):
+        members.setdefault(("s", source) if source is not None else ("f", files[i]), []).append(i)
+    order = sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0][1], kv[0][0]))
+    counts: dict = {}  # label -> files per fold
+    folds = [0] * len(files)
+    for _key, rows in order:
+        load = [0] * num_folds
+        for i in rows:
+            per_fold = counts.setdefault(labels[i], [0] * num_folds)
+            for f in range(num_folds):
+                load[f] += per_fold[f]
+        fold = min(range(num_folds), key=lambda f: (load[f], f))
+        for i in rows:
+            counts[labels[i]][fold] += 1
+            folds[i] = fold + 1
+    return folds

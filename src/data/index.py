@@ -28,6 +28,9 @@ class Record:
     fold: int
     key: str | None = None  # the dataset's own id (YTID, fname); None: the path
     source: str | None = None  # where the record came from, for messages ("eval.csv row 17")
+    # The recording the clip was cut from (ESC-50's src_file, UrbanSound8K's fsID, a
+    # speaker): clips that share it stay on one side of every split. None: the clip alone.
+    group: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,16 @@ class DatasetIndex:
         train = [r for r in self.records if r.fold not in wanted]
         test = [r for r in self.records if r.fold in wanted]
         return train, test
+
+    def groups(self) -> np.ndarray:
+        """Every record's source group as an integer id; a record without one is a group of
+        its own. Ids are dense, in order of first appearance."""
+        ids: dict = {}
+        out = np.empty(len(self.records), np.int64)
+        for i, r in enumerate(self.records):
+            key = ("g", r.group) if r.group is not None else ("r", i)
+            out[i] = ids.setdefault(key, len(ids))
+        return out
 
     def label_lists(self) -> list[tuple[int, ...]]:
         """Every record's labels as a tuple (one element for single-label data)."""

@@ -118,11 +118,14 @@ def read_speech_commands(
                 )
 
     label_of = {w: i for i, w in enumerate(words)}
+    # A speaker's clips share a group: a validation split carved from the training fold
+    # (data.val_folds=null) then holds speakers unseen in training, as the official lists do.
     records = [
         Record(
             path=str(root / w / name),
             label=label_of[w],
             fold=fold_of.get(f"{w}/{name}", TRAIN_FOLD),
+            group=_speaker(name),
         )
         for w in words
         for name in files[w]
@@ -144,3 +147,9 @@ def read_speech_commands(
         records=tuple(records), class_names=tuple(class_names), root=str(root),
         fold_names={TRAIN_FOLD: "train", VALIDATION_FOLD: "validation", TEST_FOLD: "test"},
     )
+
+
+def _speaker(name: str) -> str | None:
+    """The speaker id of ``<speaker>_nohash_<n>.wav``; None for other names."""
+    speaker, sep, _rest = name.partition("_nohash_")
+    return speaker if sep else None

@@ -18,11 +18,19 @@ reads the validation split.
 Single-label data is stratified per class. Multi-label data is stratified greedily by
 each clip's rarest label (clips with rare labels are placed first), so every class with
 enough clips reaches the validation split in proportion.
+
+Sources: clips cut from one recording (``Record.group``: ESC-50's ``src_file``,
+UrbanSound8K's ``fsID``, a Speech Commands speaker, ``data.source_pattern`` of a folder)
+are carved as a whole (``data.split_by_source``, default true): otherwise the validation
+split hears recordings the model trains on, and the best epoch it picks is the one that
+memorises them best. A source the dataset's own folds put in both the test fold and
+training is reported as a warning (the folds are the dataset's protocol).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +39,8 @@ from src.config import ConfigError
 from src.data.index import DatasetIndex
 
 __all__ = ["Splits", "check_split_config", "make_splits"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +119,36 @@ def _carve_single(labels: np.ndarray, frac: float, rng: np.random.Generator) -> 
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
+def _carve_single_groups(labels: np.ndarray, groups: np.ndarray, frac: float,
+                         rng: np.random.Generator) -> np.ndarray:
+    """:func:`_carve_single` over whole groups: each group counts for its most frequent
+    class; per class, groups in random order join the split while it is short of
+    round(frac * clips) and the group does not overshoot more than it fills, and at least
+    one group of every class with two or more stays in training."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse)
+    per_group = np.zeros((len(ids), int(labels.max()) + 1), np.int64)
+    np.add.at(per_group, (inverse, labels), 1)
+    group_class = per_group.argmax(axis=1)
+    taken_groups = []
+    for c in np.unique(group_class):
+        members = np.flatnonzero(group_class == c)
+        if len(members) < 2:
+            continue
+        clips = int(sizes[members].sum())
+        want = max(int(round(frac * clips)), 1)
+        taken, chosen = 0, []
+        for g in rng.permutation(members):
+            if taken >= want or len(chosen) == len(members) - 1:
+                break
+            if taken + sizes[g] - want > want - taken and chosen:
+                continue  # it would overshoot further than the split is short
+            chosen.append(g)
+            taken += int(sizes[g])
+        taken_groups += chosen
+    return np.flatnonzero(np.isin(inverse, taken_groups))
+
+
 def _carve_multi(
     label_lists: Sequence[tuple[int, ...]], num_classes: int, frac: float,
     rng: np.random.Generator,
@@ -151,6 +191,49 @@ def _carve_multi(
     return np.flatnonzero(taken)
 
 
+def _carve_multi_groups(
+    label_lists: Sequence[tuple[int, ...]], groups: np.ndarray, num_classes: int,
+    frac: float, rng: np.random.Generator,
+) -> np.ndarray:
+    """:func:`_carve_multi` over whole groups: a group carries the labels of all its clips
+    and counts for as many clips as it holds."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse)
+    n = len(label_lists)
+    target_total = int(round(frac * n))
+    counts = np.zeros(num_classes, np.int64)
+    per_group: list[dict] = [{} for _ in ids]  # group -> {class: clips}
+    for i, labels in enumerate(label_lists):
+        for c in labels:
+            counts[c] += 1
+            per_group[inverse[i]][c] = per_group[inverse[i]].get(c, 0) + 1
+    need = np.floor(frac * counts + 0.5).astype(np.int64)
+    order = rng.permutation(len(ids))
+    big = np.iinfo(np.int64).max
+    rarity = np.array([min((counts[c] for c in per_group[g]), default=big) for g in order])
+    order = order[np.argsort(rarity, kind="stable")]
+    taken = np.zeros(len(ids), bool)
+    total = 0
+    for g in order:
+        if total >= target_total:
+            break
+        if not per_group[g]:
+            continue
+        rarest = min(per_group[g], key=lambda c: counts[c])
+        if need[rarest] <= 0:
+            continue
+        taken[g] = True
+        total += int(sizes[g])
+        for c, k in per_group[g].items():
+            need[c] -= k
+    for g in rng.permutation(np.flatnonzero(~taken)):  # fill up to the split's size
+        if total >= target_total:
+            break
+        taken[g] = True
+        total += int(sizes[g])
+    return np.flatnonzero(taken[inverse])
+
+
 def _per_class(index: DatasetIndex, train: np.ndarray, k: int, seed: int) -> np.ndarray:
     """At most ``k`` training clips per class (a low-label experiment), drawn with ``seed``
     (the same clips for every model seed)."""
@@ -168,6 +251,7 @@ def _per_class(index: DatasetIndex, train: np.ndarray, k: int, seed: int) -> np.
 def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Splits:
     """The three splits of ``index`` for the held-out ``test_fold``."""
     folds = np.array([r.fold for r in index.records])
+    all_groups = index.groups()
     train_folds = fold_list(data_cfg.get("train_folds"))
     val_folds = fold_list(data_cfg.get("val_folds"))
     test = np.flatnonzero(folds == int(test_fold))
@@ -186,15 +270,24 @@ def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Split
         seed = int(data_cfg.get("split_seed", 0) or 0)
         # The carve depends on the test fold too, so that each CV fold draws its own.
         rng = np.random.default_rng([seed, int(test_fold)])
+        groups = all_groups[pool]
+        by_source = bool(data_cfg.get("split_by_source", True))
+        grouped = by_source and len(np.unique(groups)) < len(groups)
         if index.multi_label:
             lists = index.label_lists()
-            picked = _carve_multi([lists[i] for i in pool], index.num_classes, frac, rng)
+            lists = [lists[i] for i in pool]
+            picked = (_carve_multi_groups(lists, groups, index.num_classes, frac, rng)
+                      if grouped else _carve_multi(lists, index.num_classes, frac, rng))
         else:
             labels = np.array([int(index.records[i].label) for i in pool])
-            picked = _carve_single(labels, frac, rng)
+            picked = (_carve_single_groups(labels, groups, frac, rng) if grouped
+                      else _carve_single(labels, frac, rng))
         val = pool[picked]
         train = np.setdiff1d(pool, val)
         kind = "stratified by class" if not index.multi_label else "stratified by rarest label"
+        if grouped:
+            kind += (f", whole source recordings ({len(np.unique(groups))} sources, "
+                     "data.split_by_source)")
         source = (
             f"carved from the training folds: {frac:g} of them, {kind}, "
             f"data.split_seed={seed}"
@@ -234,4 +327,25 @@ def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Split
                 f"file(s), e.g. {shared[0]}: the metadata lists them in two splits. Remove "
                 "the duplicates from one split's metadata."
             )
+    _warn_shared_sources(index, all_groups, train, val, test, test_fold)
     return Splits(train=np.sort(train), val=np.sort(val), test=np.sort(test), val_source=source)
+
+
+def _warn_shared_sources(index: DatasetIndex, groups: np.ndarray, train: np.ndarray,
+                         val: np.ndarray, test: np.ndarray, test_fold: int) -> None:
+    """Warn where one source recording is in two splits (the dataset's folds put it there,
+    or data.split_by_source=false): its clips are then no longer unseen data."""
+    named = np.array([r.group is not None for r in index.records])
+    for a, b, what in ((train, test, "training and test"), (val, test, "validation and test"),
+                       (train, val, "training and validation")):
+        a, b = a[named[a]], b[named[b]]
+        shared = np.intersect1d(groups[a], groups[b])
+        if shared.size:
+            example = next(index.records[i] for i in b if groups[i] == shared[0])
+            log.warning(
+                "test fold %s: %d source recording(s) have clips in both the %s splits, "
+                "e.g. %r (%s): those clips are not unseen there. %s", test_fold, shared.size,
+                what, example.group, example.path,
+                "Keep each source in one fold of the metadata (the folds are the dataset's "
+                "own)" if "test" in what else "data.split_by_source=true keeps them together",
+            )

@@ -73,7 +73,7 @@ def read_urbansound8k(root: str | os.PathLike) -> DatasetIndex:
                     f"{csv_file} is missing the required column {column!r} "
                     f"(found columns: {header}); expected the UrbanSound8K header {_HEADER}"
                 )
-        rows = []  # (row_no, filename, fold, class_id, class_name)
+        rows = []  # (row_no, filename, fold, class_id, class_name, fsID)
         # row numbers count the header as row 1, as a spreadsheet would show them
         for row_no, row in enumerate(reader, start=2):
             if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
@@ -88,13 +88,15 @@ def read_urbansound8k(root: str | os.PathLike) -> DatasetIndex:
                 )
             class_id = _parse_int(row.get("classID"), "classID", row_no, row, csv_file)
             name = (row.get("class") or "").strip()
-            rows.append((row_no, filename, fold, class_id, name))
+            # fsID: the Freesound recording the slice was cut from (several slices each)
+            source = (row.get("fsID") or "").strip() or None
+            rows.append((row_no, filename, fold, class_id, name, source))
 
     if not rows:
         raise DatasetError(f"{csv_file} has no rows; the dataset index is empty")
 
     names: dict[int, str] = {}
-    for row_no, _filename, _fold, class_id, name in rows:
+    for row_no, _filename, _fold, class_id, name, _source in rows:
         known = names.setdefault(class_id, name)
         if known != name:
             raise DatasetError(
@@ -115,7 +117,8 @@ def read_urbansound8k(root: str | os.PathLike) -> DatasetIndex:
 
     audio = root / "audio"
     records = tuple(
-        Record(path=str(audio / f"fold{fold}" / filename), label=class_id, fold=fold)
-        for _row_no, filename, fold, class_id, _name in rows
+        Record(path=str(audio / f"fold{fold}" / filename), label=class_id, fold=fold,
+               group=source)
+        for _row_no, filename, fold, class_id, _name, source in rows
     )
     return DatasetIndex(records=records, class_names=tuple(names[i] for i in ids), root=str(root))
