@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_intermixed_args(argv)
 
+    from src import import_tensorflow
+
+    import_tensorflow()  # before the modules below import it
     from src.config import ConfigError, unknown_override_keys
     from src.data.datasets import load_index
     from src.data.index import DatasetError
