@@ -339,6 +339,20 @@ def unknown_override_keys(argv, config_name: str) -> str | None:
 MAX_SWEEP_CHECKS = 256
 
 
+def is_multirun(argv) -> bool:
+    """Whether the command is a Hydra multirun: ``-m``, ``hydra.mode=MULTIRUN``, or a
+    ``hparams_search`` option (its configs set ``hydra.mode: MULTIRUN``)."""
+    for arg in map(str, argv):
+        key, _, value = arg.lstrip("+~").partition("=")
+        if arg in ("-m", "--multirun"):
+            return True
+        if key == "hydra.mode" and value.strip("'\"").upper() == "MULTIRUN":
+            return True
+        if key == "hparams_search" and value not in ("", "null", "None"):
+            return True
+    return False
+
+
 def sweep_config_error(argv, config_name: str = "train") -> str | None:
     """For a multirun (``-m``): the first job of the sweep whose config
     :func:`validate_config` refuses, with its overrides and the error; None when every
@@ -348,7 +362,7 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     Without this, the jobs before a bad one train and the ones after it never run."""
     import itertools
 
-    if not any(a in ("-m", "--multirun") for a in argv):
+    if not is_multirun(argv):
         return None
     overrides = _command_overrides(argv)
     if overrides is None:
@@ -388,7 +402,7 @@ def unquoted_path_value(argv, config_name: str = "train") -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    multirun = is_multirun(argv)
     for arg in argv:
         key, eq, value = str(arg).partition("=")
         if not eq or arg.startswith("-") or "/" not in value or value[:1] in "'\"":
@@ -412,7 +426,7 @@ def unknown_group_option(argv, config_name: str) -> str | None:
     None otherwise (sweeps: their jobs report it)."""
     from hydra.errors import MissingConfigException
 
-    if any(a in ("-m", "--multirun") for a in argv) or _command_overrides(argv) is None:
+    if is_multirun(argv) or _command_overrides(argv) is None:
         return None
     _, err = _try_compose(config_name, _override_args(argv))
     if isinstance(err, MissingConfigException):
@@ -425,7 +439,7 @@ def run_dir_in_use(argv, config_name: str) -> str | None:
     directory the command would use (:func:`src.training.rundir.in_use_by`), given before
     Hydra writes that directory's ``.hydra/`` and appends to its log; None otherwise. The
     lock itself is taken when the run starts (``RunLock``), as for a sweep's jobs."""
-    if any(a in ("-m", "--multirun") for a in argv) or _command_overrides(argv) is None:
+    if is_multirun(argv) or _command_overrides(argv) is None:
         return None
     cfg = _compose(config_name, _override_args(argv), with_hydra=True)
     if cfg is None or "MULTIRUN" in str(cfg.hydra.get("mode")):

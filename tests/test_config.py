@@ -502,8 +502,13 @@ def test_a_run_directory_path_as_a_value_is_refused_with_its_quoted_form(capsys)
     assert "quote it" in unquoted_path_value(["+model.pretrained=runs/a,b/m.keras"])
     for fine in ([f"model.pretrained='{path}'"], ["model.num_heads=2,4"],
                  ["-m", "model.pretrained=runs/a/m.keras,runs/b/m.keras"],
-                 ["model.pretrained=runs/a/model.keras"]):
+                 ["model.pretrained=runs/a/model.keras"],
+                 # a multirun set by the config (Optuna) or by hydra.mode, not by -m
+                 ["hparams_search=optuna", "model.pretrained=runs/a/m.keras,runs/b/m.keras"],
+                 ["hydra.mode=MULTIRUN", "model.pretrained=runs/a/m.keras,runs/b/m.keras"]):
         assert unquoted_path_value(fine) is None, fine
+    assert "quote it" in unquoted_path_value(
+        ["hparams_search=null", "model.pretrained=runs/a/m.keras,runs/b/m.keras"])
 
 
 @pytest.mark.parametrize("override,needle", [
