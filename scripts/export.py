@@ -115,6 +115,11 @@ def export_savedmodel(model, out: Path, hop_s: float | None = None, clip_fn: boo
                 tf.shape(waveform)[1], clip,
                 message=f"the input is longer than the clip the model takes ({clip} samples): "
                 "cut it into windows (clip_probabilities does)")
+            # Shorter than the least the model takes (one patch of frames): zero-padded to
+            # it, as src.predict pads such a file; in the graph, so TFLite (which drops
+            # assertions) does the same.
+            missing = tf.maximum(shortest - tf.shape(waveform)[1], 0)
+            waveform = tf.pad(waveform, [[0, 0], [0, missing]])
         return model(waveform, training=False)
 
     def clip_probabilities(waveform):
@@ -164,7 +169,8 @@ def _write_metadata(path: Path, model, hop: int) -> Path:
         "clip_samples": int(model.clip_samples),
         # The lengths the exported input takes: exactly the clip (zero-pad a shorter
         # file to it), or, for a model that takes short input, min to clip samples as
-        # they are. Longer files: windows of the clip (clip_probabilities, src.predict).
+        # they are (fewer than min: the model zero-pads them to min, as src.predict does).
+        # Longer files: windows of the clip (clip_probabilities, src.predict).
         "input_samples": [int(min_input_samples(model)) if short else int(model.clip_samples),
                           int(model.clip_samples)],
         "short_input": "as_is" if short else "zero_pad_to_clip",
@@ -216,14 +222,18 @@ def _fft_hint(model) -> str:
 
 
 def check_tflite(flatbuffer: bytes, clip_samples: int, shortest: int | None = None) -> None:
-    """Run the converted model on silence, of the clip's length and of the ``shortest``
-    input it takes: a kernel that cannot run, or cannot be resized, fails here."""
+    """Run the converted model on silence, of the clip's length, of the ``shortest``
+    input it takes as it is, and (a model that takes short input) of one sample, which
+    it pads: a kernel that cannot run, or cannot be resized, fails here."""
     import numpy as np
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_content=flatbuffer)
     inp = interpreter.get_input_details()[0]
-    for n in dict.fromkeys([int(clip_samples), int(shortest or clip_samples)]):
+    lengths = [int(clip_samples), int(shortest or clip_samples)]
+    if lengths[1] < lengths[0]:
+        lengths.append(1)
+    for n in dict.fromkeys(lengths):
         interpreter.resize_tensor_input(inp["index"], [1, n])
         interpreter.allocate_tensors()
         interpreter.set_tensor(inp["index"], np.zeros((1, n), np.float32))
@@ -277,8 +287,8 @@ def export(model, model_path: Path, fmt: str, out: Path) -> list[str]:
     kind = "sigmoid" if getattr(model, "multi_label", False) else "softmax"
     clip = int(model.clip_samples)
     if takes_short_input(model):
-        shape = (f"(batch, n), {min_input_samples(model)} <= n <= {clip} (a shorter file as it "
-                 "is, not zero-padded)")
+        shape = (f"(batch, n), n <= {clip} (a shorter file as it is, not zero-padded; "
+                 f"under {min_input_samples(model)} samples the model pads it to that)")
     else:
         shape = f"(batch, {clip}) (zero-pad a shorter file)"
     lines.append(

@@ -679,6 +679,11 @@ def test_a_disentangled_model_predicts_on_shorter_and_longer_files(variable_mode
                                         "zero-padded to 0.175 s, the least the model takes")
     np.testing.assert_allclose(sm.clip_probabilities(tf.constant(wave)).numpy(), expected,
                                atol=1e-5)
+    # serve and TFLite pad it in the graph (TFLite drops assertions, so no check there)
+    np.testing.assert_allclose(_softmax(sm.serve(tf.constant(wave[None])).numpy())[0],
+                               expected, atol=1e-5)
+    np.testing.assert_allclose(
+        _softmax(_tflite_logits(tmp_path / "m.tflite", wave[None]))[0], expected, atol=1e-5)
 
 
 def test_a_grid_model_zero_pads_a_short_file(tmp_path):
