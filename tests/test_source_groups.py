@@ -195,7 +195,7 @@ def test_folder_source_pattern_deals_each_recording_to_one_fold(tmp_path):
     assert {r.fold for r in plain.records if "rec1_" in r.key} == {1, 2}
 
     index = read_folder(root, labels_from_subdirs=True, num_folds=2,
-                        source_pattern=r"^[^/]+/([^_]+)_")
+                        source_pattern=r"^([^/]+/[^_]+)_")
     folds = {}
     for r in index.records:
         folds.setdefault(r.group or r.key, set()).add(r.fold)
@@ -207,7 +207,8 @@ def test_folder_source_pattern_deals_each_recording_to_one_fold(tmp_path):
                 for c in (0, 1) for f in (1, 2)}
     # dog: rec1 (3) -> 1, rec3 (2) -> 2, rec2 -> 2, rec4 -> 1; rain: r8 -> 1, r9 -> 2, loose -> 1
     assert per_fold == {(0, 1): 4, (0, 2): 3, (1, 1): 3, (1, 2): 2}
-    assert [folds[k] for k in ("rec1", "rec3", "rec2", "rec4", "r8", "r9")] == [
+    assert [folds[f"{c}/{k}"] for c, k in (("dog", "rec1"), ("dog", "rec3"), ("dog", "rec2"),
+                                           ("dog", "rec4"), ("rain", "r8"), ("rain", "r9"))] == [
         {1}, {2}, {2}, {1}, {1}, {2}]
 
 
@@ -237,3 +238,38 @@ def test_pretraining_validation_keeps_each_recording_whole():
     leaks = [set(groups[t - 100]) & set(groups[v - 100])
              for t, v in (_carve(rows, 0.25, s) for s in range(5))]
     assert any(leaks)
+
+
+def test_a_large_source_does_not_fill_the_validation_split():
+    """One 40-clip recording and ten single clips of one class, 5 validation clips
+    wanted: the big recording stays in training whichever order the sources are drawn."""
+    labels = np.array([0] * 50 + [1] * 50)
+    groups = np.array(["big"] * 40 + [f"s{i}" for i in range(10)] + [f"t{i}" for i in range(50)])
+    index = _index(labels, [1] * 100 + [], groups)
+    index = DatasetIndex(records=index.records + (Record("/data/t.wav", 0, 2),),
+                         class_names=index.class_names, root="/data")
+    for seed in range(12):
+        s = make_splits(index, 2, {"val_fraction": 0.1, "split_seed": seed})
+        assert np.bincount(labels[s.val], minlength=2).tolist() == [5, 5], seed
+
+
+def test_pretraining_validation_is_not_swallowed_by_a_large_source():
+    from src.pretrain import _carve
+
+    rows = np.arange(100)
+    groups = np.array([0] * 90 + list(range(1, 11)))
+    for seed in range(12):
+        _train, val = _carve(rows, 0.1, seed, groups)
+        assert len(val) == 10 and not set(val) & set(range(90)), seed
+
+
+def test_multi_label_carve_keeps_a_class_with_one_source_in_training():
+    labels = [(0,)] * 10 + [(1,)] * 20
+    groups = ["one"] * 10 + [f"s{i}" for i in range(20)]
+    index = _index(labels, [1] * 30, groups, multi=True)
+    index = DatasetIndex(records=index.records + (Record("/data/t.wav", (0,), 2),),
+                         class_names=index.class_names, root="/data", multi_label=True)
+    for seed in range(6):
+        s = make_splits(index, 2, {"val_fraction": 0.15, "split_seed": seed})
+        train_classes = {c for i in s.train for c in index.records[i].label}
+        assert train_classes == {0, 1} and len(s.val) <= 2 * 0.15 * 30, seed

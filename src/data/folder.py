@@ -19,7 +19,8 @@ relative to the root, names the recording a file was cut from (its first group, 
 whole match without groups); files with the same source go to one fold, and a
 validation split carved from the training folds keeps them together too, so no source
 is heard both in training and in evaluation. Files it does not match are sources of
-their own. E.g. ``'^[^/]+/([^_]+)_'`` for ``dog/rec12_003.wav``: source ``rec12``.
+their own. E.g. ``'^([^/]+/[^_]+)_'`` for ``dog/rec12_003.wav``: source ``dog/rec12`` (with the class
+folder, so that ``cat/rec12_001.wav`` is another recording).
 Sources are dealt largest first, each to the fold that holds the fewest files of its
 classes so far (ties: the lowest fold), which without a pattern is the round-robin above.
 """
@@ -145,7 +146,7 @@ def _sources(files: list[str], pattern: str | None) -> list[str | None]:
         raise DatasetError(
             f"data.source_pattern={pattern!r} is not a valid regular expression ({err}); "
             "give one whose first group names the recording in a file's path relative to "
-            "data.root, e.g. '^[^/]+/([^_]+)_' for dog/rec12_003.wav"
+            "data.root, e.g. '^([^/]+/[^_]+)_' for dog/rec12_003.wav"
         ) from None
     out = []
     for rel in files:

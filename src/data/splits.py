@@ -138,13 +138,16 @@ def _carve_single_groups(labels: np.ndarray, groups: np.ndarray, frac: float,
         clips = int(sizes[members].sum())
         want = max(int(round(frac * clips)), 1)
         taken, chosen = 0, []
-        for g in rng.permutation(members):
+        order = rng.permutation(members)
+        for g in order:
             if taken >= want or len(chosen) == len(members) - 1:
                 break
-            if taken + sizes[g] - want > want - taken and chosen:
+            if taken + sizes[g] - want > want - taken:
                 continue  # it would overshoot further than the split is short
             chosen.append(g)
             taken += int(sizes[g])
+        if not chosen:  # every group overshoots: the smallest (first drawn on ties)
+            chosen.append(order[np.argmin(sizes[order])])
         taken_groups += chosen
     return np.flatnonzero(np.isin(inverse, taken_groups))
 
@@ -213,24 +216,35 @@ def _carve_multi_groups(
     rarity = np.array([min((counts[c] for c in per_group[g]), default=big) for g in order])
     order = order[np.argsort(rarity, kind="stable")]
     taken = np.zeros(len(ids), bool)
+    left = counts.copy()  # clips of each class still in training
     total = 0
+
+    def fits(g) -> bool:  # no overshoot past the shortfall; every class keeps a clip
+        return (total + sizes[g] - target_total <= target_total - total
+                and all(left[c] > k for c, k in per_group[g].items()))
+
     for g in order:
         if total >= target_total:
             break
         if not per_group[g]:
             continue
         rarest = min(per_group[g], key=lambda c: counts[c])
-        if need[rarest] <= 0:
+        if need[rarest] <= 0 or not fits(g):
             continue
         taken[g] = True
         total += int(sizes[g])
         for c, k in per_group[g].items():
             need[c] -= k
+            left[c] -= k
     for g in rng.permutation(np.flatnonzero(~taken)):  # fill up to the split's size
         if total >= target_total:
             break
+        if not fits(g):
+            continue
         taken[g] = True
         total += int(sizes[g])
+        for c, k in per_group[g].items():
+            left[c] -= k
     return np.flatnonzero(taken[inverse])
 
 
@@ -303,7 +317,9 @@ def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Split
     if len(val) == 0:
         raise ConfigError(
             f"the validation split for test fold {test_fold} is empty ({source}); raise "
-            "data.val_fraction or set data.val_folds."
+            "data.val_fraction or set data.val_folds"
+            + (" (whole sources: no class has two; data.split_by_source=false carves clip "
+               "by clip)." if "whole source" in source else ".")
         )
     if len(test) == 0:
         raise ConfigError(
@@ -347,5 +363,7 @@ def _warn_shared_sources(index: DatasetIndex, groups: np.ndarray, train: np.ndar
                 "e.g. %r (%s): those clips are not unseen there. %s", test_fold, shared.size,
                 what, example.group, example.path,
                 "Keep each source in one fold of the metadata (the folds are the dataset's "
-                "own)" if "test" in what else "data.split_by_source=true keeps them together",
+                "own)" if "test" in what else
+                "data.split_by_source=true keeps them together in a carved validation split; "
+                "fixed data.val_folds must not share sources with the training folds",
             )
