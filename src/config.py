@@ -169,6 +169,9 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
     _positive(cfg, "data.clip_seconds", integer=False)
     _positive(cfg, "trainer.optimizer.lr", integer=False)
     fit_verbosity(cfg.trainer.get("verbose", "auto"))
+    exact = cfg.trainer.get("exact_resume", "auto")
+    if str(exact).strip().lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"trainer.exact_resume={exact!r} is unknown; use auto, true or false.")
     warmup = float((cfg.trainer.get("schedule") or {}).get("warmup_epochs") or 0.0)
     if warmup >= epochs > 0:
         log.warning(

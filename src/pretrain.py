@@ -243,11 +243,14 @@ def _eval_batches(store, index, rows, batch_size: int) -> int:
     return -(-n // int(batch_size))
 
 
-def _masked(ds, grid, count, sizes, fixed_seed=None):
-    """``{"features", "mask_index"}`` batches: fresh masks for every batch (training), or
-    the same masks every epoch, from ``fixed_seed`` and the batch's position (validation)."""
+def _masked(ds, grid, count, sizes, fixed_seed=None, seed=None):
+    """``{"features", "mask_index"}`` batches: fresh masks for every batch (training),
+    from stateless seeds of ``seed`` that are new every epoch (``None``: TensorFlow's
+    stateful op, under multi_worker, where the file list stays the only source), or the
+    same masks every epoch, from ``fixed_seed`` and the batch's position (validation)."""
     import tensorflow as tf
 
+    from src.data.pipeline import epoch_seeds
     from src.models.ssast import cluster_masks
 
     def element(x, seed):
@@ -255,6 +258,10 @@ def _masked(ds, grid, count, sizes, fixed_seed=None):
         return {"features": x, "mask_index": masks}
 
     if fixed_seed is None:
+        if seed is not None:
+            return tf.data.Dataset.zip((ds, epoch_seeds(int(seed)))).map(
+                lambda batch, s: element(batch[0], s), num_parallel_calls=tf.data.AUTOTUNE)
+
         def fresh(x, *_):
             return element(x, tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int32))
 
@@ -409,7 +416,14 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     import keras
     import tensorflow as tf
 
-    from src.data.pipeline import eval_dataset, feature_stats, training_dataset
+    from src.data.pipeline import (
+        epoch_stream,
+        eval_dataset,
+        feature_stats,
+        fits_in_memory,
+        replay_on_resume,
+        training_dataset,
+    )
     from src.models.build import build_model
     from src.models.ssast import MaskedPatchPretrainer
     from src.training.callbacks import (
@@ -476,13 +490,15 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
     exit_strategy()
 
     seed = int(cfg.seed)
+    shard_by_file = str(t.get("strategy", "default")) == "multi_worker"
     train_ds = training_dataset(
         store, index, train_rows, _Unlabeled(), batch_size=batch, seed=seed,
         target_frames=target_frames, shuffle_buffer_mb=float(d.get("shuffle_buffer_mb", 512)),
         memory_cache_mb=float(d.get("memory_cache_mb", 1024)),
-        shard_by_file=str(t.get("strategy", "default")) == "multi_worker",
+        shard_by_file=shard_by_file,
     )
-    train_ds = _masked(train_ds, train_grid, train_count, sizes)
+    train_ds = _masked(train_ds, train_grid, train_count, sizes,
+                       seed=None if shard_by_file else seed + 5)
     val_ds = None
     if len(val_rows):
         eval_batch = int(t.eval_batch_size)
@@ -502,6 +518,16 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         log.info("pretraining had finished (%d epoch(s)); saving the backbone", resumed)
     elif resumed:
         log.info("resuming after %d completed epoch(s)", resumed)
+    steps_per_epoch = None  # multi_worker: one pass per epoch, as Keras iterates it
+    if not shard_by_file:
+        steps_per_epoch = int(train_ds.cardinality())
+        train_ds = epoch_stream(
+            train_ds, steps_per_epoch, resumed_epochs=resumed,
+            replay=not finished and replay_on_resume(
+                t.get("exact_resume", "auto"), resumed_epochs=resumed,
+                cached=fits_in_memory(store, index, train_rows,
+                                      float(d.get("memory_cache_mb", 1024)))),
+        )
     callbacks = [
         LearningRateLogger(),
         EpochTime(),
@@ -521,6 +547,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         history = pretrainer.fit(
             train_ds, validation_data=val_ds, callbacks=callbacks,
             epochs=resumed if finished else int(t.epochs),  # finished: nothing left to train
+            steps_per_epoch=steps_per_epoch,
             verbose=fit_verbosity(t.get("verbose", "auto")), shuffle=False,
         )
         train_time = time.time() - fit_start

@@ -232,7 +232,15 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     import keras
     import tensorflow as tf
 
-    from src.data.pipeline import LabelTable, eval_dataset, feature_stats, training_dataset
+    from src.data.pipeline import (
+        LabelTable,
+        epoch_stream,
+        eval_dataset,
+        feature_stats,
+        fits_in_memory,
+        replay_on_resume,
+        training_dataset,
+    )
     from src.data.splits import make_splits
     from src.evaluation.evaluate import evaluate, score_clips, targets
     from src.models.build import build_model
@@ -401,6 +409,18 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         log.info("fold %d: training had finished (%d epoch(s)); evaluating", fold, resumed)
     elif resumed:
         log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
+    if not shard_by_file:
+        # Every epoch from one iterator (what an epoch draws depends on its number only);
+        # a resumed run replays the input of its trained epochs (trainer.exact_resume).
+        if not stream:
+            steps_per_epoch = int(train_ds.cardinality())  # one pass over the split
+        train_ds = epoch_stream(
+            train_ds, steps_per_epoch, resumed_epochs=resumed,
+            replay=not finished and replay_on_resume(
+                t.get("exact_resume", "auto"), resumed_epochs=resumed,
+                cached=fits_in_memory(store, index, splits.train,
+                                      float(d.get("memory_cache_mb", 1024)))),
+        )
     monitor = f"val_{primary}"
     validation = ValidationMetrics(lambda: evaluate(trained, val_ds, index)[0], index.label_type)
     callbacks = [
@@ -447,7 +467,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         history = trained.fit(
             train_ds,
             epochs=resumed if finished else epochs,  # finished: no epoch left to train
-            steps_per_epoch=steps_per_epoch if stream else None,
+            steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
             verbose=fit_verbosity(t.get("verbose", "auto")),
             shuffle=False,  # the tf.data pipeline shuffles

@@ -735,6 +735,23 @@ def test_killed_pretraining_resumes_with_the_same_command(tmp_path, folder):
     lrs = r["history"]["learning_rate"]
     assert lrs[resumed] > 2 * lrs[0]
     assert (run_dir / "backbone.keras").is_file() and not (run_dir / "backup").exists()
+    # Every epoch as in a run that was never killed: the masks, crops and order of the
+    # trained epochs replayed, the random generators restored with the weights.
+    assert "replaying the input of the" in out.stdout + out.stderr
+    whole = subprocess.run(args, cwd=ROOT, env=env_for(tmp_path / "whole"),
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (whole_csv,) = (tmp_path / "whole" / "runs" / "resume").rglob("metrics.csv")
+
+    def epochs(path):
+        import csv
+
+        with open(path, newline="") as fh:
+            return [{k: float(v) for k, v in row.items() if k != "epoch_time_s"}
+                    for row in csv.DictReader(fh)]
+
+    for a, b in zip(epochs(whole_csv), epochs(run_dir / "metrics.csv"), strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (a, b)
 
     # A finished run only reports where its backbone is (and refreshes the stable copy).
     stable = tmp_path / "weights" / "resume.keras"

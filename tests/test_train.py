@@ -339,6 +339,64 @@ def _epochs_done(csv_path):
     return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
 
 
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row.pop("epoch_time_s", None)  # wall time: no two runs share it
+    return rows
+
+
+def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path):
+    """SpecAugment, mixup, dropout and patchout on: SIGKILL after a few epochs, the same
+    command again, and every epoch's loss, accuracy, validation metrics and learning rate
+    equal those of a run that was never interrupted (the backup restores the random
+    generators; the input of the trained epochs is replayed)."""
+    import signal
+    import time
+
+    args = ["experiment=quickstart", *TINY, "trainer.epochs=10", "data.folds=[5]",
+            "augment.mixup=0.5", "model.dropout_rate=0.2",
+            "model.pos_embedding=disentangled", "model.patchout.time=1"]
+    whole = run_train(tmp_path / "whole", *args)
+    (whole_csv,) = (tmp_path / "whole" / "runs").rglob("fold_5/metrics.csv")
+
+    cmd = [sys.executable, "-m", "src.train", *args]
+    env = train_env(tmp_path / "killed")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv_path = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            found = list((tmp_path / "killed" / "runs").rglob("fold_5/metrics.csv"))
+            if found and _epochs_done(found[0]) >= 3:
+                csv_path = found[0]
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert csv_path is not None, "the run finished or stalled before it could be killed"
+    assert _epochs_done(csv_path) < 10
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    logs = out.stdout + out.stderr
+    assert "replaying the input of the" in logs, logs[-3000:]
+    assert whole.returncode == 0
+    expected, got = _csv_rows(whole_csv), _csv_rows(csv_path)
+    assert len(expected) == len(got) == 10
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-7), (
+                key, a["epoch"], a[key], b[key])
+
+
 def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path):
     import signal
     import time

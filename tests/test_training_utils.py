@@ -376,7 +376,7 @@ def test_backup_survives_a_write_cut_short(tmp_path):
     backup = tmp_path / "backup"
     _tiny_fit(backup, epochs=2)
     assert backup_epoch(backup) == 2 and backup_finished(backup)  # kept after fit returned
-    assert sorted(p.name for p in backup.iterdir()) == ["finished", "latest.weights.h5",
+    assert sorted(p.name for p in backup.iterdir()) == ["epoch_2.weights.h5", "finished",
                                                         "training_metadata.json"]
     assert len(_tiny_fit(backup, epochs=2).history.get("loss", [])) == 0  # nothing left
 
@@ -526,3 +526,82 @@ def test_a_resumed_csv_log_keeps_its_columns_when_the_logged_keys_change(tmp_pat
     model.fit(x, y, epochs=2, initial_epoch=1, verbose=0, callbacks=[
         Extra(zeta=5.0), EpochTime(), keras.callbacks.CSVLogger(str(plain), append=True)])
     assert csv_log_rows(plain)[1]["old_only"] is not None  # a value of another key
+
+
+def _h5_arrays(path):
+    import h5py
+
+    out = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.append(np.array(obj))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_a_kill_between_the_backups_two_writes_resumes_from_the_earlier_epoch(
+        tmp_path, monkeypatch):
+    """The weights of epoch 3 complete, the metadata still at epoch 2: the backup is epoch
+    2's, weights included (before, epoch 3's weights were loaded and epoch 3 trained again
+    on top of them)."""
+    import os
+
+    from src.training.callbacks import backup_epoch, backup_weights
+
+    backup = tmp_path / "backup"
+    _tiny_fit(backup, epochs=2)
+    epoch2 = _h5_arrays(backup / "epoch_2.weights.h5")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".weights.h5"):
+            raise KeyboardInterrupt  # the weights are in place, the metadata not yet
+
+    class KilledBeforeTheMetadata(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            monkeypatch.setattr(os, "replace", replace)
+
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_fit(backup, epochs=3, callbacks=[KilledBeforeTheMetadata()])
+    monkeypatch.undo()
+    assert (backup / "epoch_3.weights.h5").exists()
+    assert backup_epoch(backup) == 2 and backup_weights(backup).name == "epoch_2.weights.h5"
+    for a, b in zip(_h5_arrays(backup_weights(backup)), epoch2):
+        np.testing.assert_array_equal(a, b)
+    history = _tiny_fit(backup, epochs=3)
+    assert len(history.history["loss"]) == 1  # epoch 3 trained once, from epoch 2's weights
+    assert sorted(p.name for p in backup.iterdir()) == ["epoch_3.weights.h5", "finished",
+                                                        "training_metadata.json"]
+
+
+def test_the_backup_restores_the_models_random_generators(tmp_path):
+    """Dropout draws after a resume are the ones an uninterrupted run makes."""
+    from src.training.callbacks import AtomicBackupAndRestore
+
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype("float32")
+    y = np.zeros((16, 2), "float32")
+
+    def fit(backup_dir, epochs, crash_at=None):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5),
+                                  keras.layers.Dense(2)])
+        model.compile(optimizer="adam", loss="mse")
+
+        class Crash(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == crash_at:
+                    raise KeyboardInterrupt
+
+        callbacks = [AtomicBackupAndRestore(str(backup_dir))]
+        if crash_at is not None:
+            callbacks.insert(0, Crash())
+        model.fit(x, y, epochs=epochs, batch_size=4, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+        return [np.array(w) for w in model.weights]
+
+    whole = fit(tmp_path / "a", 4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "b", 4, crash_at=2)
+    resumed = fit(tmp_path / "b", 4)
+    for a, b in zip(whole, resumed):
+        np.testing.assert_array_equal(a, b)

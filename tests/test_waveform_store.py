@@ -376,8 +376,8 @@ def test_a_waveform_run_resumes_from_the_backbones_backup(tmp_path):
                     callbacks=[AtomicBackupAndRestore(str(backup)), Crash()])
     at_crash = [w.numpy() for w in model.backbone.weights]
     model.backbone.save_weights(tmp_path / "backbone.weights.h5")
-    assert _h5_names(backup / "latest.weights.h5") == _h5_names(tmp_path / "backbone.weights.h5")
-    assert any(n.startswith("optimizer/") for n in _h5_names(backup / "latest.weights.h5"))
+    assert _h5_names(backup / "epoch_1.weights.h5") == _h5_names(tmp_path / "backbone.weights.h5")
+    assert any(n.startswith("optimizer/") for n in _h5_names(backup / "epoch_1.weights.h5"))
 
     model2, trained2 = fresh(1)  # other initial weights
     assert not np.array_equal(model2.backbone.weights[0].numpy(), at_crash[0])

@@ -217,6 +217,12 @@ def _cache_bytes(store: FeatureStore, index: DatasetIndex, rows) -> int:
     return total * _value_bytes(store)
 
 
+def fits_in_memory(store: FeatureStore, index: DatasetIndex, rows, memory_cache_mb: float) -> bool:
+    """Whether :func:`training_dataset` caches the split in memory (its stored features
+    or waveforms within ``data.memory_cache_mb``) rather than streaming it every epoch."""
+    return _cache_bytes(store, index, rows) <= float(memory_cache_mb) * 2**20
+
+
 def balanced_weights(index: DatasetIndex, rows: Sequence[int]) -> np.ndarray:
     """AST's balanced-sampling weight of each of ``rows``: the sum over its labels of
     1000 / (the label's count in ``rows`` + 0.01)."""
@@ -253,7 +259,7 @@ def training_dataset(
     shape = _Shape(store, target_frames)
     ds, _files = _records(store, index, rows, shuffle_files=True, seed=seed)
     nbytes = _cache_bytes(store, index, rows)
-    cached = nbytes <= float(memory_cache_mb) * 2**20
+    cached = fits_in_memory(store, index, rows, memory_cache_mb)
     if cached:
         ds = ds.cache()
     if balanced:
@@ -263,11 +269,21 @@ def training_dataset(
         lam[rows] = n * weights / weights.sum()
         lam_t = tf.constant(lam)
 
-        def repeat_clip(row, feats):
-            k = tf.cast(tf.random.poisson([], lam_t[row]), tf.int64)
-            return tf.data.Dataset.from_tensors((row, feats)).repeat(k)
+        def repeat_clip(row, feats, draw_seed=None):
+            # Each clip's number of draws: Poisson with its share of the epoch's samples,
+            # from a stateless seed (new every pass, the same for the same seed); under
+            # multi_worker from the stateful op (the file list stays the only source).
+            if draw_seed is None:
+                k = tf.random.poisson([], lam_t[row])
+            else:
+                k = tf.random.stateless_poisson([], draw_seed, lam_t[row])
+            return tf.data.Dataset.from_tensors((row, feats)).repeat(tf.cast(k, tf.int64))
 
-        ds = ds.flat_map(repeat_clip)
+        if shard_by_file:
+            ds = ds.flat_map(repeat_clip)
+        else:
+            ds = tf.data.Dataset.zip((ds, epoch_seeds(seed + 3))).flat_map(
+                lambda pair, s: repeat_clip(*pair, s))
     # The shuffle buffer holds the split when it is cached (a full shuffle), else as many
     # clips as fit in shuffle_buffer_mb.
     clip_bytes = max(shape.model_frames, store.clip_length) * _value_bytes(store)
@@ -323,6 +339,51 @@ def training_dataset(
         batches = -(-clips // int(batch_size))
         ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds.prefetch(AUTOTUNE)
+
+
+def epoch_stream(ds: tf.data.Dataset, steps_per_epoch: int, *, resumed_epochs: int = 0,
+                 replay: bool = False) -> tf.data.Dataset:
+    """The training batches of every epoch as one endless stream, for ``fit`` with
+    ``steps_per_epoch``: ``ds`` is one epoch (``steps_per_epoch`` batches) or already
+    endless (balanced sampling).
+
+    ``fit`` then reads all epochs from one iterator, so what epoch ``e`` sees (its
+    shuffle, crops, mixes, balanced draws, masks: each from the seed and the pass) does
+    not depend on how many iterators Keras makes. ``replay``: the batches of the
+    ``resumed_epochs`` epochs a resumed run has trained are drawn and dropped, the input
+    pipeline running without the model, so that the epochs it trains see what they would
+    have seen in an uninterrupted run (with the backup's weights, optimizer state and
+    random generators: the same run, to float rounding)."""
+    if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
+        ds = ds.repeat()
+    if replay and resumed_epochs:
+        ds = ds.skip(int(resumed_epochs) * int(steps_per_epoch))
+    return ds.prefetch(AUTOTUNE)
+
+
+def replay_on_resume(mode, *, cached: bool, resumed_epochs: int) -> bool:
+    """Whether a run resuming after ``resumed_epochs`` epochs replays their input
+    (:func:`epoch_stream`), by ``trainer.exact_resume``: ``auto`` when the training split
+    is cached in memory (a replayed epoch then costs a fraction of a second per thousand
+    clips), ``true`` always (a streamed split is read again once per trained epoch),
+    ``false`` never (the resumed epochs see other draws than an uninterrupted run)."""
+    if not resumed_epochs:
+        return False
+    text = str(mode).strip().lower()
+    if text not in ("auto", "true", "false"):
+        raise ValueError(f"trainer.exact_resume={mode!r}: use auto, true or false")
+    replay = text == "true" or (text == "auto" and cached)
+    if replay:
+        log.info("replaying the input of the %d trained epoch(s) (no training) so that the "
+                 "resumed epochs see the clips, crops and mixes of an uninterrupted run",
+                 resumed_epochs)
+    else:
+        log.info("resuming without replaying the input of the %d trained epoch(s) (%s): the "
+                 "epochs from here draw their shuffles, crops and mixes afresh; "
+                 "trainer.exact_resume=true replays them", resumed_epochs,
+                 "trainer.exact_resume=false" if text == "false" else
+                 "the training split is streamed, not cached in memory")
+    return replay
 
 
 def eval_dataset(

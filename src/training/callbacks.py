@@ -43,14 +43,20 @@ FINISHED = "finished"  # in a backup dir: fit returned; only the results remain 
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` whose backup files are replaced atomically, and kept until
-    the caller has written its results.
+    """``BackupAndRestore`` whose backup is replaced atomically, restores the model's
+    random generators too, and is kept until the caller has written its results.
 
     Keras writes ``latest.weights.h5`` in place, so a run killed during that write
-    leaves a truncated file and the next run fails to load it. Here the weights and
-    the epoch counter go to temporary files that replace the previous backup only
-    once complete (``os.replace``): a run killed at any moment resumes from its last
-    complete epoch.
+    leaves a truncated file and the next run fails to load it. Here each backup's
+    weights go to a file of their own (``epoch_<n>.weights.h5``), complete before
+    ``training_metadata.json``, which names it, is replaced (``os.replace``): the
+    metadata always names a complete file of its own epoch, so a run killed at any
+    moment resumes from its last complete epoch with that epoch's weights and
+    optimizer state.
+
+    The metadata also holds the state of every ``keras.random.SeedGenerator`` in the
+    model (dropout, SpecAugment, patchout), which Keras' weight files leave out: a
+    resumed run draws what an uninterrupted one would have drawn from the epoch on.
 
     Keras deletes the backup when ``fit`` returns; a run killed after that, while it
     evaluates and saves (minutes on AudioSet), would train again from epoch 1. Here
@@ -62,6 +68,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir, **kwargs):
         super().__init__(backup_dir, delete_checkpoint=False, **kwargs)
 
+    def on_train_begin(self, logs=None):
+        self._load_model()  # no fallback to Keras' previous-backup copies: there are none
+
     def on_epoch_begin(self, epoch, logs=None):
         marker = os.path.join(self.backup_dir, FINISHED)
         if os.path.exists(marker):  # an earlier fit's: this one trains on
@@ -72,27 +81,86 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             with open(os.path.join(self.backup_dir, FINISHED), "w") as fh:
                 fh.write("fit returned; the results were not written yet\n")
 
+    def _load_model(self):
+        if not self.model.built:
+            raise ValueError(f"the model must be built before fit to resume it ({self.model})")
+        weights = backup_weights(self.backup_dir)
+        if weights is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(str(weights))
+        meta = json.loads(Path(self._training_metadata_path).read_text())
+        set_seed_states(self.model, meta.get("seed_generators", {}))
+        self.model._initial_epoch = int(meta["epoch"])
+
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
-        tmp_weights = self._weights_path + ".tmp.weights.h5"
+        name = f"epoch_{self._current_epoch}.weights.h5"
+        path = os.path.join(self.backup_dir, name)
+        tmp_weights = path + ".tmp.weights.h5"
         self.model.save_weights(tmp_weights, overwrite=True)
+        os.replace(tmp_weights, path)
         tmp_meta = self._training_metadata_path + ".tmp"
         with open(tmp_meta, "w") as fh:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, fh)
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                       "weights": name, "seed_generators": seed_states(self.model)}, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp_weights, self._weights_path)
         os.replace(tmp_meta, self._training_metadata_path)
+        for old in Path(self.backup_dir).glob("*.weights.h5"):  # earlier epochs' files
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+def _seed_generators(model) -> dict:
+    """The model's ``keras.random.SeedGenerator`` objects, each once, by a name that is
+    the same for the same model built again: their position in the model's layer order
+    and their layer's class (layer names carry Keras' global counters, and layers of a
+    functional model may have no path)."""
+    out, seen = {}, set()
+    layers = model._flatten_layers(include_self=True) if hasattr(model, "_flatten_layers") else []
+    for layer in layers:
+        for gen in getattr(layer, "_seed_generators", []):
+            if id(gen) not in seen:
+                seen.add(id(gen))
+                out[f"{len(out)}:{type(layer).__name__}"] = gen
+    return out
+
+
+def seed_states(model) -> dict:
+    """``{name: [seed, counter]}`` of every random generator in ``model``."""
+    return {name: [int(v) for v in keras.ops.convert_to_numpy(gen.state)]
+            for name, gen in _seed_generators(model).items()}
+
+
+def set_seed_states(model, states: dict) -> None:
+    """Restore :func:`seed_states`; generators the saved states do not name keep theirs."""
+    import numpy as np
+
+    for name, gen in _seed_generators(model).items():
+        if name in states:
+            gen.state.assign(np.asarray(states[name], dtype=gen.state.dtype))
+
+
+def backup_weights(backup_dir: str | os.PathLike) -> Path | None:
+    """The weights file of the backup in ``backup_dir``: the one its metadata names
+    (``latest.weights.h5`` for a backup from before files were named by epoch); None
+    when there is no complete backup."""
+    meta = Path(backup_dir) / "training_metadata.json"
+    if not meta.exists():
+        return None
+    name = json.loads(meta.read_text()).get("weights", "latest.weights.h5")
+    weights = Path(backup_dir) / name
+    return weights if weights.exists() else None
 
 
 def backup_epoch(backup_dir: str | os.PathLike) -> int:
     """Epochs completed according to a backup written by :class:`AtomicBackupAndRestore`
     (0 when there is none)."""
-    meta = Path(backup_dir) / "training_metadata.json"
-    weights = Path(backup_dir) / "latest.weights.h5"
-    if not (meta.exists() and weights.exists()):
+    if backup_weights(backup_dir) is None:
         return 0
-    return int(json.loads(meta.read_text())["epoch"])
+    return int(json.loads((Path(backup_dir) / "training_metadata.json").read_text())["epoch"])
 
 
 def backup_finished(backup_dir: str | os.PathLike) -> bool:
