@@ -433,6 +433,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         LearningRateLogger,
         backup_epoch,
         backup_finished,
+        backup_replayable,
         remove_backup,
         truncate_csv_log,
     )
@@ -518,16 +519,17 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         log.info("pretraining had finished (%d epoch(s)); saving the backbone", resumed)
     elif resumed:
         log.info("resuming after %d completed epoch(s)", resumed)
+    replay = not finished and replay_on_resume(
+        t.get("exact_resume", "auto"), resumed_epochs=resumed,
+        cached=fits_in_memory(store, index, train_rows, float(d.get("memory_cache_mb", 1024))),
+        strategy=str(t.get("strategy", "default")),
+        backup_format=backup_replayable(run_dir / "backup"),
+    )
     steps_per_epoch = None  # multi_worker: one pass per epoch, as Keras iterates it
     if not shard_by_file:
         steps_per_epoch = int(train_ds.cardinality())
-        train_ds = epoch_stream(
-            train_ds, steps_per_epoch, resumed_epochs=resumed,
-            replay=not finished and replay_on_resume(
-                t.get("exact_resume", "auto"), resumed_epochs=resumed,
-                cached=fits_in_memory(store, index, train_rows,
-                                      float(d.get("memory_cache_mb", 1024)))),
-        )
+        train_ds = epoch_stream(train_ds, steps_per_epoch, resumed_epochs=resumed,
+                                replay=replay)
     callbacks = [
         LearningRateLogger(),
         EpochTime(),

@@ -251,6 +251,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         LearningRateLogger,
         backup_epoch,
         backup_finished,
+        backup_replayable,
         remove_backup,
         truncate_csv_log,
     )
@@ -409,18 +410,19 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         log.info("fold %d: training had finished (%d epoch(s)); evaluating", fold, resumed)
     elif resumed:
         log.info("fold %d: resuming after %d completed epoch(s)", fold, resumed)
+    # A resumed run replays the input of its trained epochs (trainer.exact_resume).
+    replay = not finished and replay_on_resume(
+        t.get("exact_resume", "auto"), resumed_epochs=resumed,
+        cached=fits_in_memory(store, index, splits.train, float(d.get("memory_cache_mb", 1024))),
+        strategy=str(t.get("strategy", "default")),
+        backup_format=backup_replayable(fold_dir / "backup"),
+    )
     if not shard_by_file:
-        # Every epoch from one iterator (what an epoch draws depends on its number only);
-        # a resumed run replays the input of its trained epochs (trainer.exact_resume).
+        # Every epoch from one iterator: what an epoch draws depends on its pass only.
         if not stream:
             steps_per_epoch = int(train_ds.cardinality())  # one pass over the split
-        train_ds = epoch_stream(
-            train_ds, steps_per_epoch, resumed_epochs=resumed,
-            replay=not finished and replay_on_resume(
-                t.get("exact_resume", "auto"), resumed_epochs=resumed,
-                cached=fits_in_memory(store, index, splits.train,
-                                      float(d.get("memory_cache_mb", 1024)))),
-        )
+        train_ds = epoch_stream(train_ds, steps_per_epoch, resumed_epochs=resumed,
+                                replay=replay)
     monitor = f"val_{primary}"
     validation = ValidationMetrics(lambda: evaluate(trained, val_ds, index)[0], index.label_type)
     callbacks = [

@@ -605,3 +605,40 @@ def test_the_backup_restores_the_models_random_generators(tmp_path):
     resumed = fit(tmp_path / "b", 4)
     for a, b in zip(whole, resumed):
         np.testing.assert_array_equal(a, b)
+
+
+def test_when_a_resume_replays_the_trained_epochs_input(caplog):
+    import logging
+
+    from src.data.pipeline import replay_on_resume
+
+    with caplog.at_level(logging.INFO, logger="src.data.pipeline"):
+        assert replay_on_resume("auto", cached=True, resumed_epochs=3)
+        assert "replaying the input of the 3 trained epoch(s)" in caplog.text
+        assert not replay_on_resume("auto", cached=False, resumed_epochs=3)
+        assert "the training split is streamed" in caplog.text
+        assert replay_on_resume(True, cached=False, resumed_epochs=3)  # Hydra's true
+        assert not replay_on_resume("false", cached=True, resumed_epochs=3)
+        assert not replay_on_resume("auto", cached=True, resumed_epochs=0)
+        assert not replay_on_resume("true", cached=True, resumed_epochs=2, strategy="mirrored")
+        assert "trainer.strategy=mirrored" in caplog.text
+        assert not replay_on_resume("true", cached=True, resumed_epochs=2, backup_format=False)
+        assert "drew each epoch per iterator" in caplog.text
+    with pytest.raises(ValueError, match="trainer.exact_resume='often'"):
+        replay_on_resume("often", cached=True, resumed_epochs=1)
+
+
+def test_a_backup_of_the_earlier_format_resumes_without_replay(tmp_path):
+    """latest.weights.h5 and a metadata file without the weights' name: still resumed."""
+    import json
+
+    from src.training.callbacks import backup_epoch, backup_replayable, backup_weights
+
+    backup = tmp_path / "backup"
+    _tiny_fit(backup, epochs=2)
+    assert backup_replayable(backup)
+    (backup / "epoch_2.weights.h5").rename(backup / "latest.weights.h5")
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 2, "batch": 0}))
+    assert not backup_replayable(backup)
+    assert backup_epoch(backup) == 2 and backup_weights(backup).name == "latest.weights.h5"
+    assert len(_tiny_fit(backup, epochs=3).history["loss"]) == 1

@@ -361,17 +361,31 @@ def epoch_stream(ds: tf.data.Dataset, steps_per_epoch: int, *, resumed_epochs: i
     return ds.prefetch(AUTOTUNE)
 
 
-def replay_on_resume(mode, *, cached: bool, resumed_epochs: int) -> bool:
+def replay_on_resume(mode, *, cached: bool, resumed_epochs: int, strategy: str = "default",
+                     backup_format: bool = True) -> bool:
     """Whether a run resuming after ``resumed_epochs`` epochs replays their input
     (:func:`epoch_stream`), by ``trainer.exact_resume``: ``auto`` when the training split
     is cached in memory (a replayed epoch then costs a fraction of a second per thousand
     clips), ``true`` always (a streamed split is read again once per trained epoch),
-    ``false`` never (the resumed epochs see other draws than an uninterrupted run)."""
+    ``false`` never (the resumed epochs see other draws than an uninterrupted run).
+
+    Never under a distribution strategy (``trainer.strategy`` other than ``default``):
+    Keras' ``fit`` then reads the input once with an iterator of its own before training,
+    which moves the stream on by passes that an uninterrupted run did not skip in the
+    same way. Never either for a backup from before this replay existed
+    (``backup_format`` false): that run drew its epochs per iterator."""
     if not resumed_epochs:
         return False
     text = str(mode).strip().lower()
     if text not in ("auto", "true", "false"):
         raise ValueError(f"trainer.exact_resume={mode!r}: use auto, true or false")
+    if strategy != "default" or not backup_format:
+        log.info("resuming without replaying the input of the %d trained epoch(s) (%s): the "
+                 "epochs from here draw their shuffles, crops and mixes afresh",
+                 resumed_epochs,
+                 f"trainer.strategy={strategy}" if strategy != "default" else
+                 "the backup comes from a version that drew each epoch per iterator")
+        return False
     replay = text == "true" or (text == "auto" and cached)
     if replay:
         log.info("replaying the input of the %d trained epoch(s) (no training) so that the "

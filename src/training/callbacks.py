@@ -155,6 +155,13 @@ def backup_weights(backup_dir: str | os.PathLike) -> Path | None:
     return weights if weights.exists() else None
 
 
+def backup_replayable(backup_dir: str | os.PathLike) -> bool:
+    """Whether the backup names its weights file (written by this version, whose runs
+    read every epoch from one input stream that a resume can replay)."""
+    meta = Path(backup_dir) / "training_metadata.json"
+    return meta.exists() and "weights" in json.loads(meta.read_text())
+
+
 def backup_epoch(backup_dir: str | os.PathLike) -> int:
     """Epochs completed according to a backup written by :class:`AtomicBackupAndRestore`
     (0 when there is none)."""
