@@ -211,19 +211,10 @@ def _carve(rows: np.ndarray, fraction: float, seed: int,
     if groups is None or len(np.unique(groups)) == n:
         perm = rng.permutation(rows)
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    from src.data.splits import take_whole_groups
+
     ids, inverse = np.unique(groups, return_inverse=True)
-    sizes = np.bincount(inverse)
-    chosen, taken = [], 0
-    order = rng.permutation(len(ids))
-    for g in order:
-        if taken >= n_val or len(chosen) == len(ids) - 1:
-            break
-        if taken + sizes[g] - n_val > n_val - taken:
-            continue  # it would overshoot further than the split is short
-        chosen.append(g)
-        taken += int(sizes[g])
-    if not chosen and len(ids) > 1:  # every source overshoots: the smallest
-        chosen.append(order[np.argmin(sizes[order])])
+    chosen = take_whole_groups(rng.permutation(len(ids)), np.bincount(inverse), n_val)
     val = np.isin(inverse, chosen)
     return np.sort(rows[~val]), np.sort(rows[val])
 

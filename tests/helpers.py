@@ -34,3 +34,36 @@ def train_env(tmp: Path, **extra) -> dict:
     )
     env.update(extra)
     return env
+
+
+def epochs_logged(csv_path: Path) -> int:
+    """Rows of a run's metrics.csv (one per completed epoch)."""
+    if not csv_path.exists():
+        return 0
+    return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
+
+
+def kill_after_epochs(cmd, env, runs: Path, pattern: str, epochs: int,
+                      timeout: float = 240) -> Path | None:
+    """Start ``cmd`` and SIGKILL it once the first ``metrics.csv`` under ``runs`` that
+    matches ``pattern`` has ``epochs`` rows; that file, or None when the run ended or
+    stalled first."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            found = list(runs.rglob(pattern))
+            if found and epochs_logged(found[0]) >= epochs:
+                proc.send_signal(signal.SIGKILL)
+                return found[0]
+            time.sleep(0.05)
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -4,15 +4,13 @@ as a user runs it, on generated WAV files."""
 import json
 import logging
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import ROOT, TINY_MODEL, train_env
+from helpers import ROOT, TINY_MODEL, epochs_logged, kill_after_epochs, train_env
 from hydra import compose, initialize_config_dir
 
 from src.config import ConfigError
@@ -689,36 +687,15 @@ def test_a_pretrained_file_that_does_not_fit_fails_before_the_features(pretraine
     assert not list((tmp / "runs" / "misfit").rglob("fold_*"))
 
 
-def _epochs_logged(csv_path):
-    if not csv_path.exists():
-        return 0
-    return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
-
-
 @pytest.mark.slow
 def test_killed_pretraining_resumes_with_the_same_command(tmp_path, folder):
     args = pretrain_args(folder, "trainer.epochs=12", "name=resume")
     env = env_for(tmp_path)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    csv_path = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            found = list((tmp_path / "runs" / "resume").rglob("metrics.csv"))
-            if found and _epochs_logged(found[0]) >= 3:
-                csv_path = found[0]
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    csv_path = kill_after_epochs(args, env, tmp_path / "runs" / "resume", "metrics.csv", 3)
     assert csv_path is not None, "the run finished or stalled before it could be killed"
     run_dir = csv_path.parent
     assert not (run_dir / "backbone.keras").exists()
-    logged = _epochs_logged(csv_path)
+    logged = epochs_logged(csv_path)
     resumed = json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
     # The backup is written after each epoch's log row: a kill between the two resumes
     # from the epoch before.

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import ROOT, TINY_DATA, TINY_MODEL, train_env
+from helpers import ROOT, TINY_DATA, TINY_MODEL, epochs_logged, kill_after_epochs, train_env
 
 # A tiny, fast version of the quickstart: 12 classes x 5 clips of 1 s, 2 epochs.
 # A tiny, fast version of the quickstart: 12 classes x 5 clips of 1 s, 2 epochs.
@@ -333,12 +333,6 @@ def test_wandb_offline_run_logs_config_history_and_summary(tmp_path, monkeypatch
     assert any(k.startswith("attention") for k in logged), sorted(logged)
 
 
-def _epochs_done(csv_path):
-    if not csv_path.exists():
-        return 0
-    return max(0, len(csv_path.read_text().strip().splitlines()) - 1)
-
-
 def _csv_rows(path):
     import csv
 
@@ -354,9 +348,6 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path):
     command again, and every epoch's loss, accuracy, validation metrics and learning rate
     equal those of a run that was never interrupted (the backup restores the random
     generators; the input of the trained epochs is replayed)."""
-    import signal
-    import time
-
     args = ["experiment=quickstart", *TINY, "trainer.epochs=10", "data.folds=[5]",
             "augment.mixup=0.5", "model.dropout_rate=0.2",
             "model.pos_embedding=disentangled", "model.patchout.time=1"]
@@ -365,24 +356,9 @@ def test_a_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path):
 
     cmd = [sys.executable, "-m", "src.train", *args]
     env = train_env(tmp_path / "killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    csv_path = None
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            found = list((tmp_path / "killed" / "runs").rglob("fold_5/metrics.csv"))
-            if found and _epochs_done(found[0]) >= 3:
-                csv_path = found[0]
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    csv_path = kill_after_epochs(cmd, env, tmp_path / "killed" / "runs", "fold_5/metrics.csv", 3)
     assert csv_path is not None, "the run finished or stalled before it could be killed"
-    assert _epochs_done(csv_path) < 10
+    assert epochs_logged(csv_path) < 10
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     logs = out.stdout + out.stderr
@@ -408,7 +384,7 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "runs" / "interrupted").rglob("metrics.csv"))
-        if found and _epochs_done(found[0]) >= 1:
+        if found and epochs_logged(found[0]) >= 1:
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.1)
@@ -422,8 +398,6 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
     """SIGKILL inside fold 2, rerun the same command: fold 1 is skipped, fold 2 continues,
     and its W&B offline run holds every epoch (the killed process's offline file need
     not: wandb had not written its last rows)."""
-    import signal
-    import time
 
     from tests.wandb_offline import read_offline_history
 
@@ -431,25 +405,10 @@ def test_killed_run_resumes_with_the_same_command(tmp_path):
             "trainer.epochs=40", "data.folds=[1,2]", "logger=wandb", "logger.project=tests"]
     env = train_env(tmp_path, WANDB_BASE_URL="http://127.0.0.1:9")
     env.pop("WANDB_MODE", None)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    csv_path = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            found = list((tmp_path / "runs").rglob("fold_2/metrics.csv"))
-            if found and _epochs_done(found[0]) >= 3:
-                csv_path = found[0]
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    csv_path = kill_after_epochs(args, env, tmp_path / "runs", "fold_2/metrics.csv", 3)
     assert csv_path is not None, "the run finished or stalled before it could be killed"
     run_dir = csv_path.parents[1]
-    done_before = _epochs_done(csv_path)
+    done_before = epochs_logged(csv_path)
     assert done_before < 40
     assert (run_dir / "fold_1" / "results.json").exists()
     assert not (run_dir / "fold_2" / "results.json").exists()

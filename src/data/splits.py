@@ -38,7 +38,7 @@ import numpy as np
 from src.config import ConfigError
 from src.data.index import DatasetIndex
 
-__all__ = ["Splits", "check_split_config", "make_splits"]
+__all__ = ["Splits", "check_split_config", "make_splits", "take_whole_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +135,27 @@ def _carve_single_groups(labels: np.ndarray, groups: np.ndarray, frac: float,
         members = np.flatnonzero(group_class == c)
         if len(members) < 2:
             continue
-        clips = int(sizes[members].sum())
-        want = max(int(round(frac * clips)), 1)
-        taken, chosen = 0, []
-        order = rng.permutation(members)
-        for g in order:
-            if taken >= want or len(chosen) == len(members) - 1:
-                break
-            if taken + sizes[g] - want > want - taken:
-                continue  # it would overshoot further than the split is short
-            chosen.append(g)
-            taken += int(sizes[g])
-        if not chosen:  # every group overshoots: the smallest (first drawn on ties)
-            chosen.append(order[np.argmin(sizes[order])])
-        taken_groups += chosen
+        want = max(int(round(frac * int(sizes[members].sum()))), 1)
+        taken_groups += take_whole_groups(rng.permutation(members), sizes, want)
     return np.flatnonzero(np.isin(inverse, taken_groups))
+
+
+def take_whole_groups(order: np.ndarray, sizes: np.ndarray, want: int) -> list:
+    """Groups of ``order`` (drawn in that order) for a split of about ``want`` clips
+    (``sizes``: clips per group): each joins while the split is short, unless it would
+    overshoot further than the split is short; at least one group (the smallest, when
+    every one overshoots) and never all of them."""
+    taken, chosen = 0, []
+    for g in order:
+        if taken >= want or len(chosen) == len(order) - 1:
+            break
+        if taken + sizes[g] - want > want - taken:
+            continue  # it would overshoot further than the split is short
+        chosen.append(g)
+        taken += int(sizes[g])
+    if not chosen and len(order) > 1:  # every group overshoots: the smallest (first on ties)
+        chosen.append(order[np.argmin(sizes[order])])
+    return chosen
 
 
 def _carve_multi(
