@@ -79,6 +79,8 @@ class DatasetIndex:
     def groups(self) -> np.ndarray:
         """Every record's source group as an integer id; a record without one is a group of
         its own. Ids are dense, in order of first appearance."""
+        if all(r.group is None for r in self.records):  # AudioSet, FSD50K: no sources
+            return np.arange(len(self.records), dtype=np.int64)
         ids: dict = {}
         out = np.empty(len(self.records), np.int64)
         for i, r in enumerate(self.records):

@@ -358,6 +358,8 @@ def _warn_shared_sources(index: DatasetIndex, groups: np.ndarray, train: np.ndar
     """Warn where one source recording is in two splits (the dataset's folds put it there,
     or data.split_by_source=false): its clips are then no longer unseen data."""
     named = np.array([r.group is not None for r in index.records])
+    if not named.any():
+        return
     for a, b, what in ((train, test, "training and test"), (val, test, "validation and test"),
                        (train, val, "training and validation")):
         a, b = a[named[a]], b[named[b]]
