@@ -170,10 +170,11 @@ def epoch_seeds(seed: int) -> tf.data.Dataset:
     the dataset it is zipped with, and the same passes for the same ``seed``.
 
     TensorFlow's stateful random ops in a ``tf.data`` function restart their sequence
-    with every iterator once a global seed is set (``keras.utils.set_random_seed``), and
-    ``fit`` makes one iterator per epoch: every epoch would draw the same numbers. These
-    seeds do not (``rerandomize_each_iteration``), and they do not depend on the order in
-    which a parallel map runs its calls."""
+    with every new iterator once a global seed is set (``keras.utils.set_random_seed``),
+    and their draws follow the order in which a parallel map runs its calls. These seeds
+    do neither (``rerandomize_each_iteration``): each pass of the training stream
+    (:func:`epoch_stream`) draws its own, the same ones in every run with the same
+    ``seed``, so that a resumed run can replay them."""
     draws = tf.data.Dataset.random(seed=int(seed), rerandomize_each_iteration=True)
     return draws.map(lambda v: tf.stack([tf.cast(v % 2**31, tf.int32),
                                          tf.cast(v // 2**31 % 2**31, tf.int32)]))
