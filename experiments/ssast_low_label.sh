@@ -127,7 +127,9 @@ finetune() {  # variant k seed lr overrides...
   local variant=$1 k=$2 seed=$3 lr=$4
   shift 4
   local dir=$OUT/$variant/lr$lr/k$k-seed$seed
-  if [ -f "$dir/results.json" ]; then return; fi
+  # A finished run is not trained again: src.train skips it after checking that its
+  # inputs (data, splits, the pretrained backbone) are the ones it was trained on, and
+  # stops naming the change otherwise (a new backbone: add trainer.resume=false).
   echo "== $variant, k=$k, seed $seed, learning rate $lr"
   "$PY" -m src.train "${DATA[@]}" "${FINETUNE[@]}" "data.train_per_class=$k" \
     "seed=$seed" "data.split_seed=$seed" "trainer.optimizer.lr=$lr" \

@@ -34,7 +34,9 @@ def fit_verbosity(value) -> int:
     return int(value)
 
 
-def _positive(cfg: DictConfig, dotted: str, integer=True):
+def positive_key(cfg: DictConfig, dotted: str, integer=True):
+    """The value of the dotted key ``dotted``: a positive (whole, with ``integer``) number,
+    else a :class:`ConfigError` naming the key."""
     node = cfg
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, DictConfig) else None
@@ -134,10 +136,10 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
     _check_store_content(cfg)
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
                 "data.sample_rate"):
-        _positive(cfg, key)
+        positive_key(cfg, key)
     for key in _MODEL_INTS:
         if cfg.model.get(key) is not None:
-            _positive(cfg, f"model.{key}")
+            positive_key(cfg, f"model.{key}")
     epochs = int(cfg.trainer.epochs)
     for key in ("average_epochs", "ensemble_epochs"):
         value = cfg.trainer.get(key)
@@ -166,8 +168,8 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
             f"trainer.early_stopping_patience={patience!r}: use a positive number of epochs "
             "or null (off)."
         )
-    _positive(cfg, "data.clip_seconds", integer=False)
-    _positive(cfg, "trainer.optimizer.lr", integer=False)
+    positive_key(cfg, "data.clip_seconds", integer=False)
+    positive_key(cfg, "trainer.optimizer.lr", integer=False)
     fit_verbosity(cfg.trainer.get("verbose", "auto"))
     exact = cfg.trainer.get("exact_resume", "auto")
     if str(exact).strip().lower() not in ("auto", "true", "false"):

@@ -41,7 +41,7 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from src.config import ConfigError, fit_verbosity, validate_config  # noqa: E402
+from src.config import ConfigError, fit_verbosity, positive_key, validate_config  # noqa: E402
 from src.data.index import DatasetError  # noqa: E402
 from src.models.pretrained import PretrainedError  # noqa: E402
 
@@ -127,14 +127,22 @@ def validate_pretrain_config(cfg: DictConfig) -> dict:
             f"pretrain.mse_weight={cfg.pretrain.get('mse_weight')!r} must be a number >= 0 "
             "(SSAST: 10)."
         )
-    hidden = cfg.pretrain.get("head_hidden")
-    if hidden is not None and (isinstance(hidden, bool) or int(hidden) < 1):
-        raise ConfigError(f"pretrain.head_hidden={hidden!r}: a positive width, or null.")
+    if cfg.pretrain.get("head_hidden") is not None:
+        positive_key(cfg, "pretrain.head_hidden")  # a whole number, named in the error
     from src.models.ssast import training_grid, training_mask_count
 
     backbone = model.backbone
     count, sizes = _mask_settings(cfg, backbone.num_patches)
     train_grid = training_grid(backbone)
+    # A cluster wider than the grid is clipped on every side: the first one covers most
+    # of the grid, and every clip's mask is about the first cells in patch order.
+    grid = tuple(backbone.grid)
+    if sizes[1] > max(grid):
+        raise ConfigError(
+            f"pretrain.mask.cluster_max={sizes[1]} is wider than the patch grid ({grid[0]} "
+            f"x {grid[1]}), so the masks would hardly vary between clips; use cluster sizes "
+            f"of at most {max(grid)} (SSAST: 3..5, on a grid of 8 x 64)."
+        )
     try:
         train_count = training_mask_count(count, int(backbone.num_patches),
                                           train_grid[0] * train_grid[1])
@@ -553,6 +561,14 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         _save_model(model, path)
         export = _export(cfg, path)
         final = {k: v[-1] for k, v in hist.items() if v}
+        trained = hist.get("nce_loss") or []
+        if trained and all(math.isnan(v) for v in trained):
+            log.warning(
+                "no masked patch of the %d training clip(s) had content that varies "
+                "(silent or constant audio) in any epoch: the training losses are NaN and "
+                "the backbone has learned nothing from them. Leave the silent files out "
+                "(python -m scripts.check_data lists them) or point data.root at "
+                "recordings with sound.", len(train_rows))
         if len(val_rows) and math.isnan(final.get("val_nce_loss", 0.0)):
             log.warning(
                 "the %d validation clip(s) have no masked patch whose content varies "

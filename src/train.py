@@ -327,6 +327,12 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
             log.info("fold %d: %s", fold, note)
         for warning in loaded.warnings:
             log.warning("fold %d: %s", fold, warning)
+    elif int(cfg.model.get("freeze", 0) or 0) > 0:
+        log.warning(
+            "fold %d: model.freeze=%s keeps the lowest stage(s) fixed, but no weights are "
+            "loaded (model.pretrained is null): they stay at their random start. Give "
+            "model.pretrained=<backbone.keras>, or model.freeze=0 to train them.",
+            fold, cfg.model.get("freeze"))
     if backbone.count_params() > 20_000_000 and not tf.config.list_logical_devices("GPU"):
         log.warning(
             "fold %d: %.0f M parameters on a CPU; expect hours per epoch. Train models this "

@@ -218,3 +218,12 @@ def test_low_label_script_on_a_corpus_keeps_the_test_fold_out_of_pretraining(tmp
     for variant in ("pretrained", "scratch", "linear"):
         results = next((out / variant).glob("lr*/k2-seed0/results.json"))
         assert json.loads(results.read_text())["dataset"] == "folder"
+
+    # A backbone pretrained anew (another seed, the pretraining started over): the
+    # finished fine-tuning from the old one is not put in the table as if it came from it.
+    env.update(PRETRAIN_ARGS="trainer.resume=false seed=1")
+    again = subprocess.run(["experiments/ssast_low_label.sh", "trainer.epochs=1"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 2, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was finished on other inputs" in again.stderr
+    assert "model.pretrained (" in again.stderr and "sha256" in again.stderr

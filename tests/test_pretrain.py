@@ -428,6 +428,10 @@ def test_a_silent_split_scores_nan_and_batches_weigh_by_informative_patches():
     (["pretrain.mask.count=12"], "pretrain.mask.count=12"),
     (["pretrain.mask.count=null", "pretrain.mask.fraction=1.5"], "pretrain.mask.fraction"),
     (["pretrain.mask.cluster_min=4", "pretrain.mask.cluster_max=3"], "cluster_min"),
+    (["pretrain.mask.cluster_max=7"], "cluster_max=7 is wider than the patch grid"),
+    (["pretrain.head_hidden=abc"], "pretrain.head_hidden must be a whole number"),
+    (["pretrain.head_hidden=2.5"], "pretrain.head_hidden must be a whole number"),
+    (["pretrain.head_hidden=0"], "pretrain.head_hidden must be positive"),
     (["data.store.content=waveform"], "data.store.content=waveform"),
 ])
 def test_config_errors_name_the_key(overrides, needle):
@@ -494,13 +498,31 @@ def test_a_silent_validation_split_is_reported_as_nan_with_a_warning(tmp_path, c
     sf.write(root / "b.wav", np.zeros(2 * SR, np.float32), SR)  # digital silence
     seed = next(s for s in range(100) if list(_carve(np.arange(2), 0.5, s)[1]) == [1])
     with caplog.at_level(logging.WARNING):
-        results = _run_in_process(tmp_path, root, "trainer.epochs=1", "data.val_fraction=0.5",
+        results = _run_in_process(tmp_path / "given", root, "trainer.epochs=1", "data.val_fraction=0.5",
                                   f"data.split_seed={seed}", "pretrain.export=null")
     assert (results["num_train"], results["num_val"]) == (1, 1)
     for key in ("val_loss", "val_nce_loss", "val_retrieval_accuracy"):
         assert math.isnan(results["final"][key]), key
     assert math.isfinite(results["final"]["nce_loss"])
     assert "the 1 validation clip(s) have no masked patch whose content varies" in caplog.text
+
+
+def test_a_folder_of_silence_is_refused_and_warned_of(tmp_path, caplog):
+    """Silent clips give constant features: the statistics refuse them by name; given
+    statistics, the run trains on nothing and says so."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    for i in range(3):
+        sf.write(root / f"{i}.wav", np.zeros(2 * SR, np.float32), SR)
+    with pytest.raises(DatasetError, match=r"training clip\(s\) give one constant value"):
+        _run_in_process(tmp_path / "stats", root)
+    with caplog.at_level(logging.WARNING):
+        results = _run_in_process(tmp_path / "given", root, "trainer.epochs=1",
+                                  "data.norm_mean=-8", "data.norm_std=3",
+                                  "pretrain.export=null")
+    assert math.isnan(results["final"]["nce_loss"])
+    assert f"no masked patch of the {results['num_train']} training clip(s) had content " \
+        "that varies" in caplog.text
 
 
 def test_empty_folder_fails_before_any_work(tmp_path):
@@ -643,6 +665,21 @@ def test_fine_tuning_run_from_the_backbone(pretrained, folder):
     r = json.loads(res.read_text())
     assert "position grid 2x6 -> 2x9" in r["pretrained"]
     assert r["pretrained"].startswith(str(run_dir / "backbone.keras"))
+
+
+def test_freezing_without_pretrained_weights_is_warned_of(tmp_path, folder):
+    """model=ssast keeps its patch embedding fixed (model.freeze=1): without
+    model.pretrained it would stay at its random start, and the log says so."""
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", "data=folder", f"data.root={folder}",
+         "data.labels_from_subdirs=true", "data.num_folds=2", "data.folds=[1]",
+         "data.skip_bad_files=true", "model=ssast", *TINY_MODEL, "trainer.epochs=1",
+         "trainer.attention_maps=0"],
+        cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "model.freeze=1 keeps the lowest stage(s) fixed, but no weights are loaded" in (
+        out.stdout + out.stderr)
 
 
 def test_pretraining_on_a_single_recording_finishes_without_validation(tmp_path):

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from src.data.index import DatasetIndex
+from src.data.index import DatasetError, DatasetIndex
 from src.data.store import CorruptShardError, FeatureStore, invalidate
 from src.data.windows import window_starts_tf
 
@@ -503,6 +503,13 @@ def feature_stats(
         raise ValueError("no features to compute statistics from")
     mean = total / count
     var = max(total_sq / count - mean * mean, 0.0)
+    if not var > 0.0:
+        raise DatasetError(
+            f"the {len(rows)} training clip(s) give one constant value ({mean:.4g}) in "
+            "every feature, so there is nothing to normalise or learn from: the audio is "
+            "silent (or the same everywhere). Check the files (python -m scripts.check_data "
+            "lists silent ones) and point data.root at recordings with sound."
+        )
     return float(mean), float(np.sqrt(var))
 
 
