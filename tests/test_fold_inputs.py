@@ -30,10 +30,10 @@ def _clips(folder, n=18, folds=3):
     return DatasetIndex(records=tuple(records), class_names=("a", "b", "c"), root=str(folder))
 
 
-def _inputs(index, tmp_path, pretrained=None, fold=1):
+def _inputs(index, tmp_path, pretrained=None, fold=1, shard_clips=4, cache="features"):
     store = build_store(index, LogMel(sample_rate=RATE, n_mels=16), sample_rate=RATE,
-                        clip_samples=RATE // 4, cache_dir=tmp_path / "features", name="t",
-                        shard_clips=4, progress=False)
+                        clip_samples=RATE // 4, cache_dir=tmp_path / cache, name="t",
+                        shard_clips=shard_clips, progress=False)
     return fold_inputs(index, store, make_splits(index, fold, DATA), pretrained)
 
 
@@ -109,3 +109,42 @@ def test_a_fold_records_its_inputs_then_stops_on_others(setup, tmp_path):
     (fold_dir / INPUTS_FILE).write_text("{")
     check_fold_inputs(fold_dir, other, 1)
     assert json.loads((fold_dir / INPUTS_FILE).read_text()) == other
+
+
+def test_a_store_sharded_anew_holds_the_same_inputs(setup, tmp_path):
+    """The digests are of each clip's decoded audio: regrouping the clips into other
+    shards (data.store.shard_clips) changes the shards' checksums, not the inputs."""
+    index, _, inputs = setup
+    resharded = _inputs(index, tmp_path, shard_clips=1, cache="resharded")
+    assert resharded["features"]["shards"] > inputs["features"]["shards"]
+    assert resharded["features"]["digest"] != inputs["features"]["digest"]
+    assert resharded["features"]["clips_digest"] == inputs["features"]["clips_digest"]
+    assert changes(inputs, resharded) == []
+    fold_dir = tmp_path / "run" / "fold_1"
+    fold_dir.mkdir(parents=True)
+    check_fold_inputs(fold_dir, inputs, 1)
+    check_fold_inputs(fold_dir, resharded, 1)  # no error
+    # Another store (another frontend or library version computed the features): named.
+    other = json.loads(json.dumps(inputs))
+    other["features"]["store"] = "t-0000"
+    (found,) = changes(inputs, other)
+    assert found.startswith(f"the feature store ({inputs['features']['store']} -> t-0000")
+
+
+def test_a_record_from_before_the_clip_digests_is_completed(setup, tmp_path):
+    """An inputs.json without the per-clip digests (an older run) is checked on the
+    shards' checksums, then completed, so the store may be sharded anew afterwards."""
+    index, _, inputs = setup
+    old = json.loads(json.dumps(inputs))
+    for key in ("store", "clips_digest", "clips_by_data_fold"):
+        del old["features"][key]
+    fold_dir = tmp_path / "run" / "fold_1"
+    fold_dir.mkdir(parents=True)
+    (fold_dir / INPUTS_FILE).write_text(json.dumps(old))
+    changed = json.loads(json.dumps(inputs))
+    changed["features"]["digest"] = "0" * 64  # other shards, no clip digests to compare
+    with pytest.raises(ConfigError, match="the stored features of data fold"):
+        check_fold_inputs(fold_dir, changed, 1)
+    check_fold_inputs(fold_dir, inputs, 1)
+    assert json.loads((fold_dir / INPUTS_FILE).read_text()) == inputs
+    check_fold_inputs(fold_dir, _inputs(index, tmp_path, shard_clips=1, cache="resharded"), 1)

@@ -115,6 +115,18 @@ class Shard:
     keys: tuple[str, ...]  # the file paths stored in it, in order
     frames: tuple[int, ...]  # length of each record: frames (features) or samples (waveform)
     sha256: str = ""  # of the .tfrecord file: what the records hold
+    # Per record, a digest of the file's decoded samples (:func:`samples_digest`): what
+    # the clip holds, whatever shard it is in; empty for a shard written before them.
+    clips: tuple[str, ...] = ()
+
+
+def samples_digest(samples: np.ndarray) -> str:
+    """A short digest of a decoded clip (its dtype, shape and samples): the same for a
+    file copied or touched, another for other audio."""
+    a = np.ascontiguousarray(samples)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:24]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -574,7 +586,7 @@ def _load_shard(shard_dir: Path, stem: str, content: str, verify: str):
         shard = Shard(
             fold=int(m["fold"]), bucket=int(m["bucket"]), path=str(record), count=int(m["count"]),
             keys=tuple(m["keys"]), frames=tuple(int(f) for f in m["frames"]),
-            sha256=str(m["sha256"]),
+            sha256=str(m["sha256"]), clips=tuple(m.get("clips") or ()),
         )
         problems = [FileProblem(**p) for p in m["problems"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -594,7 +606,8 @@ def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featuri
                  waveform=False):
     record = shard_dir / f"{stem}.tfrecord"
     tmp = shard_dir / f".{stem}.tfrecord.tmp"
-    keys, frames, problems = [], [], []
+    keys, frames, clips, problems = [], [], [], []
+    digests: dict[str, str] = {}  # of each decoded file's samples (samples_digest)
     batch: list[tuple[str, np.ndarray]] = []
     example = _waveform_example if waveform else _example
     what = "samples" if waveform else "features"
@@ -614,6 +627,7 @@ def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featuri
                 writer.write(example(path, f))
                 keys.append(path)
                 frames.append(int(f.shape[0]))
+                clips.append(digests[path])
             batch.clear()
 
         for expected, _size, _mtime in files:
@@ -623,6 +637,7 @@ def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featuri
             bar.update(1)
             if samples is None:
                 continue
+            digests[path] = samples_digest(samples)
             if batch and len(samples) != len(batch[0][1]):
                 flush()
             batch.append((path, samples))
@@ -634,14 +649,15 @@ def _write_shard(shard_dir, stem, content, fold, bucket, files, decoded, featuri
     st = record.stat()
     manifest = {
         "format": STORE_FORMAT, "content": content, "fold": fold, "bucket": bucket,
-        "files": files, "keys": keys, "frames": frames, "count": len(keys),
+        "files": files, "keys": keys, "frames": frames, "clips": clips, "count": len(keys),
         "bytes": int(st.st_size), "stat": [int(st.st_size), int(st.st_mtime_ns)],
         "sha256": file_sha256(record), "problems": [dataclasses.asdict(p) for p in problems],
         "created": time.time(),
     }
     _write_json(shard_dir / f"{stem}.json", manifest)
     shard = Shard(fold=fold, bucket=bucket, path=str(record), count=len(keys),
-                  keys=tuple(keys), frames=tuple(frames), sha256=manifest["sha256"])
+                  keys=tuple(keys), frames=tuple(frames), sha256=manifest["sha256"],
+                  clips=tuple(clips))
     return shard, problems
 
 

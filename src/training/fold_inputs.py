@@ -42,9 +42,12 @@ def fold_inputs(index, store, splits, pretrained: str | os.PathLike | None = Non
 
     * ``splits``: per split, its clips with their labels (a relabelled clip, a clip moved
       to another fold or another split changes them);
-    * ``features``: the checksums of the store's shards that hold the fold's clips (a
-      file whose audio changed changes them; one only touched, recomputed to the same
-      features, does not), with the data folds those shards belong to;
+    * ``features``: the feature store (its directory: the key of the frontend, decoder
+      and library versions) and a digest of the decoded audio of each of the fold's
+      clips, with one per data fold (a file whose audio changed changes them; one only
+      touched or copied does not, nor how the store groups clips into shards); for a
+      store written before the per-clip digests, the checksums of the shards that hold
+      the clips (kept beside, for the records of older runs);
     * ``pretrained``: the weights file's sha256, when the model starts from one.
     """
     root = Path(index.root)
@@ -65,11 +68,29 @@ def fold_inputs(index, store, splits, pretrained: str | os.PathLike | None = Non
         "by_data_fold": {str(f): json_digest(sorted(s.sha256 for s in shards if s.fold == f))
                          for f in sorted({s.fold for s in shards})},
     }
+    if shards and all(len(s.clips) == len(s.keys) for s in shards):
+        wanted = set(paths)
+        by_fold: dict[int, list] = {}
+        for s in shards:
+            by_fold.setdefault(s.fold, []).extend(
+                (_relative(k, root), d) for k, d in zip(s.keys, s.clips) if k in wanted)
+        per_fold = {str(f): json_digest(sorted(v)) for f, v in sorted(by_fold.items())}
+        out["features"].update(
+            store=Path(store.directory).name,
+            clips_digest=json_digest(sorted(per_fold.items())),
+            clips_by_data_fold=per_fold,
+        )
     if pretrained is not None:
         st = os.stat(pretrained)
         out["pretrained"] = {"file": str(pretrained), "sha256": _weights_sha256(
             str(pretrained), int(st.st_size), int(st.st_mtime_ns))}
     return out
+
+
+def _changed_folds(before: dict, now: dict) -> str:
+    folds = sorted((f for f in set(before) | set(now) if before.get(f) != now.get(f)), key=int)
+    return (f"the stored features of data fold(s) {', '.join(folds) or '?'} (an audio file "
+            "in them changed)")
 
 
 def changes(before: dict, now: dict) -> list[str]:
@@ -82,11 +103,14 @@ def changes(before: dict, now: dict) -> list[str]:
                       else "the same number of clips")
             found.append(f"the {name} split ({counts}; its files, labels or folds differ)")
     a, b = before.get("features", {}), now["features"]
-    if a.get("digest") != b["digest"]:
-        old = a.get("by_data_fold", {})
-        folds = sorted((f for f, d in b["by_data_fold"].items() if old.get(f) != d), key=int)
-        found.append("the stored features of data fold(s) "
-                     f"{', '.join(folds) or '?'} (an audio file in them changed)")
+    if "clips_digest" in a and "clips_digest" in b:  # per clip: whatever the shards
+        if a.get("store") != b.get("store"):
+            found.append(f"the feature store ({a.get('store')} -> {b.get('store')}: another "
+                         "frontend, decoder or library version computes the features)")
+        elif a["clips_digest"] != b["clips_digest"]:
+            found.append(_changed_folds(a["clips_by_data_fold"], b["clips_by_data_fold"]))
+    elif a.get("digest") != b["digest"]:  # a record or a store from before the clip digests
+        found.append(_changed_folds(a.get("by_data_fold", {}), b["by_data_fold"]))
     a, b = before.get("pretrained"), now.get("pretrained")
     if a != b:
         if a is None or b is None:
@@ -124,7 +148,11 @@ def check_fold_inputs(fold_dir: Path, inputs: dict, fold: int | None,
                 "trainer.resume=false to move the earlier results aside and train again, "
                 "or restore the earlier inputs (or use another run directory: name=...)."
             )
-        return
+        if "clips_digest" in before.get("features", {}) or (
+                "clips_digest" not in inputs.get("features", {})):
+            return
+        # A record from before the per-clip digests, on the same shards: add them, so
+        # that the store may be re-sharded from now on.
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(inputs, indent=1))
     os.replace(tmp, path)
