@@ -266,6 +266,10 @@ def inspect_file(
         ]
 
     problems = []
+    if (info is not None and int(info.frames) == 0) or (info is None and not samples.size):
+        # A header and no audio: a failed copy or download, not a recording of silence.
+        return None, [problem("empty", "no audio in the file (0 frames: a header only); "
+                              "re-copy or re-download it", True)]
     if info is not None:
         rate, channels, frames = int(info.samplerate), int(info.channels), int(info.frames)
         if rate != sample_rate:
