@@ -130,6 +130,23 @@ def validate_config(cfg: DictConfig, training: bool = True) -> None:
     check_split_config(cfg.data)
     if training:
         _check_folder_training(cfg.data)
+        if cfg.data.get("samples_per_epoch") is not None:
+            positive_key(cfg, "data.samples_per_epoch")
+            if not cfg.data.get("balanced_sampling", False):
+                raise ConfigError(
+                    f"data.samples_per_epoch={cfg.data.samples_per_epoch} is read only with "
+                    "data.balanced_sampling=true (clips drawn per epoch); without it an "
+                    "epoch is one pass over the training split. Add "
+                    "data.balanced_sampling=true, or leave data.samples_per_epoch=null."
+                )
+        skipped = cfg.data.get("max_skipped_fraction", 0.05)
+        try:
+            ok = not isinstance(skipped, bool) and 0.0 <= float(skipped) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"data.max_skipped_fraction={skipped!r}: a fraction between 0 "
+                              "and 1 of a data fold (default 0.05).")
     verify = (cfg.data.get("store") or {}).get("verify", "auto")
     if verify not in ("auto", "always", "never"):
         raise ConfigError(f"data.store.verify={verify!r} is unknown; use auto, always or never.")

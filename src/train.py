@@ -640,6 +640,47 @@ def save_fold_attention_maps(cfg, model, best_weights, test_ds, index, out_dir,
         return []
 
 
+def _data_overrides(cfg: DictConfig, index) -> str:
+    """The command's overrides that choose the dataset and how it is read, for a
+    ``scripts.check_data`` command that checks the same files."""
+    import shlex
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (run() called directly)
+        overrides = []
+    keep = ("data", "experiment", "frontend", "paths")
+    chosen = [o for o in overrides if str(o).lstrip("+~").split("=")[0].split(".")[0] in keep]
+    if not chosen:
+        chosen = [f"data={cfg.data.name}", f"data.root={index.root}"]
+    return " ".join(shlex.quote(str(o)) for o in chosen)
+
+
+def _check_skipped_share(cfg: DictConfig, index, bad: set[str]) -> None:
+    """Stop when ``data.skip_bad_files`` would leave out more than
+    ``data.max_skipped_fraction`` of any data fold: that is a broken copy or a wrong
+    decoder, not a few bad downloads, and a test split thinned that much is another test."""
+    limit = float(cfg.data.get("max_skipped_fraction", 0.05))  # checked by validate_config
+    totals, gone = {}, {}
+    for r in index.records:
+        totals[r.fold] = totals.get(r.fold, 0) + 1
+        if r.path in bad:
+            gone[r.fold] = gone.get(r.fold, 0) + 1
+    over = [(f, gone[f], totals[f]) for f in sorted(gone) if gone[f] / totals[f] > limit]
+    if over:
+        which = "; ".join(f"data fold {f}: {n} of {t} ({100.0 * n / t:.1f}%)"
+                          for f, n, t in over)
+        raise DatasetError(
+            f"data.skip_bad_files=true would leave out more unreadable clips than "
+            f"data.max_skipped_fraction={limit:g} allows ({which}), e.g. "
+            f"{', '.join(sorted(bad)[:3])}. Fix or re-download them (full report: python "
+            f"-m scripts.check_data {_data_overrides(cfg, index)}), or raise "
+            "data.max_skipped_fraction to train and test on what is left."
+        )
+
+
 def build_features(cfg: DictConfig, index):
     """The dataset's feature store (or, with ``data.store.content=waveform``, its
     waveform store), each file decoded once; bad files stop the run (with the list)
@@ -685,8 +726,7 @@ def build_features(cfg: DictConfig, index):
             f"{len(fatal)} of {report.num_files} audio file(s) under {index.root} cannot be "
             f"used:\n{fatal_report.summary()}\nFix or remove them, or run with "
             "data.skip_bad_files=true to leave them out (they are listed in results.json). "
-            f"Full report: python -m scripts.check_data data={cfg.data.name} "
-            f"data.root={index.root}"
+            f"Full report: python -m scripts.check_data {_data_overrides(cfg, index)}"
         )
     bad = {p.path for p in fatal}
     kept = tuple(r for r in index.records if r.path not in bad)
@@ -748,7 +788,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             _check_pretrained_fits(cfg, index)
 
         t0 = time.time()
+        full_index = index
         store, index, skipped = build_features(cfg, index)
+        _check_skipped_share(cfg, full_index, {s["path"] for s in skipped})
         feature_time = time.time() - t0
         log.info("features ready in %.1fs (%s)", feature_time, store.directory)
 

@@ -89,6 +89,11 @@ def test_esc50_experiment_holds_the_ast_optimiser_recipe():
         ("data.format=mp3", "data.format"),
         ("frontend.sample_rate=8000", "frontend.sample_rate"),
         ("+model.heads=4", "model.heads"),
+        ("data.samples_per_epoch=100", "data.samples_per_epoch=100 is read only with "
+                                       "data.balanced_sampling=true"),
+        ("data.samples_per_epoch=0", "data.samples_per_epoch must be positive"),
+        ("data.max_skipped_fraction=1.5", "data.max_skipped_fraction=1.5"),
+        ("data.max_skipped_fraction=some", "data.max_skipped_fraction='some'"),
     ],
 )
 def test_bad_configs_name_the_key(override, key):

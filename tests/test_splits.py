@@ -105,3 +105,13 @@ def test_a_file_listed_twice_in_one_split_is_refused():
     index = DatasetIndex(records=records, class_names=("x", "y"), root="/d")
     with pytest.raises(ConfigError, match="test split of test fold 2 lists 1 audio file.*e.wav"):
         make_splits(index, 2, {"val_fraction": 0.3})
+
+
+def test_an_empty_fixed_validation_split_names_the_folds_not_the_fraction():
+    """FSD50K-style fixed validation fold that holds no clip (every dev.csv row marked
+    train): the error names data.val_folds and the folds there are, not val_fraction."""
+    index = _index([0, 1, 0, 1, 0, 1], [1, 1, 1, 3, 3, 3])
+    with pytest.raises(ConfigError, match=r"data\.val_folds=\[2\] holds no clip .*its folds "
+                                          r"are \[1, 3\].*data\.val_folds=null") as err:
+        make_splits(index, 3, {"val_folds": [2], "val_fraction": 0.1})
+    assert "raise data.val_fraction" not in str(err.value)

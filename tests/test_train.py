@@ -520,9 +520,19 @@ def test_bad_clip_stops_training_unless_skipped(tmp_path):
     out = run_train(tmp_path, *args, check=False)
     assert out.returncode == 2
     assert bad.name in out.stderr and "data.skip_bad_files=true" in out.stderr
+    # The report command checks the same files: the command's own data overrides.
+    assert f"python -m scripts.check_data data=esc50 data.root={root} 'data.folds=[1]'" in (
+        out.stderr)
     assert not run_results(tmp_path)
 
-    run_train(tmp_path, *args, "data.skip_bad_files=true")
+    # 1 of the 12 clips of its data fold (8%): more than data.max_skipped_fraction=0.05.
+    out = run_train(tmp_path, *args, "data.skip_bad_files=true", check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert ("would leave out more unreadable clips than data.max_skipped_fraction=0.05 "
+            "allows (data fold ") in out.stderr and "1 of 12 (8.3%)" in out.stderr
+    assert not run_results(tmp_path)
+
+    run_train(tmp_path, *args, "data.skip_bad_files=true", "data.max_skipped_fraction=0.1")
     (res,) = run_results(tmp_path)
     r = json.loads(res.read_text())
     assert [s["path"] for s in r["skipped_files"]] == [str(bad)]

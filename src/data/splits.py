@@ -320,6 +320,13 @@ def make_splits(index: DatasetIndex, test_fold: int, data_cfg: Mapping) -> Split
             f"no training clips for test fold {test_fold} (data.train_folds={train_folds}, "
             f"data.val_folds={val_folds}); the dataset's folds are {index.folds()}."
         )
+    if len(val) == 0 and val_folds is not None:
+        raise ConfigError(
+            f"the validation split for test fold {test_fold} is empty ({source}: "
+            f"data.val_folds={val_folds} holds no clip of the dataset at {index.root}; its "
+            f"folds are {index.folds()}). Check the dataset's split files, or set "
+            "data.val_folds=null to carve data.val_fraction of the training clips instead."
+        )
     if len(val) == 0:
         raise ConfigError(
             f"the validation split for test fold {test_fold} is empty ({source}); raise "
