@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         workers=args.workers,
     )
+    sources = {r.path: r.source for r in index.records if r.source}
+    if sources:  # AudioSet / FSD50K: each file with its csv row, as training names it
+        import dataclasses
+
+        report = dataclasses.replace(report, problems=[
+            dataclasses.replace(p, message=f"{p.message} ({sources[p.path]})")
+            if p.path in sources else p for p in report.problems])
     print(report.summary(max_files=args.max_files))
     return 1 if report.fatal() else 0
 

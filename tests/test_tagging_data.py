@@ -719,3 +719,18 @@ def test_data_configs(monkeypatch):
                  "folder"):
         assert common <= set(make_cfg(f"data={data}").data), data
     validate_config(make_cfg("data=audioset_balanced"))
+
+
+def test_check_data_names_a_bad_clip_with_its_csv_row(tmp_path, capsys):
+    """scripts.check_data reports a bad AudioSet clip with its segments csv row, as the
+    training error does."""
+    from scripts.check_data import main
+
+    root = make_audioset(tmp_path / "audioset")
+    index = read_audioset(root)
+    bad = index.records[-1]
+    Path(bad.path).write_bytes(b"not audio")
+    code = main(["data=audioset_balanced", f"data.root={root}", "--no-progress", "--no-cache"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"{bad.path}" in out and f"({bad.source})" in out
