@@ -660,11 +660,20 @@ def _data_overrides(cfg: DictConfig, index) -> str:
 
 def _check_skipped_share(cfg: DictConfig, index, bad: set[str]) -> None:
     """Stop when ``data.skip_bad_files`` would leave out more than
-    ``data.max_skipped_fraction`` of any data fold: that is a broken copy or a wrong
-    decoder, not a few bad downloads, and a test split thinned that much is another test."""
+    ``data.max_skipped_fraction`` of any data fold the run reads: that is a broken copy or
+    a wrong decoder, not a few bad downloads, and a test split thinned that much is
+    another test. (The key is run-invariant: raising it reruns nothing.)"""
+    from src.data.splits import fold_list
+
     limit = float(cfg.data.get("max_skipped_fraction", 0.05))  # checked by validate_config
+    train_folds = fold_list(cfg.data.get("train_folds"))
+    used = None if train_folds is None else {  # None: every fold trains some test fold
+        *train_folds, *(fold_list(cfg.data.get("val_folds")) or []),
+        *(fold_list(cfg.data.get("folds")) or [])}
     totals, gone = {}, {}
     for r in index.records:
+        if used is not None and r.fold not in used:
+            continue
         totals[r.fold] = totals.get(r.fold, 0) + 1
         if r.path in bad:
             gone[r.fold] = gone.get(r.fold, 0) + 1

@@ -3,6 +3,7 @@ checked by src.data.check and by the ``scripts.check_data`` CLI; malformed metad
 files through the reader."""
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,16 @@ def _bytes(path, data):
     return path
 
 
+def _streamed(path, declared):
+    """A WAV as a streaming recorder leaves it: the RIFF and data sizes say ``declared``
+    (0 or 0xFFFFFFFF: unknown) whatever the file holds."""
+    _write(path, _tone())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"data")
+    data[4:8] = data[at + 4 : at + 8] = struct.pack("<I", declared)
+    return _bytes(path, bytes(data))
+
+
 def _mkdir(path):
     path.mkdir()
     return path
@@ -88,6 +99,10 @@ CASES = {
     "zero_frames": (  # a header only: a failed copy or download
         lambda d: _write(d / "zero_frames.wav", np.zeros(0)), {"empty"}, True
     ),
+    # Sizes a streaming recorder writes: "unknown" (read to the end), or 0, which the
+    # decoder takes at its word (no frames): not truncated either way.
+    "streamed_ffff": (lambda d: _streamed(d / "streamed_ffff.wav", 0xFFFFFFFF), set(), False),
+    "streamed_zero": (lambda d: _streamed(d / "streamed_zero.wav", 0), {"empty"}, True),
     "stereo_44k_short": (
         lambda d: _write(d / "s44.wav", _tone(DUR / 2, 44100, 2), sr=44100),
         {"stereo", "resampled", "short"},
@@ -141,7 +156,7 @@ def test_check_file(tmp_path, name):
     assert any(p.fatal for p in problems) == fatal
     # "fatal" means exactly: the pipeline's own decoder fails on the file, or the file
     # holds no audio at all (the decoder would pad a header-only file to a silent clip)
-    assert _decodes(path) == (not fatal) or name == "zero_frames"
+    assert _decodes(path) == (not fatal) or name in ("zero_frames", "streamed_zero")
 
 
 def test_messages_say_what_is_wrong(tmp_path):

@@ -124,9 +124,12 @@ def test_a_store_sharded_anew_holds_the_same_inputs(setup, tmp_path):
     fold_dir.mkdir(parents=True)
     check_fold_inputs(fold_dir, inputs, 1)
     check_fold_inputs(fold_dir, resharded, 1)  # no error
-    # Another store (another frontend or library version computed the features): named.
+    # Another store key (an upgraded library, say) whose features are byte for byte the
+    # same (the same shard checksums): the same input. With other features: named.
     other = json.loads(json.dumps(inputs))
     other["features"]["store"] = "t-0000"
+    assert changes(inputs, other) == []
+    other["features"]["digest"] = "0" * 64
     (found,) = changes(inputs, other)
     assert found.startswith(f"the feature store ({inputs['features']['store']} -> t-0000")
 
@@ -148,3 +151,22 @@ def test_a_record_from_before_the_clip_digests_is_completed(setup, tmp_path):
     check_fold_inputs(fold_dir, inputs, 1)
     assert json.loads((fold_dir / INPUTS_FILE).read_text()) == inputs
     check_fold_inputs(fold_dir, _inputs(index, tmp_path, shard_clips=1, cache="resharded"), 1)
+
+
+def test_a_shard_from_before_the_empty_check_that_holds_a_header_only_file_is_rebuilt(
+        setup, tmp_path):
+    """A shard written before a file without audio frames was fatal holds it as a silent
+    clip (a "0.000 s, zero-padded" note): it is decoded again, and only it."""
+    index, _, _ = setup
+    (manifest,) = [m for m in (tmp_path / "features").rglob("shards/*.json")
+                   if json.loads(m.read_text())["keys"]][:1]
+    m = json.loads(manifest.read_text())
+    path = m["keys"][0]
+    del m["clips"]
+    m["problems"].append({"path": path, "kind": "short", "fatal": False,
+                          "message": f"{path}: 0.000 s, zero-padded to 0.250 s"})
+    manifest.write_text(json.dumps(m))
+    store = build_store(index, LogMel(sample_rate=RATE, n_mels=16), sample_rate=RATE,
+                        clip_samples=RATE // 4, cache_dir=tmp_path / "features", name="t",
+                        shard_clips=4, progress=False)
+    assert store.built == 1 and store.reused == len(store.shards) - 1

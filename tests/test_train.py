@@ -540,6 +540,31 @@ def test_bad_clip_stops_training_unless_skipped(tmp_path):
     assert f["num_train"] + f["num_val"] + f["num_test"] == 59
 
 
+def test_the_skipped_share_counts_the_folds_the_run_reads():
+    """data.max_skipped_fraction is checked per data fold the run reads (train, val and
+    test folds), and raising it names no new run directory."""
+    from hydra import compose, initialize_config_dir
+
+    from src.data.index import DatasetError, DatasetIndex, Record
+    from src.train import _check_skipped_share
+    from src.training.rundir import run_dirname
+
+    records = tuple(Record(path=f"/d/{f}-{i}.wav", label=i % 2, fold=f)
+                    for f in range(1, 6) for i in range(8))
+    index = DatasetIndex(records=records, class_names=("a", "b"), root="/d")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "data.train_folds=[4]", "data.folds=[5]"])
+    _check_skipped_share(cfg, index, {"/d/1-0.wav", "/d/1-1.wav", "/d/1-2.wav"})  # unread
+    with pytest.raises(DatasetError, match=r"data fold 5: 1 of 8 \(12\.5%\)"):
+        _check_skipped_share(cfg, index, {"/d/5-0.wav"})
+    cfg.data.train_folds = None  # cross-validation: every fold is read
+    with pytest.raises(DatasetError, match=r"data fold 1: 3 of 8"):
+        _check_skipped_share(cfg, index, {"/d/1-0.wav", "/d/1-1.wav", "/d/1-2.wav"})
+    assert run_dirname(["data.max_skipped_fraction=0.5"], list(cfg.run_invariant_keys)) == (
+        "default")
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_result(tmp_path):
     results = []

@@ -62,7 +62,7 @@ NOTE_KINDS = ("resampled", "stereo", "short", "long", "silent", "clipped")
 SILENCE_DBFS = -90.0
 CACHE_NAME = "data_check.json"
 # Bump whenever check_file's verdicts change, so cached results are not reused.
-CHECK_VERSION = 3
+CHECK_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +166,8 @@ def _wav_data_chunk(path: str, file_size: int) -> tuple[int, int, int] | None:
                     if len(fmt) == 16:
                         block_align = struct.unpack("<H", fmt[12:14])[0]
                 elif cid == b"data":
+                    if size in (0, 0xFFFFFFFF):  # a streaming recorder's "unknown length"
+                        return None
                     return size, file_size - pos, block_align
                 pos += size + (size & 1)
     except OSError:
@@ -268,8 +270,9 @@ def inspect_file(
     problems = []
     if (info is not None and int(info.frames) == 0) or (info is None and not samples.size):
         # A header and no audio: a failed copy or download, not a recording of silence.
-        return None, [problem("empty", "no audio in the file (0 frames: a header only); "
-                              "re-copy or re-download it", True)]
+        return None, [problem("empty", "no audio frames to decode (a header only, or a data "
+                              "chunk whose size says 0); re-copy or re-download it, or "
+                              "rewrite its header (e.g. sox in.wav out.wav)", True)]
     if info is not None:
         rate, channels, frames = int(info.samplerate), int(info.channels), int(info.frames)
         if rate != sample_rate:

@@ -589,6 +589,11 @@ def _load_shard(shard_dir: Path, stem: str, content: str, verify: str):
             sha256=str(m["sha256"]), clips=tuple(m.get("clips") or ()),
         )
         problems = [FileProblem(**p) for p in m["problems"]]
+        if "clips" not in m and any(p.kind == "short" and p.message.startswith(
+                f"{p.path}: 0.000 s") for p in problems):
+            # Written before a file without audio frames was fatal: it holds such a file
+            # as a silent clip. Decoded again, the file is reported (and left out).
+            return None
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning("feature store: unreadable manifest %s (%s); rebuilding the shard",
                     manifest_file, err)
