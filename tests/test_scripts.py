@@ -90,11 +90,30 @@ def test_experiment_script_smoke_run(tmp_path, script, key, values):
         assert "0.347 / 0.459 mAP" in table  # AST Table 5 beside ours
 
 
+def test_the_pinned_optuna_saves_and_resumes_a_study_in_sqlite(tmp_path):
+    """hydra.sweeper.storage=sqlite:///...: the pinned optuna, SQLAlchemy and alembic
+    create a study in a database file and load it again."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2)
+    again = optuna.load_study(study_name="s", storage=url)
+    again.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
 @pytest.mark.slow
 def test_optuna_search_runs_trials(tmp_path):
+    import optuna
+
+    db = tmp_path / "optuna.db"
     out = subprocess.run(
         [sys.executable, "-m", "src.train", "-m", "experiment=quickstart", "hparams_search=optuna",
-         "hydra.sweeper.n_trials=2", *[a for a in TINY if not a.startswith("model.num_heads")]],
+         "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}",
+         "hydra.sweeper.study_name=search",
+         *[a for a in TINY if not a.startswith("model.num_heads")]],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -102,6 +121,7 @@ def test_optuna_search_runs_trials(tmp_path):
     runs = [p for p in (tmp_path / "runs").rglob("results.json")
             if not p.parent.name.startswith("fold_")]
     assert len(runs) == 2
+    assert len(optuna.load_study(study_name="search", storage=f"sqlite:///{db}").trials) == 2
 
 
 def test_profile_splits_training_and_inference_by_part_and_op():

@@ -87,7 +87,8 @@ def write_run(
         "last_epoch": summary(values, key),
         # another checkpoint's numbers: never what a table reads
         "best_val": summary([0.01] * len(values), f"test_best_val.{metric}"),
-        "provenance": {"commits": [commit], "dirty_folds": [], "differing_versions": {},
+        "provenance": {"commits": [commit], "dirty_folds": folds if dirty else [],
+                       "differing_versions": {},
                        "mixed": bool(provenance_warnings),
                        "warnings": list(provenance_warnings)},
     }
@@ -657,6 +658,39 @@ def test_provenance_warning_of_a_run_whose_folds_mix_commits(sweep):
     assert warnings == [f"model.num_heads=2: run {sweep / 'heads2_seed2'}: {mixed}"]
     out = make_tables(sweep)
     assert out.returncode == 0 and mixed in out.stderr
+
+
+def test_a_rerun_that_skipped_its_folds_keeps_the_commit_that_trained_them(sweep):
+    """Running a finished sweep again rewrites each run's own git and versions (the run
+    summary is written anew); the table reads what trained the folds."""
+    path = sweep / "heads1_seed3"
+    write_run(path, [0.6, 0.6, 0.6], heads=1, seed=3, commit="b" * 40)
+    data = json.loads((path / "results.json").read_text())
+    data["git"] = {"commit": "c" * 40, "dirty": True}  # the rerun's, not the folds'
+    data["versions"] = {**VERSIONS, "tensorflow": "9.9.9"}
+    data["per_fold"][0]["versions"] = dict(VERSIONS)
+    (path / "results.json").write_text(json.dumps(data))
+    (run,) = [r for r in load_runs([sweep]) if r.path.endswith("heads1_seed3/results.json")]
+    assert run.git_commit == "b" * 40 and run.git_dirty is False
+    assert run.versions == VERSIONS
+    text = "\n".join(provenance_warnings(group_runs(load_runs([sweep]))))
+    assert "model.num_heads=1: runs from 2 git commits (aaaaaaa, bbbbbbb)" in text
+    assert "dirty" not in text and "9.9.9" not in text
+
+
+def test_run_invariant_keys_define_no_setting(tmp_path):
+    """Keys a run's config calls run-invariant (how it resumes, what it may skip), and
+    that list itself, which grows between versions, split no rows."""
+    for i, (listed, exact) in enumerate(((["data.folds"], "auto"),
+                                         (["data.folds", "trainer.exact_resume"], "true"))):
+        run_dir = tmp_path / f"run{i}"
+        write_run(run_dir, [0.7, 0.8], seed=i)
+        data = json.loads((run_dir / "results.json").read_text())
+        data["config"]["run_invariant_keys"] = listed
+        data["config"]["trainer"]["exact_resume"] = exact
+        (run_dir / "results.json").write_text(json.dumps(data))
+    (row,) = group_runs(load_runs([tmp_path]))
+    assert len(row.runs) == 2 and row.key == {}
 
 
 def test_summary_from_cv_aggregate_loads_with_its_provenance(tmp_path):

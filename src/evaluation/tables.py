@@ -226,6 +226,10 @@ def run_from_results(data: Mapping[str, Any], path: str) -> Run:
         fold_vals = [r.get(f"val_{metric}") for r in per_fold]
         val = _mean(fold_vals) if fold_vals and None not in fold_vals else None
     git = data.get("git") or {}
+    # What trained the folds: a rerun that only skips finished folds rewrites the run's
+    # own git and versions, the folds keep theirs (cv.provenance: their commits).
+    trained = (cv.get("provenance") or {}).get("commits") or []
+    fold_versions = [r.get("versions") for r in per_fold if r.get("versions")]
     config = run_config(data.get("config") or {})
     return Run(
         path=path,
@@ -242,9 +246,10 @@ def run_from_results(data: Mapping[str, Any], path: str) -> Run:
         train_clips_per_s=_mean(r.get("train_clips_per_s") for r in per_fold),
         eval_clips_per_s=_mean(r.get("eval_clips_per_s") for r in per_fold),
         seed=config.get("seed"),
-        git_commit=git.get("commit"),
-        git_dirty=git.get("dirty"),
-        versions=dict(data.get("versions") or {}),
+        git_commit=trained[0] if len(trained) == 1 else git.get("commit"),
+        git_dirty=(bool((cv.get("provenance") or {}).get("dirty_folds"))
+                   if trained else git.get("dirty")),
+        versions=dict(fold_versions[0] if fold_versions else data.get("versions") or {}),
         provenance=[str(w) for w in (cv.get("provenance") or {}).get("warnings") or []],
     )
 
@@ -322,9 +327,25 @@ def _ignored(key: str, ignore: Sequence[str]) -> bool:
 _ABSENT = object()
 
 
+def _with_run_invariant(ignore: Sequence[str], runs: Sequence[Run]) -> list[str]:
+    """``ignore`` and the keys the runs' own configs call run-invariant (``run_invariant_keys``
+    in ``conf/train.yaml``: how a run is resumed or logged, not what a fold computes), and
+    that list itself, which grows between versions. ``name`` and ``experiment`` stay
+    keys: they label the runs."""
+    extra = {"run_invariant_keys"}
+    for r in runs:
+        listed = r.config.get("run_invariant_keys")
+        if isinstance(listed, list | tuple):
+            extra.update(str(k) for k in listed)
+    extra -= {"name", "experiment"}
+    return [*ignore, *sorted(extra - set(ignore))]
+
+
 def varying_keys(runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> list[str]:
-    """Config keys whose values differ between runs (a key some runs lack counts), sorted."""
+    """Config keys whose values differ between runs (a key some runs lack counts), sorted;
+    not those of ``ignore``, nor the runs' run-invariant keys."""
     keys = sorted({k for r in runs for k in r.config})
+    ignore = _with_run_invariant(ignore, runs)
     out = []
     for k in keys:
         if _ignored(k, ignore):
@@ -504,7 +525,8 @@ def _repeat_notes(runs: Sequence[Run]) -> list[str]:
     """A note on runs of one row that are the same run twice: the same config, seed and
     data root (one run alone and again in a sweep): they count as two repeats, which
     narrows the std without new information."""
-    ignore = [k for k in DEFAULT_IGNORE if k not in ("seed", "data.root")]
+    ignore = _with_run_invariant([k for k in DEFAULT_IGNORE if k not in ("seed", "data.root")],
+                                 runs)
     same: dict[tuple, list[Run]] = {}
     for r in runs:
         token = tuple(sorted((k, _sort_token(v)) for k, v in r.config.items()
