@@ -12,6 +12,15 @@
 cd "$(dirname "$0")/.." && source experiments/sweep.sh
 time_values=${TIME:-0,10,20}
 freq_values=${FREQ:-0,3}
+rest=()  # a swept key given as an override replaces the script's values
+for arg in "$@"; do
+  case "$arg" in
+    model.patchout.time=*) time_values=${arg#model.patchout.time=} ;;
+    model.patchout.freq=*) freq_values=${arg#model.patchout.freq=} ;;
+    *) rest+=("$arg") ;;
+  esac
+done
+set -- ${rest[@]+"${rest[@]}"}
 case " $* " in *" experiment="*) base=() ;; *) base=(experiment=esc50) ;; esac
 runs=${AUDIO_RUNS_DIR:-runs}
 tag=$(printf '%s\n' "$time_values" "$freq_values" "$@" | sha1sum | cut -c1-10)
@@ -19,7 +28,8 @@ dir="$runs/ablate_patchout/sweep-$tag"
 "$PY" -m src.train -m name=ablate_patchout hydra.sweep.dir="$dir" \
   model.pos_embedding=disentangled "${base[@]}" \
   model.patchout.time="$time_values" model.patchout.freq="$freq_values" "$@"
-keys=(--by model.patchout.time,model.patchout.freq)
+keys=(--by model.patchout.time,model.patchout.freq --expect "model.patchout.time=$time_values"
+      --expect "model.patchout.freq=$freq_values")
 wandb=(--log-wandb "${WANDB_PROJECT:-audio-transformer}" --name ablate_patchout)
 case " $* " in *" logger=none "*) wandb=() ;; esac
 "$PY" -m scripts.make_tables "$dir" "${keys[@]}" --plot "$dir/ablate_patchout.png" \

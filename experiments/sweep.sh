@@ -34,7 +34,8 @@ sweep() {
   case " $* " in *" logger=none "*) wandb=() ;; esac
   "$PY" -m scripts.make_tables "$dir" --by "$key" --expect "$key=$values" \
     --plot "$dir/$name.png" "${reference[@]}" "${wandb[@]}" | tee "$dir/table.md"
-  "$PY" -m scripts.make_tables "$dir" --by "$key" --format latex "${reference[@]}" \
-    > "$dir/table.tex" 2>/dev/null
+  # The same rows as table.md, missing ones included (its warnings were printed above).
+  "$PY" -m scripts.make_tables "$dir" --by "$key" --expect "$key=$values" --format latex \
+    "${reference[@]}" > "$dir/table.tex" 2>/dev/null
   echo "sweep: $dir (table.md, table.tex, $name.png)"
 }

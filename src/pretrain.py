@@ -406,6 +406,9 @@ def run(cfg: DictConfig, run_dir: Path, checked: dict | None = None) -> dict:
             log.info("pretraining in %s is complete", run_dir)
             results["export"] = _export(cfg, run_dir / BACKBONE)
             return results
+        from src.models import native
+
+        native.prepare(cfg.model, cfg.trainer)  # a first build outside the epochs' time
         return _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolved,
                          {"skipped_files": skipped, "short_files": short,
                           "feature_time_s": feature_time, "folds": folds, "start": start})

@@ -802,6 +802,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         _check_skipped_share(cfg, full_index, {s["path"] for s in skipped})
         feature_time = time.time() - t0
         log.info("features ready in %.1fs (%s)", feature_time, store.directory)
+        from src.models import native
+
+        native.prepare(cfg.model, cfg.trainer)  # a first build outside the epochs' time
 
         earlier = run_dir / "results.json"
         # Every fold finished earlier: the run's wall time stays the one that trained them.

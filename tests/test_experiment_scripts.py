@@ -138,10 +138,11 @@ def test_ablate_patchout_script_one_row_per_patchout_size(tmp_path):
     each with its training throughput."""
     args = ["experiment=quickstart", "logger=none", *TINY_DATA, *TINY_MODEL,
             "model.stride=16", "trainer.epochs=1", "trainer.attention_maps=0",
-            "trainer.save_model=false"]
+            "trainer.save_model=false",
+            "model.patchout.freq=0,1"]  # a swept key as an override: replaces FREQ's values
     out = subprocess.run(
         ["bash", str(ROOT / "experiments" / "ablate_patchout.sh"), *args],
-        cwd=ROOT, env=_env(tmp_path, TIME="0,3", FREQ="0,1"),
+        cwd=ROOT, env=_env(tmp_path, TIME="0,3", FREQ="0,2"),
         capture_output=True, text=True, timeout=400,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

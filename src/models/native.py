@@ -276,6 +276,19 @@ def disabled(*kernels: str):
         _off.value = previous
 
 
+def prepare(model_cfg, trainer_cfg) -> None:
+    """Build (once per machine: 25-50 s) and load the kernels before training where the
+    model would use them (a transformer, not under XLA, the TensorFlow backend on a
+    CPU), so the build is not counted in the first epoch's time and throughput."""
+    if model_cfg.get("type", "transformer") != "transformer":
+        return
+    if str(trainer_cfg.get("jit_compile", "auto")).lower() == "true":
+        return
+    start = time.time()
+    if usable("float32") and time.time() - start > 1.0:
+        log.info("compiled CPU kernels ready (%.0f s)", time.time() - start)
+
+
 def usable(dtype, dtypes=("float32",), kernel: str | None = None) -> bool:
     """Whether the kernels may run now for a layer computing in ``dtype``, one of
     ``dtypes`` (every kernel takes :data:`DTYPES`, float32 and bfloat16): ``kernel``
