@@ -48,6 +48,7 @@ from src.evaluation.tables import (
     plot,
     provenance_warnings,
     run_config,
+    setting_of,
 )
 
 log = logging.getLogger("scripts.make_tables")
@@ -121,11 +122,14 @@ def runs_from_wandb_records(path: str, records) -> list[Run]:
         config = run_config({k: v for k, v in dict(raw_config).items()
                              if not k.startswith("_")})
         summary = dict(summary or {})
+        # One run per setting: the folds of a cross-validation split over several
+        # commands (data.folds=[1,2], then [3]) are one run, as in the local files.
         entry = by_config.setdefault(
-            json.dumps(sorted(config.items()), default=str),
-            {"config": config, "folds": {}, "cv": None, "ids": []},
+            json.dumps(sorted(setting_of(config).items()), default=str),
+            {"config": config, "folds": {}, "cv": None, "ids": [], "wanted": set()},
         )
         entry["ids"].append(run_id)
+        entry["wanted"].update(int(f) for f in config.get("data.folds") or ())
         job = str(job or "")
         if job == "cv_summary":
             entry["cv"] = summary
@@ -134,8 +138,10 @@ def runs_from_wandb_records(path: str, records) -> list[Run]:
 
     runs = []
     for entry in by_config.values():
-        config, folds, cv = entry["config"], entry["folds"], entry["cv"]
-        wanted = tuple(int(f) for f in config.get("data.folds") or ())
+        config, folds, cv = dict(entry["config"]), entry["folds"], entry["cv"]
+        wanted = tuple(sorted(entry["wanted"]))
+        if wanted:
+            config["data.folds"] = list(wanted)
         name = f"wandb:{path}/{'+'.join(entry['ids'])}"
         cv_metric = _cv_summary_metric(cv) if cv is not None else None
         metrics = {_fold_metric(s) for s in folds.values()}

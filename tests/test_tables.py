@@ -761,6 +761,29 @@ def test_runs_from_wandb_summaries():
         group_runs(list(runs.values()))
 
 
+def test_a_cross_validation_split_over_commands_is_one_wandb_run():
+    """Folds 1-2 from one command and fold 3 from another (data.folds differs, and the
+    run-invariant list of a newer version too): one run of 3 folds; another seed stays
+    another run."""
+    def cfg(folds, seed=1, invariant=("data.folds",)):
+        return {"seed": seed, "data": {"folds": folds, "name": "esc50"},
+                "model": {"num_heads": 2}, "trainer": {"verbose": 0},
+                "run_invariant_keys": list(invariant)}
+
+    records = [
+        ("a1", "fold1", cfg([1, 2]), {"test/accuracy": 0.5}),
+        ("a2", "fold2", cfg([1, 2]), {"test/accuracy": 0.7}),
+        ("a3", "cv_summary", cfg([1, 2]), {"cv/test_accuracy_mean": 0.6}),
+        ("b1", "fold3", cfg([3], invariant=("data.folds", "trainer.exact_resume")),
+         {"test/accuracy": 0.9}),
+        ("c1", "fold1", cfg([1], seed=2), {"test/accuracy": 0.4}),
+    ]
+    runs = sorted(runs_from_wandb_records("e/p", records), key=lambda r: r.seed)
+    assert [(r.seed, r.folds, r.test_per_fold) for r in runs] == [
+        (1, (1, 2, 3), [0.5, 0.7, 0.9]), (2, (1,), [0.4])]
+    assert runs[0].config["data.folds"] == [1, 2, 3]
+
+
 def _svg_text(path) -> str:
     return Path(path).read_text()
 

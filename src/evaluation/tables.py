@@ -341,6 +341,20 @@ def _with_run_invariant(ignore: Sequence[str], runs: Sequence[Run]) -> list[str]
     return [*ignore, *sorted(extra - set(ignore))]
 
 
+# Never part of a setting, whatever a run's config lists: which folds a command ran, and
+# how it was logged, resumed or written.
+_SETTING_IGNORE = ("data.folds", "trainer.verbose", "trainer.resume", "logger", "hydra",
+                   "paths", "tags", "_*", "*._*")
+
+
+def setting_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A flattened run config without its run-invariant keys: what the folds computed.
+    The fold runs of one cross-validation split over several commands (``data.folds=``)
+    share it."""
+    ignore = _with_run_invariant(_SETTING_IGNORE, [Run(path="", config=dict(config))])
+    return {k: v for k, v in config.items() if not _ignored(k, ignore)}
+
+
 def varying_keys(runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> list[str]:
     """Config keys whose values differ between runs (a key some runs lack counts), sorted;
     not those of ``ignore``, nor the runs' run-invariant keys."""
