@@ -22,9 +22,8 @@ for arg in "$@"; do
 done
 set -- ${rest[@]+"${rest[@]}"}
 case " $* " in *" experiment="*) base=() ;; *) base=(experiment=esc50) ;; esac
-runs=${AUDIO_RUNS_DIR:-runs}
-tag=$(printf '%s\n' "$time_values" "$freq_values" "$@" | sha1sum | cut -c1-10)
-dir="$runs/ablate_patchout/sweep-$tag"
+dir=$(sweep_dir ablate_patchout "$(printf '%s\n' "$time_values" "$freq_values" "$@")" \
+  "model.patchout.time=$time_values" "model.patchout.freq=$freq_values" "$@")
 "$PY" -m src.train -m name=ablate_patchout hydra.sweep.dir="$dir" \
   model.pos_embedding=disentangled "${base[@]}" \
   model.patchout.time="$time_values" model.patchout.freq="$freq_values" "$@"

@@ -15,10 +15,8 @@
 cd "$(dirname "$0")/.."
 set -euo pipefail
 
-PY=${PYTHON:-.venv/bin/python}
-runs=${AUDIO_RUNS_DIR:-runs}
-tag=$(printf '%s\n' "$@" | sha1sum | cut -c1-10)
-dir="$runs/ast_esc50/sweep-$tag"
+source experiments/sweep.sh  # sweep_dir
+dir=$(sweep_dir ast_esc50 "$(printf '%s\n' "$@")" "$@")
 for setup in ast_s ast_p; do
   "$PY" -m src.train experiment="esc50_$setup" hydra.run.dir="$dir/$setup" "$@"
 done

@@ -1,6 +1,6 @@
 # Shared by the experiment scripts: run one Hydra multirun into a sweep directory
-# named after the script and its arguments (the same command resumes the same
-# sweep), then build its table and plot from the runs.
+# named after the script and the setting its arguments give (the same command, or the same
+# setting in another order, resumes the same sweep), then build its table and plot.
 #
 #   sweep NAME KEY VALUES [train overrides...]
 #
@@ -11,6 +11,23 @@
 set -euo pipefail
 
 PY=${PYTHON:-.venv/bin/python}
+
+# sweep_dir SCRIPT LEGACY_TEXT OVERRIDES...: runs/SCRIPT/sweep-<tag>, the tag a digest of
+# the overrides that change the runs (src.training.rundir.sweep_tag: sorted, without the
+# run-invariant keys); a sweep begun under the earlier tag (a digest of LEGACY_TEXT, the
+# arguments as typed) continues there.
+sweep_dir() {
+  local script=$1 legacy=$2
+  shift 2
+  local runs=${AUDIO_RUNS_DIR:-runs} tag old
+  tag=$("$PY" -c 'import sys; from src.training.rundir import sweep_tag
+print(sweep_tag(sys.argv[1:]))' "$@")
+  old=$(printf '%s\n' "$legacy" | sha1sum | cut -c1-10)
+  if [ -d "$runs/$script/sweep-$old" ] && [ ! -d "$runs/$script/sweep-$tag" ]; then
+    tag=$old
+  fi
+  printf '%s\n' "$runs/$script/sweep-$tag"
+}
 
 sweep() {
   local name=$1 key=$2 values=$3
@@ -23,10 +40,8 @@ sweep() {
     esac
   done
   set -- ${rest[@]+"${rest[@]}"}
-  local runs=${AUDIO_RUNS_DIR:-runs}
-  local tag
-  tag=$(printf '%s\n' "$key=$values" "$@" | sha1sum | cut -c1-10)
-  local dir="$runs/$name/sweep-$tag"
+  local dir
+  dir=$(sweep_dir "$name" "$(printf '%s\n' "$key=$values" "$@")" "$key=$values" "$@")
   "$PY" -m src.train -m name="$name" hydra.sweep.dir="$dir" "$key=$values" "$@"
   local reference=()
   if [ -n "${REFERENCE:-}" ]; then reference=(--reference "$REFERENCE"); fi

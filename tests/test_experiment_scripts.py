@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,35 @@ def test_an_ablation_sweeps_the_values_given_for_its_key(tmp_path):
     rows = _markdown_rows((sweep / "table.md").read_text())
     assert [int(row["model.num_heads"]) for row in rows] == [1, 2]
     assert "missing" not in (sweep / "table.md").read_text() and "no run" not in out.stderr
+    # The same sweep in another order with a run-invariant key added: the same directory,
+    # every run complete already.
+    moved = [a for a in args if a != "logger=none"] + ["trainer.verbose=2", "logger=none"]
+    again = subprocess.run(["bash", str(ROOT / "experiments" / "ablate_heads.sh"), *moved],
+                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=400)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert list((tmp_path / "runs" / "ablate_heads").glob("sweep-*")) == [sweep]
+    assert "already complete" in again.stdout + again.stderr
+
+
+def test_a_sweep_directory_is_named_by_its_setting_not_the_argument_text(tmp_path):
+    """sweep_dir: the order of the arguments and the run-invariant keys (logger,
+    data.folds) name no other sweep; another experiment does; a sweep begun under the
+    earlier tag (a digest of the arguments as typed) continues there."""
+    script = """
+source experiments/sweep.sh
+d() { sweep_dir ablate_heads "$(printf '%s\\n' "$@")" "$@"; }
+d model.num_heads=1,2 experiment=quickstart logger=none
+d logger=wandb 'data.folds=[3]' experiment=quickstart model.num_heads=1,2
+d model.num_heads=1,2 experiment=esc50
+d model.num_heads=1,2 experiment=esc50 experiment=quickstart
+mkdir -p "$AUDIO_RUNS_DIR/ablate_heads/sweep-$(printf '%s\\n' a=1 b=2 | sha1sum | cut -c1-10)"
+d a=1 b=2
+"""
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    a, b, c, last_wins, legacy = out.stdout.split()
+    runs = tmp_path / "runs" / "ablate_heads"
+    assert a == b == last_wins and a != c and a.startswith(f"{runs}/sweep-")
+    assert list(runs.iterdir()) == [Path(legacy)]

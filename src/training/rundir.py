@@ -89,6 +89,25 @@ def run_dirname(overrides, invariant: Sequence[str] | None = None) -> str:
     return safe
 
 
+def sweep_tag(overrides: Sequence[str], config: str | os.PathLike | None = None) -> str:
+    """The tag of an experiment script's sweep directory (``runs/<script>/sweep-<tag>``):
+    a digest of the overrides that change what the runs compute, sorted, so that the same
+    sweep given in another order, or with another ``logger=``, ``data.folds=`` or
+    ``trainer.verbose=``, continues in the same directory (a cross-validation split over
+    several commands fills one run per setting, as a plain multirun does). The invariant
+    keys are ``run_invariant_keys`` of ``config`` (default ``conf/train.yaml``), but
+    ``name`` and ``experiment``: another experiment is another sweep."""
+    path = Path(config) if config else Path(__file__).resolve().parents[2] / "conf" / "train.yaml"
+    invariant = [k for k in OmegaConf.load(path).get("run_invariant_keys", [])
+                 if k not in ("name", "experiment")]
+    last: dict[str, str] = {}  # a key given twice: the last value wins, as in Hydra
+    for o in map(str, overrides):
+        key = o.split("=", 1)[0]
+        if not is_invariant(key.lstrip("+~"), invariant):
+            last[key] = o
+    return hashlib.sha1("\n".join(sorted(last.values())).encode()).hexdigest()[:10]
+
+
 class RunLockedError(ConfigError):
     """Another live process works in the run directory."""
 
