@@ -40,6 +40,17 @@ from src.training.rundir import run_dirname  # noqa: E402
 log = logging.getLogger("src.train")
 
 
+def _task_overrides() -> list[str]:
+    """The command's Hydra overrides; none when not run under Hydra (``run()`` called
+    directly)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:
+        return []
+
+
 def _sweep_dirname(invariant=None) -> str:
     """Directory name of a multirun: the command line's overrides (same command, same dir)."""
     return run_dirname([a for a in sys.argv[1:] if not a.startswith("-")], invariant)
@@ -77,12 +88,7 @@ def wandb_group(cfg, overrides=None) -> str:
     if cfg.logger.get("group"):
         return str(cfg.logger.group)
     if overrides is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            overrides = list(HydraConfig.get().overrides.task)
-        except ValueError:
-            overrides = []
+        overrides = _task_overrides()
     parts = [o for o in overrides if not str(o).startswith(("seed=", "+seed=", "++seed="))]
     setting = run_dirname(parts, list(cfg.get("run_invariant_keys") or []))
     return str(cfg.name) if setting == "default" else f"{cfg.name}-{setting}"
@@ -645,12 +651,7 @@ def _data_overrides(cfg: DictConfig, index) -> str:
     ``scripts.check_data`` command that checks the same files."""
     import shlex
 
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not under Hydra (run() called directly)
-        overrides = []
+    overrides = _task_overrides()
     keep = ("data", "experiment", "frontend", "paths")
     chosen = [o for o in overrides if str(o).lstrip("+~").split("=")[0].split(".")[0] in keep]
     if not chosen:
