@@ -20,7 +20,11 @@ is incomplete when a run lacks folds that other runs on the same data set
 (``data.name``) have. Options may come before, between or after the directories.
 
 ``--expect KEY=V1,V2,...`` lists the values a sweep should have: values without
-a run appear as "missing" rows. ``--reference FILE`` (YAML or JSON, see
+a run appear as "missing" rows. Without it, a Hydra sweep directory among the
+directories (its ``multirun.yaml``; one sweep, Hydra's basic sweeper) gives the
+values its command swept (``model.num_heads=1,2,4``), so that the jobs of a killed
+or failed sweep that left no results show as missing rows; seeds, folds and
+run-invariant keys are not settings, and an explicit ``--by`` keeps its own keys. ``--reference FILE`` (YAML or JSON, see
 ``references/``) adds a "paper" column. ``--wandb ENTITY/PROJECT --group G``
 reads the runs of a W&B group instead of (or besides) local files.
 
@@ -44,6 +48,7 @@ from src.evaluation.tables import (
     Run,
     format_table,
     group_runs,
+    is_setting_key,
     load_runs,
     plot,
     provenance_warnings,
@@ -76,6 +81,48 @@ def parse_expect(items: list[str]) -> dict[str, list[Any]]:
             raise ValueError(f"--expect {item!r}: use KEY=V1,V2,... (e.g. model.num_heads=1,2,4)")
         out.setdefault(key.strip(), []).extend(_parse_value(v.strip()) for v in values.split(","))
     return out
+
+
+def multirun_sweeps(path: str | Path) -> dict[str, list[Any]]:
+    """The discrete sweeps of the command behind a Hydra ``multirun.yaml``, by key
+    (``model.num_heads=1,2,4`` and ``x=range(1,4)`` give their values; ``interval(...)``,
+    config groups' packages and ``hydra.*`` do not), or ``{}`` when another sweeper
+    (Optuna samples its space) ran it or the file cannot be read."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        hydra_cfg = (yaml.safe_load(Path(path).read_text()) or {}).get("hydra") or {}
+        task = list(hydra_cfg["overrides"]["task"])
+        sweeper = str((hydra_cfg.get("sweeper") or {}).get("_target_", ""))
+        overrides = OverridesParser.create().parse_overrides([str(t) for t in task])
+    except Exception as err:  # noqa: BLE001  (an unreadable file only loses the expectation)
+        log.warning("%s: not read (%s); no rows are expected from it", path, err)
+        return {}
+    if not sweeper.endswith("BasicSweeper"):
+        return {}
+    out: dict[str, list[Any]] = {}
+    for o in overrides:
+        if o.is_hydra_override() or o.package or not o.is_sweep_override():
+            continue
+        if o.is_discrete_sweep():
+            out[o.key_or_group] = [_parse_value(v) for v in o.sweep_string_iterator()]
+    return out
+
+
+def swept_settings(paths: list[str], runs: list[Run], by: list[str] | None
+                   ) -> tuple[dict[str, list[Any]], Path | None]:
+    """What :func:`multirun_sweeps` gives for the one sweep among ``paths`` (none or
+    several: nothing), keeping the keys that are settings of these runs: in their config,
+    not a seed, the folds or a run-invariant key, and in ``by`` when it is given."""
+    found = sorted({m.resolve() for p in map(Path, paths) if p.is_dir()
+                    for m in p.rglob("multirun.yaml")})
+    if len(found) != 1:
+        return {}, None
+    known = {k for r in runs for k in r.config}
+    swept = {k: v for k, v in multirun_sweeps(found[0]).items()
+             if k in known and is_setting_key(k, runs) and (by is None or k in by)}
+    return swept, found[0]
 
 
 def load_reference(path: str | Path) -> tuple[dict[Any, str], str | None]:
@@ -250,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"no run-level results.json found under: {where}")
 
     by = [k.strip() for item in args.by for k in item.split(",") if k.strip()] or None
+    swept, multirun = swept_settings(args.paths, runs, by) if args.paths else ({}, None)
+    swept = {k: v for k, v in swept.items() if k not in expected}
     try:
-        rows = group_runs(runs, by=by, expected=expected)
+        rows = group_runs(runs, by=by, expected={**expected, **swept})
     except ValueError as err:
         return fail(str(err))
 
@@ -272,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%s: %s", row.label(), note)
     for msg in provenance_warnings(rows):
         log.warning("%s", msg)
+    unfinished = [r for r in rows if r.status == "missing"] if swept else []
+    if unfinished:
+        log.warning("%s: %d job(s) of this sweep (%s) left no results (killed, failed, or "
+                    "still running); the same command finishes them and reuses the others",
+                    multirun, len(unfinished),
+                    ", ".join(f"{k}={','.join(map(str, v))}" for k, v in swept.items()))
 
     plot_path = None
     if args.plot:

@@ -192,8 +192,11 @@ def test_slurm_launcher_submits_the_sweep_with_the_configured_resources(tmp_path
         "--signal=USR2@120",
         f"--output={logs}/%A_%a_0_log.out", f"--error={logs}/%A_%a_0_log.err",
     } <= flags, sorted(flags)
-    assert (sweep / "multirun.yaml").exists()
     assert not list((tmp_path / "runs").rglob("results.json"))  # nothing ran
+    # the sweep's values, as the tables read them from Hydra's own file
+    from scripts.make_tables import multirun_sweeps
+
+    assert multirun_sweeps(sweep / "multirun.yaml") == {"model.num_heads": [1, 2]}
 
 
 # ------------------------------------------------------------- model.stride

@@ -863,6 +863,58 @@ def test_cli(sweep, tmp_path):
     assert out.returncode == 2 and "did you mean model.num_heads" in out.stderr
 
 
+def _multirun_yaml(sweep_dir: Path, *task, sweeper="hydra._internal.core_plugins."
+                   "basic_sweeper.BasicSweeper"):
+    """The part of Hydra's ``multirun.yaml`` that the tables read."""
+    import yaml
+
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"overrides": {"task": list(task)}, "sweeper": {"_target_": sweeper}}}))
+
+
+def test_a_sweeps_jobs_without_results_are_missing_rows(sweep):
+    """A sweep killed (or failed) before its last job: the values its command swept,
+    read from multirun.yaml, are expected; seeds are repeats, not settings."""
+    task = ["experiment=quickstart", "model.num_heads=1,2,4", "seed=1,2",
+            "hydra.sweep.dir=somewhere", "model.ff_dim=interval(8,64)"]
+    _multirun_yaml(sweep, *task)
+    out = make_tables(sweep)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| 4 |")]
+    assert len(lines) == 1 and "missing" in lines[0], out.stdout
+    assert "seed" not in out.stdout.splitlines()[0]
+    assert "1 job(s) of this sweep (model.num_heads=1,2,4) left no results" in out.stderr
+    assert str(sweep / "multirun.yaml") in out.stderr
+    # an explicit --expect wins; --by keeps its own keys
+    out = make_tables(sweep, "--expect", "model.num_heads=1,2")
+    assert "| 4 |" not in out.stdout and "left no results" not in out.stderr
+    out = make_tables(sweep, "--by", "model.name", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert [r["model.name"] for r in csv.DictReader(io.StringIO(out.stdout))] == ["small"]
+    # Optuna samples its space: nothing is expected from its sweep
+    _multirun_yaml(sweep, *task, sweeper="hydra_plugins.hydra_optuna_sweeper.optuna_sweeper."
+                   "OptunaSweeper")
+    assert "| 4 |" not in make_tables(sweep).stdout
+    # two sweeps given together: no expectation from either
+    _multirun_yaml(sweep, *task)
+    other = sweep.parent / "other"
+    write_run(other / "heads8", [0.5], heads=8)
+    _multirun_yaml(other, "model.num_heads=8,16")
+    out = make_tables(sweep, other)
+    assert out.returncode == 0 and "| 4 |" not in out.stdout and "| 16 |" not in out.stdout
+
+
+def test_multirun_sweeps_reads_hydras_sweep_syntax(tmp_path):
+    from scripts.make_tables import multirun_sweeps
+
+    _multirun_yaml(tmp_path, "a.b=1,2", "c=range(0,6,2)", "d=choice(x,y)", "e=3",
+                   "f=interval(0,1)", "+g.h=0.5,1e-3", "hydra.job.name=x,y")
+    assert multirun_sweeps(tmp_path / "multirun.yaml") == {
+        "a.b": [1, 2], "c": [0, 2, 4], "d": ["x", "y"], "g.h": [0.5, 0.001]}
+    (tmp_path / "multirun.yaml").write_text("hydra: [not, a, mapping")
+    assert multirun_sweeps(tmp_path / "multirun.yaml") == {}
+
+
 def test_cli_options_between_directories(sweep):
     """Directories after an option (``A --format csv B``) are directories too."""
     out = make_tables(sweep / "heads1_seed1", "--format", "csv", sweep / "heads2_seed1",

@@ -355,6 +355,12 @@ def setting_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not _ignored(k, ignore)}
 
 
+def is_setting_key(key: str, runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> bool:
+    """Whether ``key`` can tell settings apart: not one of ``ignore`` (seeds, folds,
+    paths, logging) nor a run-invariant key of ``runs``."""
+    return not _ignored(key, _with_run_invariant(ignore, runs))
+
+
 def varying_keys(runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> list[str]:
     """Config keys whose values differ between runs (a key some runs lack counts), sorted;
     not those of ``ignore``, nor the runs' run-invariant keys."""
