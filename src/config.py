@@ -389,7 +389,7 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     overrides = _command_overrides(argv)
     if overrides is None:
         return None
-    choices = []
+    choices, swept = [], []
     try:
         for o in overrides:
             if o.key_or_group.startswith("hydra"):
@@ -397,6 +397,7 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
             if o.is_sweep_override():
                 key = o.get_key_element()
                 choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+                swept.append(o)
             else:
                 choices.append([o.input_line])
     except Exception:  # not a list of values (an Optuna interval, ...): its sweeper's
@@ -408,11 +409,30 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
         cfg = _compose(config_name, job)
         if cfg is None:  # Hydra reports it when the job starts
             return None
+        if number == 0 and (shared := _swept_run_invariant(swept, cfg)):
+            return shared
         try:
             validate_config(cfg, training=config_name == "train")
         except ConfigError as err:
             return (f"job #{number} of the sweep ({', '.join(job)}) is refused, so no job "
                     f"was started: {err}")
+    return None
+
+
+def _swept_run_invariant(swept, cfg) -> str | None:
+    """The error for a sweep over a run-invariant key (``logger=none,wandb``,
+    ``trainer.exact_resume=true,false``): a job's directory leaves those keys out of its
+    name, so every job would be one run in one directory. ``data.folds`` is the exception:
+    its jobs add their folds to the one run, as separate commands do."""
+    invariant = [str(k) for k in (cfg.get("run_invariant_keys") or [])]
+    for o in swept:
+        key = o.key_or_group
+        if key == "data.folds":
+            continue
+        if any(key == k or key.startswith(k + ".") for k in invariant):
+            return (f"{o.input_line} sweeps a run-invariant key (run_invariant_keys: how a run "
+                    "is named, resumed or logged, not what it trains), so every job of the "
+                    "sweep would be the same run in one directory; run one command per value")
     return None
 
 

@@ -497,6 +497,19 @@ def test_a_sweep_with_a_bad_job_is_refused_before_any_job_runs():
     assert sweep_config_error(["-m", "model.num_heads=interval(1,4)"]) is None  # a sweeper's
 
 
+@pytest.mark.parametrize("swept", ["trainer.exact_resume=true,false", "logger=none,wandb",
+                                   "data.max_skipped_fraction=0.1,0.2"])
+def test_a_sweep_over_a_run_invariant_key_is_refused(swept):
+    """Its jobs' directories leave the key out of their name: one run, not two."""
+    from src.config import sweep_config_error
+
+    message = sweep_config_error(["-m", "experiment=quickstart", swept])
+    assert message.startswith(f"{swept} sweeps a run-invariant key"), message
+    assert "run one command per value" in message
+    # the folds of one run, one job each, are what separate commands do: allowed
+    assert sweep_config_error(["-m", "experiment=quickstart", "data.folds=[1],[2]"]) is None
+
+
 def test_a_run_directory_path_as_a_value_is_refused_with_its_quoted_form(capsys):
     """A run directory is named after its overrides: as a value, its '=' and ',' are
     Hydra syntax (a parse error; a sweep of two paths in a single run)."""
