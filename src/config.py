@@ -380,6 +380,7 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     :func:`validate_config` refuses, with its overrides and the error; None when every
     job's config passes (or when the sweep is not a plain product of values, or has more
     than :data:`MAX_SWEEP_CHECKS` jobs: each job's config is then checked when it starts).
+    A sweep over a run-invariant key is refused whatever its size.
 
     Without this, the jobs before a bad one train and the ones after it never run."""
     import itertools
@@ -403,7 +404,7 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
     except Exception:  # not a list of values (an Optuna interval, ...): its sweeper's
         return None
     jobs = list(itertools.islice(itertools.product(*choices), MAX_SWEEP_CHECKS + 1))
-    if len(jobs) < 2 or len(jobs) > MAX_SWEEP_CHECKS:
+    if len(jobs) < 2:
         return None
     for number, job in enumerate(jobs):
         cfg = _compose(config_name, job)
@@ -411,6 +412,8 @@ def sweep_config_error(argv, config_name: str = "train") -> str | None:
             return None
         if number == 0 and (shared := _swept_run_invariant(swept, cfg)):
             return shared
+        if len(jobs) > MAX_SWEEP_CHECKS:
+            return None
         try:
             validate_config(cfg, training=config_name == "train")
         except ConfigError as err:

@@ -506,6 +506,8 @@ def test_a_sweep_over_a_run_invariant_key_is_refused(swept):
     message = sweep_config_error(["-m", "experiment=quickstart", swept])
     assert message.startswith(f"{swept} sweeps a run-invariant key"), message
     assert "run one command per value" in message
+    big = sweep_config_error(["-m", "experiment=quickstart", "seed=range(0,300)", swept])
+    assert big is not None and big.startswith(f"{swept} sweeps a run-invariant key")
     # the folds of one run, one job each, are what separate commands do: allowed
     assert sweep_config_error(["-m", "experiment=quickstart", "data.folds=[1],[2]"]) is None
 
