@@ -638,13 +638,19 @@ def test_exported_savedmodel_holds_no_kernel_op(tiny_model, tmp_path):
 
 
 @needs_compiler
-def test_build_is_cached():
+def test_build_is_cached(tmp_path):
     first = native.build()  # built by the first test that needed it (or now, once)
     stamp = first.stat().st_mtime_ns
     assert native.build() == first  # not rebuilt
     assert first.stat().st_mtime_ns == stamp
     assert first.parent == native.cache_dir() and first.name.startswith("kernels-")
-    assert not list(first.parent.glob("tmp*"))  # no half-built files left
+    # No half-built file is left; checked in a directory of its own (the shared cache may
+    # hold another process's build in progress). A stand-in compiler writes the library.
+    cxx = tmp_path / "cxx"
+    cxx.write_text('#!/bin/sh\nwhile [ "$#" -gt 0 ]; do [ "$1" = -o ] && : > "$2"; shift; done\n')
+    cxx.chmod(0o755)
+    built = native.build(out_dir=tmp_path / "out", compiler=str(cxx))
+    assert built.is_file() and not list((tmp_path / "out").glob("tmp*"))
 
 
 def test_build_errors_name_the_compiler(tmp_path):
@@ -657,6 +663,22 @@ def test_build_errors_name_the_compiler(tmp_path):
         native.build(out_dir=tmp_path / "out", compiler=str(failing))
     assert "cannot compile here" in str(err.value)
     assert not list((tmp_path / "out").glob("*.so"))  # nothing half-built is kept
+
+
+def test_an_interrupted_build_leaves_no_half_built_file(tmp_path):
+    """Ctrl-C while the compiler runs (here it interrupts its parent): the partial library
+    goes, so the kernel cache never fills with temporary files."""
+    cxx = tmp_path / "cxx"
+    cxx.write_text('#!/bin/sh\nkill -INT $PPID\nsleep 2\n')
+    cxx.chmod(0o755)
+    code = ("import sys\nfrom src.models import native\n"
+            "try:\n    native.build(out_dir=sys.argv[1], compiler=sys.argv[2])\n"
+            "except KeyboardInterrupt:\n    sys.exit(130)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(cxx)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())
 
 
 def test_without_a_compiler_the_model_runs_on_tensorflow_ops(tmp_path):

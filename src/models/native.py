@@ -165,6 +165,9 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise BuildError(f"could not run the C++ compiler {compiler!r}: {err}") from err
+    except BaseException:  # Ctrl-C during the build: no half-built file left in the cache
+        Path(tmp).unlink(missing_ok=True)
+        raise
     if result.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
