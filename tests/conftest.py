@@ -14,3 +14,7 @@ if "AUDIO_TRANSFORMER_NATIVE_DIR" not in os.environ:
     _cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     os.environ["AUDIO_TRANSFORMER_NATIVE_DIR"] = os.path.join(_cache, "audio-transformer",
                                                               "native")
+
+# The tests' HTTP servers listen on 127.0.0.1: their requests never go through a proxy.
+for _var in ("no_proxy", "NO_PROXY"):
+    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), "127.0.0.1", "localhost"]))

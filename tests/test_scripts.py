@@ -27,10 +27,11 @@ def _finite_positive(value) -> bool:
 def test_pipeline_benchmark_report_is_consistent(tmp_path):
     """Relations the report must satisfy whatever the machine's speed: the clips it timed
     are the clips it generated, the feature shape is the frontend's, every timed stage has
-    its rate and CPU use, and loading stored features beats computing them."""
+    its rate and CPU use, and loading stored features beats computing them (the best of
+    two repeats: one timing of a few tens of ms can meet a scheduling stall)."""
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "pipeline", "--clips", "12", "--seconds",
-         "0.5", "--repeats", "1", "--json"],
+         "0.5", "--repeats", "2", "--json"],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
