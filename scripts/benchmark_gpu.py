@@ -23,6 +23,8 @@ Shapes (name: embed / layers / heads / ff, 128 mels x 512 frames, stride 10,
 600 patches, [CLS] + [DIST], 50 classes, batch):
   bench:    192 / 4 / 4 / 768, batch 128 (the CPU benchmark's model)
   ast_base: 768 / 12 / 12 / 3072, batch 48 (AST base384 and its ESC-50 recipe)
+  audioset_base: 768 / 12 / 12 / 3072, 128 mels x 998 frames (10 s), 12 x 99 = 1188
+            patches, batch 12 (AST's AudioSet recipe; PaSST's patchout there: 40,4)
   tiny:     32 / 1 / 2 / 64, 32 mels x 64 frames, stride 16, batch 4 (tests)
 """
 
@@ -47,6 +49,8 @@ SHAPES = {
                   batch=128),
     "ast_base": dict(embed=768, layers=12, heads=12, ff=3072, mels=128, frames=512, stride=10,
                      batch=48),
+    "audioset_base": dict(embed=768, layers=12, heads=12, ff=3072, mels=128, frames=998,
+                          stride=10, batch=12),
     "tiny": dict(embed=32, layers=1, heads=2, ff=64, mels=32, frames=64, stride=16, batch=4),
 }
 CLASSES = 50
