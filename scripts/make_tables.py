@@ -24,8 +24,8 @@ a run appear as "missing" rows. Without it, a Hydra sweep directory among the
 directories (its ``multirun.yaml``; one sweep, Hydra's basic sweeper) gives the
 values its command swept (``model.num_heads=1,2,4``), so that the jobs of a killed
 or failed sweep that left no results show as missing rows; seeds, folds and
-run-invariant keys are not settings, and an explicit ``--by`` keeps its own keys. ``--reference FILE`` (YAML or JSON, see
-``references/``) adds a "paper" column. ``--wandb ENTITY/PROJECT --group G``
+run-invariant keys are not settings, and an explicit ``--by`` keeps its own keys.
+``--reference FILE`` (YAML or JSON, see ``references/``) adds a "paper" column. ``--wandb ENTITY/PROJECT --group G``
 reads the runs of a W&B group instead of (or besides) local files.
 
 Exit status: 0 when a table was printed (even with incomplete settings), 2 when
