@@ -432,6 +432,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         AtomicBackupAndRestore,
         CSVLog,
         EpochTime,
+        InterruptCheck,
         LearningRateLogger,
         backup_epoch,
         backup_finished,
@@ -533,6 +534,7 @@ def _pretrain(cfg, run_dir, index, store, train_rows, val_rows, checked, resolve
         train_ds = epoch_stream(train_ds, steps_per_epoch, resumed_epochs=resumed,
                                 replay=replay)
     callbacks = [
+        InterruptCheck(),  # a Ctrl-C that Python dropped stops the run too
         LearningRateLogger(),
         EpochTime(),
         CSVLog(csv_path),
@@ -629,6 +631,9 @@ def main(cfg: DictConfig) -> float:
 
     _quiet_tensorflow()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from src.training.rundir import remember_interrupts
+
+    remember_interrupts()
     try:
         checked = validate_pretrain_config(cfg)
         results = run(cfg, run_dir, checked)

@@ -254,6 +254,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
         AtomicBackupAndRestore,
         CSVLog,
         EpochTime,
+        InterruptCheck,
         LearningRateLogger,
         backup_epoch,
         backup_finished,
@@ -438,6 +439,7 @@ def train_fold(cfg: DictConfig, index, store, fold: int, run_dir: Path, resolved
     monitor = f"val_{primary}"
     validation = ValidationMetrics(lambda: evaluate(trained, val_ds, index)[0], index.label_type)
     callbacks = [
+        InterruptCheck(),  # a Ctrl-C that Python dropped stops the run too
         LearningRateLogger(),  # first: the loggers below record its value
         validation,  # then val_*: everything after it may read them
         # Both atomic; the best one only of epochs the backup (written last) committed.
@@ -891,6 +893,9 @@ def main(cfg: DictConfig) -> float:
 
     _quiet_tensorflow()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from src.training.rundir import remember_interrupts
+
+    remember_interrupts()
     try:
         validate_config(cfg)
         return run(cfg, run_dir)

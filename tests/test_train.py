@@ -1,8 +1,10 @@
 """End to end: `python -m src.train` as a user runs it, in a subprocess."""
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -392,6 +394,46 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; the run in" in err and "when the same command runs again" in err
     assert "Traceback" not in err
+
+
+def test_a_ctrl_c_in_a_finalizer_stops_training_without_a_traceback():
+    """A Ctrl-C landing in a finalizer (TensorFlow frees traced functions in ``__del__``):
+    Python's own handler raises it there, where it is dropped with an "Exception ignored"
+    traceback and training goes on; the run's handler remembers it, and training stops."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        import numpy as np, keras
+        from src.training.callbacks import InterruptCheck
+        from src.training.rundir import remember_interrupts
+
+        ours = sys.argv[1] == "ours"
+        if ours:
+            remember_interrupts()
+
+        class Finalizer:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(100000):  # the signal's handler runs in here
+                    pass
+
+        Finalizer()
+        print("went on", flush=True)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        try:
+            model.fit(np.zeros((8, 4)), np.zeros((8, 1)), epochs=2, verbose=0,
+                      callbacks=[InterruptCheck()] if ours else [])
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    plain, ours = (subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
+                   for mode in ("plain", "ours"))
+    assert plain.returncode == 0 and "went on" in plain.stdout  # dropped: training went on
+    assert "Exception ignored" in plain.stderr and "KeyboardInterrupt" in plain.stderr
+    assert ours.returncode == 130 and "went on" in ours.stdout, ours.stderr[-2000:]
+    assert "Traceback" not in ours.stderr and "Exception ignored" not in ours.stderr
 
 
 def test_killed_run_resumes_with_the_same_command(tmp_path):

@@ -11,6 +11,21 @@ from pathlib import Path
 import keras
 
 
+class InterruptCheck(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt before the next step (or epoch) once Ctrl-C was pressed,
+    also when Python dropped the first one (see
+    :func:`src.training.rundir.remember_interrupts`). Batch-begin hooks keep Keras'
+    asynchronous batch-end dispatch."""
+
+    def _check(self, *_args, **_kwargs):
+        from src.training.rundir import interrupt_requested
+
+        if interrupt_requested():
+            raise KeyboardInterrupt
+
+    on_train_batch_begin = on_test_batch_begin = on_epoch_begin = _check
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds ``learning_rate``, the rate the epoch trained with, to the epoch logs.
 

@@ -282,6 +282,34 @@ def stop_on_error(logger: logging.Logger, err: BaseException, run_dir, runs_dir)
     sys.exit(2)
 
 
+_interrupt_requested = False
+
+
+def remember_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as before, and is also remembered
+    (:func:`interrupt_requested`). Python drops an exception raised in a finalizer (a
+    ``__del__``, such as TensorFlow's when it frees a traced function) with an "Exception
+    ignored" traceback, so a Ctrl-C that lands there would be lost and the run would go
+    on: there it is only remembered, and the training loop's
+    :class:`~src.training.callbacks.InterruptCheck` raises it at the next step."""
+    import signal
+
+    def handler(signum, frame):
+        global _interrupt_requested
+        _interrupt_requested = True
+        while frame is not None:
+            if frame.f_code.co_name == "__del__":
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def interrupt_requested() -> bool:
+    return _interrupt_requested
+
+
 def stop_on_interrupt(logger: logging.Logger, run_dir) -> NoReturn:
     """Ctrl-C: one line saying how to go on, instead of a traceback; exit 130."""
     text = (f"interrupted; the run in {run_dir} resumes from its last completed epoch "
