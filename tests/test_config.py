@@ -510,6 +510,8 @@ def test_a_sweep_over_a_run_invariant_key_is_refused(swept):
     assert big is not None and big.startswith(f"{swept} sweeps a run-invariant key")
     # the folds of one run, one job each, are what separate commands do: allowed
     assert sweep_config_error(["-m", "experiment=quickstart", "data.folds=[1],[2]"]) is None
+    both = sweep_config_error(["-m", "experiment=quickstart", "data.folds=[1],[2]", swept])
+    assert both is not None and both.startswith(f"{swept} sweeps")
 
 
 def test_a_run_directory_path_as_a_value_is_refused_with_its_quoted_form(capsys):
