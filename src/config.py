@@ -427,12 +427,11 @@ def _swept_run_invariant(swept, cfg) -> str | None:
     ``trainer.exact_resume=true,false``): a job's directory leaves those keys out of its
     name, so every job would be one run in one directory. ``data.folds`` is the exception:
     its jobs add their folds to the one run, as separate commands do."""
+    from src.training.rundir import is_invariant  # the rule that names run directories
+
     invariant = [str(k) for k in (cfg.get("run_invariant_keys") or [])]
     for o in swept:
-        key = o.key_or_group
-        if key == "data.folds":
-            continue
-        if any(key == k or key.startswith(k + ".") for k in invariant):
+        if o.key_or_group != "data.folds" and is_invariant(o.key_or_group, invariant):
             return (f"{o.input_line} sweeps a run-invariant key (run_invariant_keys: how a run "
                     "is named, resumed or logged, not what it trains), so every job of the "
                     "sweep would be the same run in one directory; run one command per value")
